@@ -1,0 +1,242 @@
+"""`SWSCConfig`: the quantization config that selects and persists a shared-weight compression."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .core.spec import CLUSTER_DIMS, LayerSpec
+
+FORMAT_VERSION = 1
+METHODS = ("swsc", "weight_clustering", "basis_sharing")
+
+# Named settings. The three papers' own recipes, and ours (short segments + per-group scales + calibration).
+PRESETS: dict[str, dict[str, Any]] = {
+    # SWSC (arXiv 2501.08631): whole output channels K-Means'd to half as many representatives, top-32 SVD.
+    "swsc-paper": dict(method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32,
+                       scale_group_size=0),
+    # Weight clustering (arXiv 2603.17917): every matrix reduced to K=16 shared scalars, affine correction.
+    "weight-clustering-paper": dict(method="weight_clustering", n_clusters=16, segment_length=1, rank=0,
+                                    scale_group_size=0, affine_correction=True),
+    # Basis Sharing (arXiv 2410.03765): 20% parameters removed, q/k/v/up/gate shared by groups of 2 layers.
+    "basis-sharing-paper": dict(method="basis_sharing", n_clusters=0, rank=0, parameter_ratio=0.8,
+                                share_group_size=2,
+                                share_types=["q_proj", "k_proj", "v_proj", "up_proj", "gate_proj"]),
+    # Ours: 16 shared values per matrix over rows scaled per 128 weights (~4.1 bits/weight).
+    "swsc-4bit": dict(method="swsc", n_clusters=16, segment_length=1, rank=0, scale_group_size=128),
+    # Ours: pairs of weights from a 64-entry codebook per matrix, scaled per 128 weights (~3.1 bits/weight).
+    "swsc-3bit": dict(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128),
+    # Ours: quadruples from a 1024-entry codebook, scaled per 128 weights, plus a rank-8 correction (~2.5 bits).
+    "swsc-2bit": dict(method="swsc", n_clusters=1024, segment_length=4, rank=8, scale_group_size=128),
+}
+
+DEFAULTS: dict[str, Any] = dict(
+    method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
+    rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True,
+    parameter_ratio=None, share_group_size=1, share_types=None, n_samples=64, seq_len=512, table_dtype="float16",
+)
+TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
+
+def _fitting_group(group: int, length: int, segment: int) -> int:
+    """The largest scale group <= `group` that divides the channel length and holds whole segments.
+
+    Channel lengths are often not multiples of the usual 128 (SmolLM2's 576 -> 96), so the size is rounded down.
+    """
+    for size in range(min(group, length), 0, -1):
+        if length % size == 0 and size % segment == 0:
+            return size
+    return length
+
+
+DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
+
+
+class SWSCConfig(QuantizationConfigMixin):
+    """Configuration of swsc_hf compression, passed as `quantization_config=` to `from_pretrained`.
+
+    Every compressed layer is `scales * codebook[codes] + lowrank_a @ lowrank_b` (see `swsc_hf.core.spec`);
+    the fields choose the sizes of those terms. `preset=` fills the fields from a named setting (see `PRESETS`);
+    explicit arguments override it. With `dataset` set, compression is calibrated (data-aware) and runs after the
+    dense weights are loaded, layer by layer on the activations of the already-compressed earlier layers.
+
+    Args:
+        method: "swsc", "weight_clustering" or "basis_sharing" (which paper the layout follows; recorded in cards).
+        n_clusters: codewords per codebook: an int, or a float in (0, 1] = that fraction of the channels.
+        segment_length: values per codeword; None = a whole channel (SWSC's layout), 1 = scalar clustering.
+        cluster_dim: "output" (rows of W are the channels) or "input" (columns).
+        rank: rank of the low-rank term (SWSC's SVD error compensation); 0 disables it.
+        scale_group_size: one scale per channel and this many values; 0 = no scales, -1 = one per channel. Rounded
+            down to a size that divides the channel length into whole segments.
+        rows_per_codebook: channels sharing one codebook; 0 = one codebook per matrix.
+        affine_correction: rescale clustered values to keep each matrix's mean and std (w' = a*w + b).
+        kmeans_iters, seed: K-Means iterations and the seed that makes compression deterministic.
+        error_feedback: with calibration, GPTQ-style error feedback while assigning codes.
+        parameter_ratio: Basis Sharing: fraction of a layer's parameters kept by its low-rank term.
+        share_group_size, share_types: Basis Sharing: layers per shared basis and the projections that share.
+        dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
+            the tokenizer, the number of sequences and their length. Not serialized.
+        table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
+            float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
+        modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings.
+        compressed_layers: per-layer resolved layouts, filled in by compression and saved in config.json.
+    """
+
+    def __init__(
+        self,
+        method: str | None = None,
+        n_clusters: int | float | None = None,
+        segment_length: int | None = ...,  # type: ignore[assignment]
+        cluster_dim: str | None = None,
+        rank: int | None = None,
+        scale_group_size: int | None = None,
+        rows_per_codebook: int | None = None,
+        affine_correction: bool | None = None,
+        kmeans_iters: int | None = None,
+        seed: int | None = None,
+        error_feedback: bool | None = None,
+        parameter_ratio: float | None = ...,  # type: ignore[assignment]
+        share_group_size: int | None = None,
+        share_types: list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        tokenizer: Any = None,
+        n_samples: int | None = None,
+        seq_len: int | None = None,
+        table_dtype: str | None = None,
+        preset: str | None = None,
+        modules_to_not_convert: list[str] | None = None,
+        compressed_layers: dict[str, dict] | None = None,
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = "swsc"
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"SWSCConfig.preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+        optional_none = ("segment_length", "parameter_ratio")  # None is a meaningful value for these two
+        given = {
+            k: v for k, v in locals().items()
+            if k in DEFAULTS and v is not ... and (v is not None or k in optional_none)
+        }
+        values = {**DEFAULTS, **(PRESETS[preset] if preset else {}), **given}
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.preset = preset
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.modules_to_not_convert = (
+            list(DEFAULT_NOT_CONVERT) if modules_to_not_convert is None else list(modules_to_not_convert)
+        )
+        self.compressed_layers = dict(compressed_layers or {})
+        self.format_version = format_version
+        unknown = set(kwargs) - {"quant_method"}
+        if unknown:
+            raise ValueError(f"SWSCConfig got unknown fields {sorted(unknown)}; see help(SWSCConfig)")
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; the message names the field and what is allowed."""
+
+        def fail(field: str, allowed: str) -> None:
+            raise ValueError(f"SWSCConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
+
+        if self.format_version != FORMAT_VERSION:
+            fail("format_version", f"this swsc_hf reads format {FORMAT_VERSION}; upgrade swsc_hf to load this model")
+        if self.method not in METHODS:
+            fail("method", f"use one of {METHODS}")
+        n = self.n_clusters
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n < 0 or (isinstance(n, float) and n > 1):
+            fail("n_clusters", "use an int >= 1 (clusters per codebook), a float in (0, 1] (fraction of channels), "
+                 "or 0 (no codebook term)")
+        if self.segment_length is not None and (not isinstance(self.segment_length, int) or self.segment_length < 1):
+            fail("segment_length", "use None (a whole channel) or an int >= 1")
+        if self.cluster_dim not in CLUSTER_DIMS:
+            fail("cluster_dim", f"use one of {CLUSTER_DIMS}")
+        for field in ("rank", "rows_per_codebook"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                fail(field, "use an int >= 0")
+        if not isinstance(self.scale_group_size, int) or self.scale_group_size < -1:
+            fail("scale_group_size", "use 0 (no scales), -1 (one per channel) or a group size >= 1")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            fail("kmeans_iters", "use an int >= 1")
+        if not isinstance(self.seed, int):
+            fail("seed", "use an int")
+        if self.parameter_ratio is not None and not 0 < self.parameter_ratio <= 1:
+            fail("parameter_ratio", "use None or a float in (0, 1] (fraction of parameters kept)")
+        if not isinstance(self.share_group_size, int) or self.share_group_size < 1:
+            fail("share_group_size", "use an int >= 1 (layers sharing one basis)")
+        if self.method == "basis_sharing" and self.parameter_ratio is None and not self.rank:
+            fail("parameter_ratio", "basis_sharing needs parameter_ratio (or rank) to size the shared basis")
+        if n == 0 and not self.rank and self.parameter_ratio is None:
+            fail("n_clusters", "n_clusters=0 needs a low-rank term (rank > 0 or parameter_ratio)")
+        for field in ("n_samples", "seq_len"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                fail(field, "use an int >= 1")
+        if self.table_dtype not in TABLE_DTYPES:
+            fail("table_dtype", f"use one of {TABLE_DTYPES}")
+        if self.dataset is not None and not isinstance(self.dataset, (str, list)):
+            fail("dataset", 'use a list of strings, a path to a text file, or "wikitext2"')
+        for name, layer in self.compressed_layers.items():
+            try:
+                LayerSpec.from_dict(layer)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"SWSCConfig.compressed_layers[{name!r}] is invalid: {err}") from None
+
+    # ---- resolution ----------------------------------------------------------------------------------------
+    def layer_spec(self, name: str, out_features: int, in_features: int) -> LayerSpec:
+        """The layout of module `name`: the saved one if compressed already, else resolved from the fields."""
+        if name in self.compressed_layers:
+            spec = LayerSpec.from_dict(self.compressed_layers[name])
+            if (spec.out_features, spec.in_features) != (out_features, in_features):
+                raise ValueError(
+                    f"quantization_config.compressed_layers[{name!r}] is for a ({spec.out_features}, "
+                    f"{spec.in_features}) weight but the model's layer is ({out_features}, {in_features}); the "
+                    "checkpoint's config does not match its architecture"
+                )
+            return spec
+        channels, length = (out_features, in_features) if self.cluster_dim == "output" else (in_features, out_features)
+        n = self.n_clusters
+        k = max(1, round(n * channels)) if isinstance(n, float) else min(n, 2**16)
+        segment = length if self.segment_length is None else self.segment_length
+        if n and length % segment:
+            raise ValueError(f"SWSCConfig.segment_length={segment} does not divide the {length}-long channels of "
+                             f"{name}; pick a divisor or add {name!r} to modules_to_not_convert")
+        group = {0: 0, -1: length}.get(self.scale_group_size, self.scale_group_size)
+        if n and group:
+            group = _fitting_group(group, length, segment)
+        rank = self.rank
+        if self.parameter_ratio is not None and not n:
+            rank = max(1, math.floor(self.parameter_ratio * out_features * in_features / (out_features + in_features)))
+        return LayerSpec(
+            out_features=out_features, in_features=in_features, n_clusters=k if n else 0, segment_length=segment,
+            cluster_dim=self.cluster_dim, rank=min(rank, out_features, in_features), scale_group_size=group if n else 0,
+            rows_per_codebook=self.rows_per_codebook,
+        )
+
+    def table_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype compressed tables are stored in for a model of `model_dtype`."""
+        return model_dtype if self.table_dtype == "auto" else getattr(torch, self.table_dtype)
+
+    @property
+    def is_calibrated(self) -> bool:
+        return self.dataset is not None
+
+    @property
+    def compresses_after_load(self) -> bool:
+        """Calibration and basis sharing need whole layers (or groups of them), so they run after loading."""
+        return self.is_calibrated or (bool(self.share_types) and self.share_group_size > 1)
+
+    # ---- serialization -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild the model; calibration inputs (dataset, tokenizer) are not persisted."""
+        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")})
+        out["quant_method"] = "swsc"
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__} {self.to_json_string(use_diff=False)}"

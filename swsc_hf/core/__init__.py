@@ -1,0 +1,1 @@
+"""Tensor mathematics of swsc_hf, independent of transformers."""

@@ -1,0 +1,296 @@
+"""Fit the shared terms of one weight matrix (codebooks, codes, scales, low-rank factors) for a `LayerSpec`.
+
+Data-free, every segment goes to its nearest codeword. With a Hessian H = X^T X of the layer's inputs
+(calibration), the codebook is fitted with each weight's sensitivity (diag H) as its K-Means weight and codes are
+chosen GPTQ-style: input columns are fixed in order and the error of each is pushed onto the columns not yet fixed
+through the inverse Hessian, so later choices correct earlier ones; the residual is then compensated by a low-rank
+term in the whitened space (minimising the output error ||(W - W') X^T||, not the weight error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .kmeans import assign, kmeans, kmeans_1d
+from .lowrank import cholesky_whitening, low_rank, whitened_low_rank
+from .spec import LayerSpec
+
+# K-Means for codebooks runs on at most this many segments per codebook (a random subsample); all are assigned.
+MAX_FIT_SEGMENTS = 1 << 18
+GPTQ_BLOCK = 128
+
+
+@dataclass
+class CompressedWeight:
+    """The fitted terms of one matrix, in float32 with unpacked int64 codes of shape (channels, segments)."""
+
+    spec: LayerSpec
+    codebook: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    lowrank_a: torch.Tensor | None = None
+    lowrank_b: torch.Tensor | None = None
+
+    def codebook_term(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Channels `start:stop` of the channel matrix rebuilt from the codebook term."""
+        return reconstruct_channels(self.spec, self.codebook, self.codes[start:stop], self.scales, start)
+
+    def dense(self) -> torch.Tensor:
+        """The full (out x in) weight this compression represents."""
+        spec = self.spec
+        weight = torch.zeros(spec.out_features, spec.in_features, device=_device_of(self), dtype=torch.float32)
+        if spec.n_clusters:
+            weight += to_weight(self.codebook_term(), spec)
+        if spec.rank:
+            weight += self.lowrank_a @ self.lowrank_b
+        return weight
+
+
+def _device_of(cw: CompressedWeight) -> torch.device:
+    return next(t for t in (cw.codebook, cw.lowrank_a) if t is not None).device
+
+
+def to_channels(weight: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    """The channel matrix: rows are the channels that are clustered."""
+    return weight if spec.cluster_dim == "output" else weight.t()
+
+
+def to_weight(channels: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return channels if spec.cluster_dim == "output" else channels.t()
+
+
+def reconstruct_channels(
+    spec: LayerSpec, codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor | None, start: int = 0
+) -> torch.Tensor:
+    """Rebuild channel rows `start:start+len(codes)` from (n_books, K, v) codebooks and (rows, segments) codes."""
+    rows = codes.shape[0]
+    book = (torch.arange(start, start + rows, device=codes.device) // spec.channels_per_codebook)[:, None]
+    segments = codebook[book, codes]  # (rows, segments, v)
+    channels = segments.reshape(rows, spec.channel_length)
+    if scales is not None:
+        scale = scales[start : start + rows].repeat_interleave(spec.scale_group_size, dim=1)
+        channels = channels * scale.to(channels.dtype)
+    return channels
+
+
+def group_absmax(values: torch.Tensor, group: int) -> torch.Tensor:
+    """Per row and group of `group` columns, the largest magnitude (1 where a group is all zero)."""
+    scales = values.reshape(values.shape[0], -1, group).abs().amax(dim=2)
+    return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def compress_weight(
+    weight: torch.Tensor,
+    spec: LayerSpec,
+    *,
+    hessian: torch.Tensor | None = None,
+    kmeans_iters: int = 25,
+    seed: int = 0,
+    affine_correction: bool = False,
+    error_feedback: bool = True,
+    shared_basis: torch.Tensor | None = None,
+) -> CompressedWeight:
+    """Compress `weight` (out x in) into the terms `spec` describes, on the weight's own device.
+
+    `hessian` (in x in, the sum of x^T x over calibration inputs) makes the fit data-aware; `shared_basis`
+    (rank x in) fixes the input-side low-rank factor (Basis Sharing) and fits only the per-layer coefficients.
+    """
+    if tuple(weight.shape) != (spec.out_features, spec.in_features):
+        raise ValueError(f"weight has shape {tuple(weight.shape)} but the spec expects "
+                         f"({spec.out_features}, {spec.in_features})")
+    work = weight.detach().to(torch.float32)
+    if not torch.isfinite(work).all():
+        raise ValueError("weight contains NaN or Inf values; compress a finite checkpoint")
+    chol = cholesky_whitening(hessian.to(work.device)) if hessian is not None and spec.rank else None
+    result = CompressedWeight(spec)
+    residual = work
+    if spec.n_clusters:
+        importance = hessian.diagonal().to(work.device, torch.float32) if hessian is not None else None
+        channels = to_channels(work, spec)
+        scales = group_absmax(channels, spec.scale_group_size) if spec.scale_groups else None
+        result.codebook = fit_codebooks(channels, spec, scales, importance, kmeans_iters, seed)
+        if hessian is not None and error_feedback:
+            result.codes, result.scales = _assign_with_error_feedback(work, spec, result.codebook, hessian)
+        else:
+            result.scales = scales
+            result.codes = assign_codes(channels, spec, result.codebook, scales)
+        if affine_correction:
+            _apply_affine_correction(result, channels)
+        residual = work - to_weight(result.codebook_term(), spec)
+    if spec.rank:
+        if shared_basis is not None:
+            result.lowrank_a = fit_coefficients(residual, shared_basis, hessian)
+        elif chol is not None:
+            result.lowrank_a, result.lowrank_b = whitened_low_rank(residual, spec.rank, chol, seed=seed)
+        else:
+            result.lowrank_a, result.lowrank_b = low_rank(residual, spec.rank, seed=seed)
+    return result
+
+
+def _segments(channels: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
+    return channels.reshape(channels.shape[0], spec.segments_per_channel, spec.segment_length)
+
+
+def _normalized_segments(
+    channels: torch.Tensor, spec: LayerSpec, scales: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments divided by their scale, and the squared scale of each segment (its weight in the original space)."""
+    segs = _segments(channels, spec)
+    if scales is None:
+        return segs, torch.ones(segs.shape[:2], device=segs.device)
+    seg_scale = scales.repeat_interleave(spec.scale_group_size // spec.segment_length, dim=1)
+    return segs / seg_scale[..., None], seg_scale.square()
+
+
+def _element_importance(spec: LayerSpec, importance: torch.Tensor | None, seg_weight: torch.Tensor) -> torch.Tensor:
+    """Per-element K-Means weights (channels, segments, v): scale^2 times the input's sensitivity diag(H)."""
+    weights = seg_weight[..., None].expand(*seg_weight.shape, spec.segment_length)
+    if importance is None:
+        return weights
+    if spec.cluster_dim == "output":  # element (row, seg, j) multiplies input column seg * v + j
+        per_input = importance.reshape(1, spec.segments_per_channel, spec.segment_length)
+    else:  # channel = input column
+        per_input = importance.reshape(-1, 1, 1)
+    return weights * per_input.clamp_min(1e-8 * importance.mean().clamp_min(1e-30))
+
+
+def fit_codebooks(
+    channels: torch.Tensor,
+    spec: LayerSpec,
+    scales: torch.Tensor | None,
+    importance: torch.Tensor | None,
+    iters: int,
+    seed: int,
+) -> torch.Tensor:
+    """K-Means codebooks (n_books, K, v) over the normalized segments of each group of channels."""
+    segs, seg_weight = _normalized_segments(channels, spec, scales)
+    weights = _element_importance(spec, importance, seg_weight)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    books = []
+    step = spec.channels_per_codebook
+    for book in range(spec.n_codebooks):
+        points = segs[book * step : (book + 1) * step].reshape(-1, spec.segment_length)
+        point_weights = weights[book * step : (book + 1) * step].reshape(-1, spec.segment_length)
+        if points.shape[0] > MAX_FIT_SEGMENTS:
+            pick = torch.randperm(points.shape[0], generator=generator)[:MAX_FIT_SEGMENTS].to(points.device)
+            points, point_weights = points[pick], point_weights[pick]
+        if spec.segment_length == 1:
+            centroids, _ = kmeans_1d(points[:, 0], spec.n_clusters, weights=point_weights[:, 0], iters=iters)
+            centroids = centroids[:, None]
+        else:
+            centroids, _ = kmeans(points, spec.n_clusters, weights=point_weights, iters=iters, seed=seed + book)
+        books.append(centroids)
+    return torch.stack(books)
+
+
+def assign_codes(
+    channels: torch.Tensor, spec: LayerSpec, codebook: torch.Tensor, scales: torch.Tensor | None
+) -> torch.Tensor:
+    """Nearest codeword (plain Euclidean in the normalized space) for every segment: (channels, segments)."""
+    segs, _ = _normalized_segments(channels, spec, scales)
+    codes = torch.empty(segs.shape[:2], dtype=torch.int64, device=segs.device)
+    step = spec.channels_per_codebook
+    for book in range(spec.n_codebooks):
+        rows = slice(book * step, (book + 1) * step)
+        codes[rows] = assign(segs[rows].reshape(-1, spec.segment_length), codebook[book]).reshape(codes[rows].shape)
+    return codes
+
+
+def _nearest(vectors: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword of each vector (n, v) in its own codebook (n, K, v)."""
+    return torch.cdist(vectors[:, None, :], books).squeeze(1).argmin(dim=1)
+
+
+def _assign_with_error_feedback(
+    weight: torch.Tensor, spec: LayerSpec, codebook: torch.Tensor, hessian: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GPTQ-style assignment: fix input columns in order, pushing each one's error onto the later columns.
+
+    Output clustering fixes `segment_length` columns at a time (the segment's values lie along a row); input
+    clustering fixes one input column (one channel) at a time. Scales are taken from the updated weights when a
+    scale group starts, as GPTQ does with its groups.
+    """
+    out_f, in_f = weight.shape
+    work = weight.clone()
+    hess = hessian.to(work.device, torch.float64).clone()
+    dead = hess.diagonal() == 0
+    hess[dead, dead] = 1.0
+    work[:, dead] = 0.0
+    hess.diagonal().add_(0.01 * hess.diagonal().mean())
+    inv_chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True).float()
+
+    output_mode = spec.cluster_dim == "output"
+    codes = torch.empty(spec.channels, spec.segments_per_channel, dtype=torch.int64, device=work.device)
+    scales = torch.empty(spec.channels, spec.scale_groups, device=work.device) if spec.scale_groups else None
+    step = spec.segment_length if output_mode else 1
+    block = max(GPTQ_BLOCK // step, 1) * step
+    if output_mode and spec.scale_groups:
+        block = max(block // spec.scale_group_size, 1) * spec.scale_group_size
+    rows = torch.arange(out_f, device=work.device)
+    books_of_rows = codebook[rows // spec.channels_per_codebook]
+    for b0 in range(0, in_f, block):
+        b1 = min(b0 + block, in_f)
+        w_block = work[:, b0:b1].clone()
+        errors = torch.zeros_like(w_block)
+        u_block = inv_chol[b0:b1, b0:b1]
+        for c0 in range(0, b1 - b0, step):
+            col = b0 + c0
+            if output_mode:
+                if scales is not None and col % spec.scale_group_size == 0:
+                    group = w_block[:, c0 : c0 + spec.scale_group_size]
+                    scales[:, col // spec.scale_group_size] = group_absmax(group, group.shape[1])[:, 0]
+                scale = scales[:, col // spec.scale_group_size, None] if scales is not None else 1.0
+                vectors = w_block[:, c0 : c0 + step] / scale
+                chosen = assign(vectors, codebook[0]) if spec.n_codebooks == 1 else _nearest(vectors, books_of_rows)
+                codes[:, col // step] = chosen
+                fixed = books_of_rows[rows, chosen] * scale
+            else:
+                column = w_block[:, c0]
+                col_scale = None
+                if scales is not None:
+                    scales[col] = group_absmax(column[None], spec.scale_group_size)[0]
+                    col_scale = scales[col].repeat_interleave(spec.scale_group_size // spec.segment_length)
+                vectors = column.reshape(spec.segments_per_channel, spec.segment_length)
+                if col_scale is not None:
+                    vectors = vectors / col_scale[:, None]
+                book = codebook[col // spec.channels_per_codebook]
+                chosen = assign(vectors, book)
+                codes[col] = chosen
+                values = book[chosen]
+                if col_scale is not None:
+                    values = values * col_scale[:, None]
+                fixed = values.reshape(out_f, 1)
+            for j in range(fixed.shape[1]):
+                c = c0 + j
+                err = (w_block[:, c] - fixed[:, j]) / u_block[c, c]
+                w_block[:, c:] -= err[:, None] * u_block[c, c:][None, :]
+                errors[:, c] = err
+        work[:, b1:] -= errors @ inv_chol[b0:b1, b1:]
+    return codes, scales
+
+
+def _apply_affine_correction(result: CompressedWeight, channels: torch.Tensor) -> None:
+    """w' = a*w + b with a > 0 so the clustered matrix keeps the original mean and standard deviation.
+
+    Folded into the stored tables, so it costs nothing: into the codebook when there are no scales, else `a` goes
+    into the scales (the offset is dropped there: scaled segments are near zero-mean).
+    """
+    rebuilt = result.codebook_term()
+    a = (channels.std() / rebuilt.std().clamp_min(1e-12)).clamp_min(1e-6)
+    if result.scales is None:
+        b = channels.mean() - a * rebuilt.mean()
+        result.codebook = result.codebook * a + b
+    else:
+        result.scales = result.scales * a
+
+
+def fit_coefficients(residual: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
+    """Per-layer coefficients A (out x r) for a fixed shared basis B (r x in): argmin ||(R - A B) X^T||."""
+    basis = basis.to(residual.device, torch.float64)
+    metric = hessian.to(residual.device, torch.float64) if hessian is not None else None
+    rhs = residual.double() @ (metric @ basis.t() if metric is not None else basis.t())
+    gram = basis @ metric @ basis.t() if metric is not None else basis @ basis.t()
+    gram.diagonal().add_(1e-8 * gram.diagonal().mean().clamp_min(1e-30))
+    return torch.linalg.solve(gram, rhs.t()).t().float()

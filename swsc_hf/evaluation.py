@@ -1,0 +1,54 @@
+"""WikiText-2-style perplexity, shared by `swsc-hf eval` and the benchmarks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import wikitext2_test_text
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    tokens: int
+    windows: int
+    seq_len: int
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    text: str | None = None,
+    *,
+    seq_len: int = 2048,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity over non-overlapping windows of `seq_len` tokens (the usual WikiText-2 recipe).
+
+    `text` defaults to the WikiText-2 raw test split joined with "\\n\\n". The text is tokenized once; windows
+    cover the first `max_tokens` tokens (whole windows only). Each window's first token is context only, so a
+    window scores seq_len - 1 tokens, as in the GPTQ/OmniQuant evaluation code.
+    """
+    if text is None:
+        text = wikitext2_test_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    windows = ids.numel() // seq_len
+    if windows == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    total_nll, total_tokens = 0.0, 0
+    for window in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
+        batch = ids[window * seq_len : (window + 1) * seq_len][None].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
+        total_nll += float(loss)
+        total_tokens += seq_len - 1
+    return PerplexityResult(math.exp(total_nll / total_tokens), total_tokens, windows, seq_len)

@@ -1,0 +1,87 @@
+"""`SWSCQuantizer`: the transformers hook. The work lives in `integration.py` and `pipeline.py`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from .config import SWSCConfig
+from .hub import install_model_card
+from .integration import SWSCQuantize, finalize_compressed_model, replace_with_shells, validate_checkpoint
+from .modules import SWSCLinear
+
+logger = logging.getLogger(__name__)
+
+
+class SWSCQuantizer(HfQuantizer):
+    """Compress on load (data-free), after load (calibrated), or load an swsc_hf checkpoint."""
+
+    requires_calibration = False
+    quantization_config: SWSCConfig
+
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if config.compresses_after_load and not self.pre_quantized and isinstance(device_map, dict):
+            if "disk" in device_map.values():
+                raise ValueError("calibrated or basis-sharing swsc_hf compression needs every layer in memory; drop "
+                                 "'disk' from device_map, or compress data-free without basis sharing, which works "
+                                 "with offloading")
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, SWSCLinear) and tensor_name == "weight"
+
+    def param_element_size(self, model, param_name: str, param) -> float:
+        """The dense placeholder costs what its compressed form will, so device_map sizing is right."""
+        if self.param_needs_quantization(model, param_name):
+            module, _ = get_module_from_name(model, param_name)
+            return module.spec.stored_bytes(param.element_size()) / param.numel()
+        return param.element_size()
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if self.pre_quantized:
+            if checkpoint_files:
+                validate_checkpoint(checkpoint_files, config)
+            replace_with_shells(model, config, placeholder=False)
+        elif not config.compresses_after_load:
+            replace_with_shells(model, config, placeholder=True)
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if not self.pre_quantized and config.compresses_after_load:
+            from .pipeline import compress_model
+
+            compress_model(model, config)
+        else:
+            finalize_compressed_model(model, config)
+        install_model_card(model, base_model=None if self.pre_quantized else model.config._name_or_path)
+
+    def get_quantize_ops(self) -> SWSCQuantize:
+        return SWSCQuantize(self)
+
+    def _dequantize(self, model, dtype=None):
+        from .pipeline import dequantize_model
+
+        return dequantize_model(model, dtype=dtype)
+
+    def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        """The shared tables (codebooks, scales, low-rank factors) can be fine-tuned in place."""
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
