@@ -47,6 +47,7 @@ class SWSCLinear(nn.Module):
                 tensor = torch.zeros(shape, dtype=dtype, device=device)
                 self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         bias_dtype = bias_dtype or dtype
+        self.dense_dtype = bias_dtype or torch.get_default_dtype()
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=bias_dtype, device=device)) if bias else None
         self.relative_error: float | None = None
 
@@ -139,9 +140,9 @@ class SWSCLinear(nn.Module):
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
-        """The dense (out x in) weight this layer represents, in the layer's float dtype."""
+        """The dense (out x in) weight this layer represents, in the model's dtype."""
         spec = self.spec
-        dtype = next(t.dtype for t in self.parameters() if t.is_floating_point())
+        dtype = self.dense_dtype
         weight = torch.zeros(spec.out_features, spec.in_features, dtype=torch.float32, device=self.codes.device
                              if spec.n_clusters else self.lowrank_a.device)
         if spec.n_clusters:

@@ -46,9 +46,9 @@ class SWSCQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any) -> None:
         config = self.quantization_config
         if self.pre_quantized:
+            replace_with_shells(model, config, placeholder=False)
             if checkpoint_files:
                 validate_checkpoint(checkpoint_files, config)
-            replace_with_shells(model, config, placeholder=False)
         elif not config.compresses_after_load:
             replace_with_shells(model, config, placeholder=True)
 

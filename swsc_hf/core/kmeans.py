@@ -36,8 +36,13 @@ def _check_inputs(x: Tensor, k: int, weights: Tensor | None) -> Tensor | None:
     return weights.to(x.device)
 
 
-def _sq_dist(xc: Tensor, wc: Tensor | None, c: Tensor, c2: Tensor) -> Tensor:
-    """Squared distances [rows, k] of float32 rows ``xc`` to centroids ``c`` (``c2 = c * c``).
+def _centroid_sq(c: Tensor, w: Tensor | None) -> Tensor:
+    """``c * c`` [k, d] for per-element weights, else the squared norms [k] (no k x d temporary)."""
+    return c * c if w is not None and w.dim() == 2 else torch.linalg.vector_norm(c, dim=1).square()
+
+
+def _sq_dist(xc: Tensor, wc: Tensor | None, c: Tensor, c_sq: Tensor) -> Tensor:
+    """Squared distances [rows, k] of float32 rows ``xc`` to centroids ``c`` (``c_sq`` from ``_centroid_sq``).
 
     Expanded as ||x||^2 - 2 x c^T + ||c||^2 so that only matmuls run. Per-element weights ``wc`` [rows, d] give
     the diagonal metric sum_j w_j (x_j - c_j)^2; per-row weights do not move the nearest centroid, so the caller
@@ -45,10 +50,10 @@ def _sq_dist(xc: Tensor, wc: Tensor | None, c: Tensor, c2: Tensor) -> Tensor:
     """
     if wc is not None and wc.dim() == 2:
         wx = wc * xc
-        dist = wc @ c2.T
+        dist = wc @ c_sq.T
         dist.addmm_(wx, c.T, alpha=-2).add_((wx * xc).sum(1, keepdim=True))
     else:
-        dist = torch.addmm(c2.sum(1)[None], xc, c.T, alpha=-2).add_((xc * xc).sum(1, keepdim=True))
+        dist = torch.addmm(c_sq[None], xc, c.T, alpha=-2).add_((xc * xc).sum(1, keepdim=True))
     return dist.clamp_min_(0)
 
 
@@ -63,7 +68,7 @@ def _scan(
     """
     n, d = x.shape
     k = c.shape[0]
-    c2 = c * c
+    c_sq = _centroid_sq(c, w)
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     err = torch.empty(n, dtype=torch.float32, device=x.device)
     num = den = None
@@ -73,7 +78,9 @@ def _scan(
     for lo in range(0, n, rows):
         xc = x[lo : lo + rows].float()
         wc = None if w is None else w[lo : lo + rows].float()
-        e, lab = _sq_dist(xc, wc, c, c2).min(1)
+        dist = _sq_dist(xc, wc, c, c_sq)
+        lab = dist.argmin(1)  # argmin + gather: min(dim) is far slower on small blocks
+        e = dist.gather(1, lab[:, None]).squeeze(1)
         if wc is not None and wc.dim() == 1:
             e = e * wc
         labels[lo : lo + rows] = lab
@@ -97,7 +104,7 @@ def _update(x: Tensor, c: Tensor, labels: Tensor, err: Tensor, num: Tensor, den:
     with the largest current error (largest first, ties broken by row index), which splits the worst clusters.
     """
     den_b = den if den.dim() == 2 else den[:, None]
-    new = torch.where(den_b > 0, num / den_b, c.double()).float()
+    new = torch.where(den_b > 0, num.div_(den_b).float(), c)
     empty = torch.nonzero(torch.bincount(labels, minlength=c.shape[0]) == 0).flatten()
     if empty.numel():
         far = torch.argsort(err, descending=True, stable=True)[: empty.numel()]
@@ -107,7 +114,7 @@ def _update(x: Tensor, c: Tensor, labels: Tensor, err: Tensor, num: Tensor, den:
 
 
 def _sample_index(prob: Tensor, gen: torch.Generator) -> Tensor:
-    """Draw one index [1] with probability proportional to ``prob`` (the first index if ``prob`` is all zero)."""
+    """Draw one index [1] with probability proportional to ``prob`` (the last index if ``prob`` is all zero)."""
     cum = prob.double().cumsum(0)
     u = torch.rand(1, generator=gen, device=prob.device, dtype=torch.float64) * cum[-1]
     return torch.searchsorted(cum, u, right=True).clamp_max_(prob.numel() - 1)
@@ -127,9 +134,9 @@ def _kmeanspp(x: Tensor, k: int, w: Tensor | None, gen: torch.Generator) -> Tens
     else:
         a, b = s, None
         r, mass = (s * s).sum(1), row_w
-    centers = torch.empty(k, d, device=x.device)
-    best = torch.full((m,), float("inf"), device=x.device)
-    prob = torch.ones(m, device=x.device) if mass is None else mass
+    centers = torch.empty(k, d, dtype=torch.float32, device=x.device)
+    best = torch.full((m,), float("inf"), dtype=torch.float32, device=x.device)
+    prob = torch.ones_like(best) if mass is None else mass
     for j in range(k):
         c = s.index_select(0, _sample_index(prob, gen)).squeeze(0)
         centers[j] = c
@@ -166,11 +173,12 @@ def kmeans(
         returned centroids. If ``k >= n`` the rows themselves are returned (repeated to fill ``k``) with
         ``labels = arange(n)``; if ``k`` is at least the number of distinct rows the result has zero error.
 
-    Memory: besides ``x`` and ``weights``, the peak is about ``6 * chunk_elems`` floats for the distance blocks
-    and their upcast inputs, ``12 * k * d`` bytes for the centroids and their float64 sums, ``16 * n`` bytes for
-    labels and errors, and during seeding a float32 copy of the ``min(n, max(20 k, 10000))`` sampled rows
-    (twice that with per-element weights). A 8192 x 28672 matrix with k = 4096 therefore needs about
-    0.5 GB for the distance blocks plus about 1.4 GB for the centroid buffers and 0.9 GB for the seeding sample.
+    Memory: besides ``x`` and ``weights``, the peak is about ``chunk_elems * 4`` bytes times a small constant
+    (about 6, 12 with per-element weights) for the blocks of distances, upcast rows and float64 sums, about
+    ``20 * k * d`` bytes (32 with per-element weights) for the centroids, their float64 sums and the update,
+    ``12 * n`` bytes for labels and errors, and during seeding a float32 copy of the ``min(n, max(20 k, 10000))``
+    sampled rows (twice that with per-element weights). Rows as points of a 8192 x 28672 matrix with k = 4096
+    thus take about 0.4 GB of blocks, 2.3 GB of centroid buffers and 0.9 GB of seeding sample.
     On CUDA, bitwise reproducibility additionally requires ``torch.use_deterministic_algorithms(True)``
     because ``index_add_`` accumulates with atomics there.
     """

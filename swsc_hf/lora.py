@@ -1,0 +1,367 @@
+"""Fine-tuning compressed models: LoRA on `SWSCLinear` through PEFT, and centroid (codebook) fine-tuning.
+
+LoRA: `register_with_peft()` (called by `import swsc_hf`) puts a dispatcher in front of PEFT's default one, so a
+plain `get_peft_model(model, LoraConfig(target_modules=[...]))` wraps compressed layers in `SWSCLoraLinear`, and
+`PeftModel.from_pretrained(base, adapter_path)` finds them too (PEFT's per-config `_register_custom_module` is not
+saved with the adapter, a dispatcher needs no config). The compressed tables stay frozen and compressed; the
+forward is PEFT's: base(x) + lora_B(lora_A(dropout(x))) * scaling. Only LoRA has such a hook in PEFT: IA3, OFT,
+VeRA, ... reject layers that are not nn.Linear, and `target_modules="all-linear"` finds no compressed layer (name
+the projections instead).
+
+Merging: PEFT's `merge_and_unload()` merges exactly into the compressed low-rank term
+(lowrank_a' = [lowrank_a | s * lora_B], lowrank_b' = [lowrank_b; lora_A]: the rank grows by r); `merge_and_unload`
+here also records the new ranks in the config so the result saves and reloads, or merges to a plain dense model.
+
+Centroid fine-tuning: `prepare_for_training(model, train_codebooks=True)` makes the codebooks (and optionally the
+scales) trainable in float32; `finish_training(model)` stores them back in the checkpoint's table dtype. Trained
+tables belong to the compressed base checkpoint (`save_pretrained` of the base), never to a LoRA adapter: a codebook
+is only meaningful with the codes it was trained with, so it travels with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .integration import SHARED_BASES_ATTR, _swap
+from .modules import SWSCLinear
+from .pipeline import dequantize_model
+
+logger = logging.getLogger(__name__)
+
+PEFT_AVAILABLE = importlib.util.find_spec("peft") is not None
+MERGE_MODES = ("compressed", "dense")
+# Initialisations that only touch the LoRA factors; the others (PiSSA, OLoRA, LoftQ, ...) rewrite `base_layer.weight`.
+SUPPORTED_INITS = (True, False, "gaussian")
+
+if PEFT_AVAILABLE:
+    from peft.tuners.lora.config import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+    class SWSCLoraLinear(PeftLoraLinear):
+        """LoRA adapters on a compressed `SWSCLinear`: y = base(x) + lora_B(lora_A(dropout(x))) * scaling.
+
+        The compressed base is never densified: the forward runs the base layer as is, and `merge` appends the
+        adapter to the base's low-rank term (exact, and undone exactly by `unmerge`). DoRA and the initialisations
+        that rewrite the base weight need a dense weight and are refused.
+        """
+
+        def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+            _check_supported(config)
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+        @property
+        def lora_variants(self) -> dict:
+            return {(): None}  # vanilla LoRA only: the variants (DoRA, ...) read or rewrite `base_layer.weight`
+
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features
+
+        def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, None]:
+            """Adapters go to the base layer's device and keep their own (float32) dtype: the base has no `weight`."""
+            tensor = next(iter(base_layer.parameters()), None)
+            if tensor is None:
+                tensor = next(iter(base_layer.buffers()))
+            return tensor.device, None
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            """Append each adapter to the compressed low-rank term (rank += r); exact, no dense weight is built."""
+            base = self.get_base_layer()
+            for name in check_adapters_to_merge(self, adapter_names):
+                if name not in self.lora_A:
+                    continue
+                factor_a = self.lora_B[name].weight * self.scaling[name]  # (out, r)
+                factor_b = self.lora_A[name].weight  # (r, in)
+                if safe_merge and not (torch.isfinite(factor_a).all() and torch.isfinite(factor_b).all()):
+                    raise ValueError(f"NaNs detected in the adapter {name!r}; it seems to be broken")
+                _append_low_rank(base, factor_a, factor_b)
+                if self.lora_bias[name]:
+                    base.bias.data += (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+                self.merged_adapters.append(name)
+
+        def unmerge(self) -> None:
+            """Take merged adapters out of the low-rank term again (drops the columns/rows `merge` appended)."""
+            if not self.merged:
+                logger.warning("SWSCLoraLinear.unmerge: nothing is merged")
+                return
+            base = self.get_base_layer()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name not in self.lora_A:
+                    continue
+                _drop_low_rank(base, self.r[name])
+                if self.lora_bias[name]:
+                    base.bias.data -= (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
+
+        @torch.no_grad()
+        def dense_merged(self, dtype: torch.dtype, adapter_names: list[str] | None = None) -> nn.Linear:
+            """An nn.Linear holding the base's dense weight plus the adapters (all active ones by default)."""
+            base = self.get_base_layer()
+            if self.merged:
+                self.unmerge()
+            weight = base.dequantize().float()
+            bias = base.bias.detach().float().clone() if base.bias is not None else None
+            for name in adapter_names or self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                weight += self.get_delta_weight(name).float().to(weight.device)
+                if self.lora_bias[name]:
+                    if bias is None:
+                        raise RuntimeError(f"cannot merge adapter {name!r} with lora_bias=True: the layer has no bias")
+                    bias += (self.lora_B[name].bias * self.scaling[name]).float().to(bias.device)
+            linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device,
+                               dtype=dtype)
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+            linear.requires_grad_(False)
+            return linear
+
+    def _dispatch_swsc(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module | None:
+        """PEFT dispatcher: SWSCLoraLinear for an SWSCLinear target, None (not ours) otherwise."""
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, SWSCLinear):
+            return SWSCLoraLinear(target, adapter_name, config=config, **kwargs)
+        return None
+
+
+def _check_supported(config: Any) -> None:
+    """Refuse the LoRA options that need the dense base weight, with what to do instead."""
+    if config.use_dora:
+        raise ValueError(
+            "DoRA (use_dora=True) is not supported on swsc_hf compressed layers: it needs the column norms of the "
+            "dense weight, which SWSCLinear never builds. Use plain LoRA (use_dora=False), or densify the model "
+            "first with model.dequantize()."
+        )
+    if config.init_lora_weights not in SUPPORTED_INITS:
+        raise ValueError(
+            f"init_lora_weights={config.init_lora_weights!r} is not supported on swsc_hf compressed layers: it reads "
+            f"or rewrites the dense base weight. Use one of {SUPPORTED_INITS}."
+        )
+    if config.fan_in_fan_out:
+        raise ValueError("fan_in_fan_out=True is for GPT-2 style Conv1D weights; SWSCLinear is (out, in) like "
+                         "nn.Linear: set fan_in_fan_out=False")
+
+
+def register_with_peft() -> bool:
+    """Make PEFT's LoRA wrap every `SWSCLinear` in `SWSCLoraLinear`, for any LoraConfig (new or loaded from disk).
+
+    Puts `_dispatch_swsc` in front of `peft.tuners.lora.model.dispatch_default`, the last dispatcher
+    `LoraModel._create_new_module` tries (it looks the name up at call time). Idempotent; returns False (and does
+    nothing) when PEFT is not installed.
+    """
+    if not PEFT_AVAILABLE:
+        return False
+    import peft.tuners.lora.model as lora_model
+
+    default = lora_model.dispatch_default
+    if getattr(default, "swsc_hf", False):
+        return True
+
+    def dispatch_swsc_or_default(target, adapter_name, config, **kwargs):
+        new_module = _dispatch_swsc(target, adapter_name, config, **kwargs)
+        return new_module if new_module is not None else default(target, adapter_name, config=config, **kwargs)
+
+    dispatch_swsc_or_default.swsc_hf = True
+    lora_model.dispatch_default = dispatch_swsc_or_default
+    return True
+
+
+# ---- low-rank term surgery (merge / unmerge) ---------------------------------------------------------------------
+def _table_dtype(layer: SWSCLinear) -> torch.dtype:
+    """The dtype of the layer's stored float tables (its low-rank factor's, else its codebook's)."""
+    for name in ("lowrank_a", "scales", "codebook"):
+        tensor = getattr(layer, name, None)
+        if tensor is not None:
+            return tensor.dtype
+    raise ValueError("SWSCLinear without float tables")
+
+
+def _set_frozen(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    setattr(layer, name, nn.Parameter(tensor.contiguous(), requires_grad=False))
+
+
+@torch.no_grad()
+def _append_low_rank(layer: SWSCLinear, factor_a: torch.Tensor, factor_b: torch.Tensor) -> None:
+    """lowrank_a <- [lowrank_a | factor_a], lowrank_b <- [lowrank_b; factor_b]; the spec's rank grows to match."""
+    spec = layer.spec
+    if spec.shared_basis is not None:
+        raise ValueError(
+            f"this layer shares its input-side basis {spec.shared_basis!r} with other layers (Basis Sharing), so an "
+            "adapter cannot be merged into it exactly without changing those layers; merge to dense instead: "
+            'swsc_hf.lora.merge_and_unload(model, mode="dense")'
+        )
+    rank = spec.rank + factor_a.shape[1]
+    if rank > min(spec.out_features, spec.in_features):
+        raise ValueError(f"merging would raise the layer's rank to {rank}, above min(out, in) = "
+                         f"{min(spec.out_features, spec.in_features)}; merge to dense instead (mode='dense')")
+    dtype = _table_dtype(layer)
+    device = layer.codes.device if spec.n_clusters else layer.lowrank_a.device
+    factor_a, factor_b = factor_a.to(device, dtype), factor_b.to(device, dtype)
+    if spec.rank:
+        factor_a = torch.cat([layer.lowrank_a, factor_a], dim=1)
+        factor_b = torch.cat([layer.lowrank_b, factor_b], dim=0)
+    _set_frozen(layer, "lowrank_a", factor_a)
+    _set_frozen(layer, "lowrank_b", factor_b)
+    layer.spec = dataclasses.replace(spec, rank=rank)
+
+
+@torch.no_grad()
+def _drop_low_rank(layer: SWSCLinear, r: int) -> None:
+    """Undo `_append_low_rank` of an r-rank factor pair: drop the last r columns of lowrank_a and rows of lowrank_b."""
+    rank = layer.spec.rank - r
+    if rank:
+        _set_frozen(layer, "lowrank_a", layer.lowrank_a[:, :rank].clone())
+        _set_frozen(layer, "lowrank_b", layer.lowrank_b[:rank].clone())
+    else:
+        del layer.lowrank_a, layer.lowrank_b
+    layer.spec = dataclasses.replace(layer.spec, rank=rank)
+
+
+# ---- model-level helpers ------------------------------------------------------------------------------------------
+def _is_peft_model(model: nn.Module) -> bool:
+    return PEFT_AVAILABLE and hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if _is_peft_model(model) else model
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model was loaded in (config.dtype), else its input embeddings' (never compressed)."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
+
+
+def _swsc_config(model: nn.Module):
+    config = getattr(model.config, "quantization_config", None)
+    if getattr(config, "quant_method", None) != "swsc":
+        raise ValueError("the model is not an swsc_hf compressed model (no quantization_config with quant_method "
+                         "'swsc'); compress it with swsc_hf.compress_model or load it with SWSCConfig")
+    return config
+
+
+def _table_holders(model: nn.Module) -> list[nn.Module]:
+    """Every module holding compressed float tables: the SWSCLinear layers and the shared-basis holder."""
+    holders = [m for m in model.modules() if isinstance(m, SWSCLinear)]
+    shared = getattr(model, SHARED_BASES_ATTR, None)
+    return holders + ([shared.bases] if shared is not None else [])
+
+
+def _tables(holder: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in holder.named_parameters(recurse=False) if n != "bias"]
+
+
+def sync_compressed_layers(model: nn.Module) -> None:
+    """Rewrite `quantization_config.compressed_layers` from the model's SWSCLinear layers.
+
+    A compressed merge changes layers' ranks; the loader builds its empty layers from this dict, so it must match
+    before `save_pretrained`. Layers that are no longer SWSCLinear are dropped from it.
+    """
+    config = _swsc_config(model)
+    config.compressed_layers = {
+        name: module.spec.to_dict() for name, module in model.named_modules() if isinstance(module, SWSCLinear)
+    }
+
+
+def merge_and_unload(
+    model: nn.Module, mode: str = "compressed", safe_merge: bool = False, adapter_names: list[str] | None = None
+) -> nn.Module:
+    """Merge a PEFT LoRA model on a compressed base and return the plain transformers model, ready to save.
+
+    mode="compressed": exact merge into each layer's low-rank term (rank += r), tables stored back in the
+    checkpoint's table dtype (`finish_training`), and the new layouts recorded in the config, so
+    save_pretrained -> from_pretrained reproduces the merged model. Fails for layers with a shared basis.
+    mode="dense": every layer becomes an nn.Linear (adapters merged into the dequantized weights) and the
+    quantization config is removed: the result is an ordinary dense model.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge_and_unload(mode={mode!r}): use one of {MERGE_MODES}")
+    if not _is_peft_model(model):
+        raise ValueError("merge_and_unload expects a PEFT model (from get_peft_model or PeftModel.from_pretrained)")
+    base = model.get_base_model()
+    if mode == "compressed":
+        merged = model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
+        finish_training(merged)
+        sync_compressed_layers(merged)
+        return merged
+    dtype = _model_dtype(base)
+    for name, module in list(base.named_modules()):
+        if isinstance(module, SWSCLoraLinear):
+            _swap(base, name, module.dense_merged(dtype, adapter_names))
+    merged = model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)  # other LoRA layers
+    dequantize_model(merged, dtype=dtype)
+    quantizer = getattr(merged, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(merged)
+    elif hasattr(merged.config, "quantization_config"):
+        del merged.config.quantization_config
+    merged.is_quantized = False
+    return merged
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+def prepare_for_training(
+    model: nn.Module, train_codebooks: bool = False, train_scales: bool = False, gradient_checkpointing: bool = True
+) -> nn.Module:
+    """Get a compressed model (or a PEFT model on one) ready to train; returns it.
+
+    As `peft.prepare_model_for_kbit_training` does for the methods it knows: dense float16/bfloat16 parameters
+    (layer norms, embeddings, head) are cast to float32 and activation checkpointing is enabled (non-reentrant,
+    with input gradients). The compressed tables stay frozen in their stored dtype, except the codebooks
+    (centroid fine-tuning) and per-group scales when asked: those become trainable float32 parameters (low
+    precision tables do not train with Adam). On a plain model everything else is frozen; on a PEFT model the
+    adapters keep their state, so call this after `get_peft_model` (which freezes every non-adapter tensor).
+    Call `finish_training` afterwards to store trained tables back in the checkpoint's dtype.
+    """
+    base = _base_model(model)
+    _swsc_config(base)
+    holders = _table_holders(base)
+    table_ids = {id(p) for holder in holders for _, p in _tables(holder)}
+    for param in base.parameters():
+        if id(param) in table_ids:
+            continue
+        if not _is_peft_model(model):
+            param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    trained = {"codebook": train_codebooks, "scales": train_scales}
+    count = 0
+    for holder in holders:
+        for name, param in _tables(holder):
+            train = trained.get(name, False)
+            if train:
+                setattr(holder, name, nn.Parameter(param.detach().float(), requires_grad=True))
+                count += param.numel()
+            else:
+                param.requires_grad_(False)
+    if (train_codebooks or train_scales) and not count:
+        logger.warning("prepare_for_training: the model has no codebooks/scales to train (low-rank-only layers?)")
+    logger.info("swsc_hf: %d compressed table values are trainable", count)
+    if gradient_checkpointing:
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
+@torch.no_grad()
+def finish_training(model: nn.Module) -> nn.Module:
+    """Store every compressed table back in the checkpoint's table dtype and freeze it; returns the model.
+
+    After this, save_pretrained -> from_pretrained reproduces the model exactly (trained float32 codebooks would
+    otherwise be rounded by the loader instead).
+    """
+    base = _base_model(model)
+    dtype = _swsc_config(base).table_torch_dtype(_model_dtype(base))
+    for holder in _table_holders(base):
+        for name, param in _tables(holder):
+            if param.dtype != dtype or param.requires_grad:
+                setattr(holder, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+    return model

@@ -1,0 +1,88 @@
+"""SWSCConfig: validation with clear messages, presets, and the to_dict / from_dict / JSON round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoConfig
+
+import swsc_hf  # noqa: F401
+from swsc_hf import PRESETS, SWSCConfig
+from swsc_hf.core.spec import LayerSpec
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(n_clusters=-1), "n_clusters"),
+        (dict(n_clusters=1.5), "n_clusters"),
+        (dict(n_clusters="many"), "n_clusters"),
+        (dict(cluster_dim="rows"), "cluster_dim"),
+        (dict(rank=-2), "rank"),
+        (dict(segment_length=0), "segment_length"),
+        (dict(scale_group_size=-5), "scale_group_size"),
+        (dict(kmeans_iters=0), "kmeans_iters"),
+        (dict(method="magic"), "method"),
+        (dict(preset="nope"), "preset"),
+        (dict(table_dtype="int8"), "table_dtype"),
+        (dict(n_clusters=0, rank=0), "n_clusters"),
+        (dict(bogus=1), "bogus"),
+        (dict(format_version=99), "format_version"),
+        (dict(compressed_layers={"a": {"out_features": 4, "in_features": 4, "n_clusters": 2, "segment_length": 3}}),
+         "compressed_layers"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SWSCConfig(**kwargs)
+
+
+def test_round_trip_through_dict_and_json():
+    config = SWSCConfig(n_clusters=0.25, rank=16, cluster_dim="input", seed=7, modules_to_not_convert=["lm_head"],
+                        dataset=["calibration text"], tokenizer=object())
+    data = config.to_dict()
+    assert "dataset" not in data and "tokenizer" not in data
+    again = SWSCConfig.from_dict(json.loads(json.dumps(data)))
+    assert again.to_dict() == data
+
+
+def test_presets_fill_fields_and_explicit_arguments_win():
+    config = SWSCConfig(preset="swsc-paper")
+    assert (config.n_clusters, config.segment_length, config.rank) == (0.5, None, 32)
+    assert SWSCConfig(preset="swsc-paper", rank=8).rank == 8
+    assert SWSCConfig(preset="swsc-4bit", segment_length=None).segment_length is None
+    for name in PRESETS:
+        SWSCConfig(preset=name)
+
+
+def test_layer_spec_resolution():
+    spec = SWSCConfig(n_clusters=0.5, rank=8).layer_spec("x", 128, 64)
+    assert (spec.n_clusters, spec.segment_length, spec.rank) == (64, 64, 8)
+    scaled = SWSCConfig(n_clusters=16, segment_length=1, scale_group_size=128).layer_spec("x", 128, 576)
+    assert scaled.scale_group_size == 96  # rounded down to a divisor of 576
+    with pytest.raises(ValueError, match="segment_length"):
+        SWSCConfig(n_clusters=16, segment_length=5).layer_spec("x", 8, 64)
+
+
+def test_saved_layout_must_match_the_architecture():
+    config = SWSCConfig(compressed_layers={"a": LayerSpec(8, 8, n_clusters=2, segment_length=8).to_dict()})
+    with pytest.raises(ValueError, match="does not match its architecture"):
+        config.layer_spec("a", 16, 8)
+
+
+def test_registered_with_transformers():
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["swsc"] is SWSCConfig
+    assert AUTO_QUANTIZER_MAPPING["swsc"] is swsc_hf.SWSCQuantizer
+
+
+def test_config_json_carries_quantization_config(tmp_path):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    config.quantization_config = SWSCConfig(n_clusters=4, segment_length=1, rank=0)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.quantization_config["quant_method"] == "swsc"
