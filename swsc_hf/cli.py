@@ -37,8 +37,9 @@ def load_source(src: str, gguf_file: str | None, *, dtype: torch.dtype, quantiza
     GGUF models are dequantized by transformers' own GGUF loader, then compressed after loading (its loader and
     ours are both quantizer hooks, so they cannot run in one `from_pretrained`).
     """
-    import swsc_hf  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import swsc_hf  # noqa: F401  (registers the quantizer)
 
     from .bundled import as_dense, smollm2_gguf
     from .pipeline import compress_model
@@ -124,7 +125,7 @@ def cmd_eval(args) -> int:
                                    device_map=_device_map(args.device_map))
     text = None
     if args.data:
-        from .data import join_rows, _rows_from_lines
+        from .data import _rows_from_lines, join_rows
 
         text = join_rows(_rows_from_lines(Path(args.data).read_text(encoding="utf-8")))
     result = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens)

@@ -211,8 +211,8 @@ class SWSCConfig(QuantizationConfigMixin):
             rank = max(1, math.floor(self.parameter_ratio * out_features * in_features / (out_features + in_features)))
         return LayerSpec(
             out_features=out_features, in_features=in_features, n_clusters=k if n else 0, segment_length=segment,
-            cluster_dim=self.cluster_dim, rank=min(rank, out_features, in_features), scale_group_size=group if n else 0,
-            rows_per_codebook=self.rows_per_codebook,
+            cluster_dim=self.cluster_dim, rank=min(rank, out_features, in_features),
+            scale_group_size=group if n else 0, rows_per_codebook=self.rows_per_codebook,
         )
 
     def table_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:

@@ -14,7 +14,7 @@ def data_root() -> Path | None:
     """The shared WikiText-2 folder: $SWSC_HF_DATA, else ../shared/data beside the repository or the cwd."""
     candidates = [os.environ.get(DATA_ENV)]
     repo = Path(__file__).resolve().parent.parent
-    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    candidates += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
     for candidate in candidates:
         if candidate and (Path(candidate) / TEST_FILE).is_file():
             return Path(candidate)

@@ -21,7 +21,6 @@ is only meaningful with the codes it was trained with, so it travels with them.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 from typing import Any
 
@@ -34,15 +33,20 @@ from .pipeline import dequantize_model
 
 logger = logging.getLogger(__name__)
 
-PEFT_AVAILABLE = importlib.util.find_spec("peft") is not None
 MERGE_MODES = ("compressed", "dense")
 # Initialisations that only touch the LoRA factors; the others (PiSSA, OLoRA, LoftQ, ...) rewrite `base_layer.weight`.
 SUPPORTED_INITS = (True, False, "gaussian")
 
-if PEFT_AVAILABLE:
+try:  # PEFT is optional: without it (or with one too old to have these names) LoRA support is just off
     from peft.tuners.lora.config import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+
+    PEFT_AVAILABLE = True
+except ImportError:
+    PEFT_AVAILABLE = False
+
+if PEFT_AVAILABLE:
 
     class SWSCLoraLinear(PeftLoraLinear):
         """LoRA adapters on a compressed `SWSCLinear`: y = base(x) + lora_B(lora_A(dropout(x))) * scaling.
@@ -70,6 +74,7 @@ if PEFT_AVAILABLE:
                 tensor = next(iter(base_layer.buffers()))
             return tensor.device, None
 
+        @torch.no_grad()
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             """Append each adapter to the compressed low-rank term (rank += r); exact, no dense weight is built."""
             base = self.get_base_layer()
@@ -85,6 +90,7 @@ if PEFT_AVAILABLE:
                     base.bias.data += (self.lora_B[name].bias * self.scaling[name]).to(base.bias.dtype)
                 self.merged_adapters.append(name)
 
+        @torch.no_grad()
         def unmerge(self) -> None:
             """Take merged adapters out of the low-rank term again (drops the columns/rows `merge` appended)."""
             if not self.merged:
@@ -187,7 +193,6 @@ def _set_frozen(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(layer, name, nn.Parameter(tensor.contiguous(), requires_grad=False))
 
 
-@torch.no_grad()
 def _append_low_rank(layer: SWSCLinear, factor_a: torch.Tensor, factor_b: torch.Tensor) -> None:
     """lowrank_a <- [lowrank_a | factor_a], lowrank_b <- [lowrank_b; factor_b]; the spec's rank grows to match."""
     spec = layer.spec
@@ -212,7 +217,6 @@ def _append_low_rank(layer: SWSCLinear, factor_a: torch.Tensor, factor_b: torch.
     layer.spec = dataclasses.replace(spec, rank=rank)
 
 
-@torch.no_grad()
 def _drop_low_rank(layer: SWSCLinear, r: int) -> None:
     """Undo `_append_low_rank` of an r-rank factor pair: drop the last r columns of lowrank_a and rows of lowrank_b."""
     rank = layer.spec.rank - r
@@ -288,6 +292,7 @@ def merge_and_unload(
     if not _is_peft_model(model):
         raise ValueError("merge_and_unload expects a PEFT model (from get_peft_model or PeftModel.from_pretrained)")
     base = model.get_base_model()
+    _swsc_config(base)
     if mode == "compressed":
         merged = model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
         finish_training(merged)

@@ -86,7 +86,7 @@ def _compress_group(
     """Compress `names` (one linear, or one projection over a group of layers sharing a basis) and swap them in."""
     modules = [model.get_submodule(name) for name in names]
     weights = [module.weight.detach() for module in modules]
-    specs = [config.layer_spec(name, w.shape[0], w.shape[1]) for name, w in zip(names, weights)]
+    specs = [config.layer_spec(name, w.shape[0], w.shape[1]) for name, w in zip(names, weights, strict=True)]
     grams = [hessians.get(name) if hessians else None for name in names]
     shared = len(names) > 1 or _is_shared(names[0], config)
     kwargs = dict(kmeans_iters=config.kmeans_iters, seed=config.seed, affine_correction=config.affine_correction,
@@ -95,7 +95,7 @@ def _compress_group(
         results = [compress_weight(weights[0], specs[0], hessian=grams[0], **kwargs)]
     else:
         results, specs = _compress_shared(names, weights, specs, grams, config, kwargs, model)
-    for name, module, weight, result in zip(names, modules, weights, results):
+    for name, module, weight, result in zip(names, modules, weights, results, strict=True):
         table_dtype = config.table_torch_dtype(weight.dtype)
         layer = SWSCLinear(result.spec, bias=module.bias is not None, dtype=table_dtype, device=weight.device,
                            bias_dtype=weight.dtype)
@@ -116,11 +116,11 @@ def _compress_shared(names, weights, specs, grams, config, kwargs, model):
     if config.parameter_ratio is not None:
         rank = int(config.parameter_ratio * stacked_params / (sum(outs) + in_features))
     else:
-        rank = specs[0].rank
+        rank = config.rank
     rank = max(1, min(rank, in_features, sum(outs)))
     key = shared_basis_key(names[0], [_layer_of(n) for n in names])
     residuals, results = [], []
-    for weight, spec, gram in zip(weights, specs, grams):
+    for weight, spec, gram in zip(weights, specs, grams, strict=True):
         result = CompressedWeight(dataclasses.replace(spec, rank=rank, shared_basis=key))
         residual = weight.float()
         if spec.n_clusters:
@@ -135,7 +135,7 @@ def _compress_shared(names, weights, specs, grams, config, kwargs, model):
         factors, basis = whitened_low_rank(stacked, rank, cholesky_whitening(gram), seed=config.seed)
     else:
         factors, basis = low_rank(stacked, rank, seed=config.seed)
-    for result, part in zip(results, factors.split(outs)):
+    for result, part in zip(results, factors.split(outs), strict=True):
         result.lowrank_a, result.lowrank_b = part, basis
     holder = getattr(model, SHARED_BASES_ATTR, None)
     if holder is None:

@@ -50,7 +50,7 @@ class CompressionReport:
         out = asdict(self)
         out["compressed_bits_per_weight"] = self.compressed_bits_per_weight
         out["model_bits_per_weight"] = self.model_bits_per_weight
-        for layer, row in zip(self.layers, out["layers"]):
+        for layer, row in zip(self.layers, out["layers"], strict=True):
             row["bits_per_weight"] = layer.bits_per_weight
         return out
 

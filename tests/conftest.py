@@ -27,3 +27,17 @@ def tiny_dense_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for calibration tests: one token per UTF-8 byte, folded into the tiny vocabulary."""
+
+    def __call__(self, text: str, return_tensors: str = "pt"):
+        ids = torch.tensor([list(text.encode("utf-8"))], dtype=torch.long) % 128
+        return type("Encoding", (), {"input_ids": ids})()
+
+
+@pytest.fixture
+def calibration() -> dict:
+    texts = [f"Sample sentence number {i} about compression of language models." for i in range(40)]
+    return dict(dataset=texts, tokenizer=ByteTokenizer(), n_samples=4, seq_len=32)

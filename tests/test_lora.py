@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,15 @@ def tiny_model(rank: int = 4, table_dtype: str = "float32", **config_kwargs) -> 
     model = LlamaForCausalLM(config)
     kwargs = {**dict(n_clusters=16, segment_length=1, rank=rank, table_dtype=table_dtype), **config_kwargs}
     return swsc_hf.compress_model(model, SWSCConfig(**kwargs)).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy machine their spin-waits make the file 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +99,15 @@ def test_register_is_idempotent():
     assert swsc_lora.register_with_peft()
     dispatcher = lora_model.dispatch_default
     assert swsc_lora.register_with_peft() and lora_model.dispatch_default is dispatcher
+
+
+def test_without_peft_the_module_imports_and_registration_is_a_no_op(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft.tuners.lora.config", None)  # as if PEFT were not installed
+    spec = importlib.util.spec_from_file_location("swsc_hf._lora_without_peft", swsc_lora.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert not module.PEFT_AVAILABLE and module.register_with_peft() is False
+    assert not hasattr(module, "SWSCLoraLinear")
 
 
 def test_get_peft_model_wraps_compressed_layers_and_trains_only_adapters(model, batch):

@@ -17,9 +17,12 @@ from .kmeans import assign, kmeans, kmeans_1d
 from .lowrank import cholesky_whitening, low_rank, whitened_low_rank
 from .spec import LayerSpec
 
-# K-Means for codebooks runs on at most this many segments per codebook (a random subsample); all are assigned.
-MAX_FIT_SEGMENTS = 1 << 18
-GPTQ_BLOCK = 128
+# K-Means for codebooks runs on at most max(this, 64 per codeword) segments per codebook (a random subsample);
+# every segment is then assigned.
+MAX_FIT_SEGMENTS = 1 << 16
+# Columns fixed between two lazy (matmul) updates of the rest of the matrix, as in GPTQ; small blocks keep the
+# per-column updates cheap.
+GPTQ_BLOCK = 32
 
 
 @dataclass
@@ -173,8 +176,9 @@ def fit_codebooks(
     for book in range(spec.n_codebooks):
         points = segs[book * step : (book + 1) * step].reshape(-1, spec.segment_length)
         point_weights = weights[book * step : (book + 1) * step].reshape(-1, spec.segment_length)
-        if points.shape[0] > MAX_FIT_SEGMENTS:
-            pick = torch.randperm(points.shape[0], generator=generator)[:MAX_FIT_SEGMENTS].to(points.device)
+        limit = max(MAX_FIT_SEGMENTS, 64 * spec.n_clusters)
+        if points.shape[0] > limit:
+            pick = torch.randperm(points.shape[0], generator=generator)[:limit].to(points.device)
             points, point_weights = points[pick], point_weights[pick]
         if spec.segment_length == 1:
             centroids, _ = kmeans_1d(points[:, 0], spec.n_clusters, weights=point_weights[:, 0], iters=iters)
@@ -199,8 +203,10 @@ def assign_codes(
 
 
 def _nearest(vectors: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
-    """Nearest codeword of each vector (n, v) in its own codebook (n, K, v)."""
-    return torch.cdist(vectors[:, None, :], books).squeeze(1).argmin(dim=1)
+    """Nearest codeword of each vector (n, v) in a shared (K, v) codebook or its own (n, K, v) one."""
+    if books.dim() == 2 and vectors.shape[0] * books.shape[0] > 1 << 20:
+        return assign(vectors, books)  # chunked, for large codebooks
+    return (vectors[:, None, :] - books).square().sum(dim=-1).argmin(dim=1)
 
 
 def _assign_with_error_feedback(
@@ -226,8 +232,6 @@ def _assign_with_error_feedback(
     scales = torch.empty(spec.channels, spec.scale_groups, device=work.device) if spec.scale_groups else None
     step = spec.segment_length if output_mode else 1
     block = max(GPTQ_BLOCK // step, 1) * step
-    if output_mode and spec.scale_groups:
-        block = max(block // spec.scale_group_size, 1) * spec.scale_group_size
     rows = torch.arange(out_f, device=work.device)
     books_of_rows = codebook[rows // spec.channels_per_codebook]
     for b0 in range(0, in_f, block):
@@ -239,11 +243,13 @@ def _assign_with_error_feedback(
             col = b0 + c0
             if output_mode:
                 if scales is not None and col % spec.scale_group_size == 0:
-                    group = w_block[:, c0 : c0 + spec.scale_group_size]
+                    # the group's columns past this block have not received its updates yet (as in GPTQ)
+                    end = col + spec.scale_group_size
+                    group = torch.cat([w_block[:, c0:], work[:, b1:end]], dim=1)[:, : spec.scale_group_size]
                     scales[:, col // spec.scale_group_size] = group_absmax(group, group.shape[1])[:, 0]
                 scale = scales[:, col // spec.scale_group_size, None] if scales is not None else 1.0
                 vectors = w_block[:, c0 : c0 + step] / scale
-                chosen = assign(vectors, codebook[0]) if spec.n_codebooks == 1 else _nearest(vectors, books_of_rows)
+                chosen = _nearest(vectors, codebook[0]) if spec.n_codebooks == 1 else _nearest(vectors, books_of_rows)
                 codes[:, col // step] = chosen
                 fixed = books_of_rows[rows, chosen] * scale
             else:
@@ -256,7 +262,7 @@ def _assign_with_error_feedback(
                 if col_scale is not None:
                     vectors = vectors / col_scale[:, None]
                 book = codebook[col // spec.channels_per_codebook]
-                chosen = assign(vectors, book)
+                chosen = _nearest(vectors, book)
                 codes[col] = chosen
                 values = book[chosen]
                 if col_scale is not None:

@@ -57,8 +57,10 @@ class LayerSpec:
                 fail("scale_group_size", f"must be a multiple of segment_length={self.segment_length}")
             if self.rows_per_codebook < 0:
                 fail("rows_per_codebook", "use 0 (one codebook per matrix) or a positive number of channels")
-        if self.rank < 0 or self.rank > min(self.out_features, self.in_features):
-            fail("rank", f"use 0 to min(out, in) = {min(self.out_features, self.in_features)}")
+        # a basis shared by a group of layers may have more directions than one layer has outputs
+        max_rank = self.in_features if self.shared_basis else min(self.out_features, self.in_features)
+        if self.rank < 0 or self.rank > max_rank:
+            fail("rank", f"use 0 to {max_rank}")
         if not self.n_clusters and not self.rank:
             fail("n_clusters", "a layer needs a codebook term (n_clusters > 0) or a low-rank term (rank > 0)")
 

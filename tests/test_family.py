@@ -1,0 +1,138 @@
+"""The three papers as configurations of one mechanism: weight clustering, Basis Sharing, data-aware SWSC."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import swsc_hf
+from swsc_hf import SWSCConfig, SWSCLinear, compression_report
+from swsc_hf.core.compress import compress_weight
+from swsc_hf.core.lowrank import low_rank
+from swsc_hf.core.spec import LayerSpec
+
+
+def test_weight_clustering_with_k_distinct_values_is_lossless():
+    values = torch.tensor([-0.3, -0.1, 0.0, 0.05, 0.2, 0.4, 0.7, 1.1])
+    weight = values[torch.randint(0, 8, (32, 48), generator=torch.Generator().manual_seed(0))]
+    fitted = compress_weight(weight, LayerSpec(32, 48, n_clusters=8, segment_length=1))
+    assert torch.equal(fitted.dense(), weight)
+
+
+def test_affine_correction_keeps_mean_and_std():
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.02 + 0.003
+    spec = LayerSpec(64, 96, n_clusters=4, segment_length=1)
+    plain = compress_weight(weight, spec).dense()
+    corrected = compress_weight(weight, spec, affine_correction=True).dense()
+    assert abs(plain.std() / weight.std() - 1) > 0.05  # K-Means shrinks the spread...
+    torch.testing.assert_close(corrected.std(), weight.std(), rtol=1e-4, atol=0)  # ...the correction restores it
+    torch.testing.assert_close(corrected.mean(), weight.mean(), rtol=0, atol=1e-6)
+
+
+def test_error_feedback_lowers_output_error_on_correlated_inputs():
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=gen) * 0.3 + torch.eye(64)
+    x = torch.randn(2048, 64, generator=gen) @ mix * torch.rand(64, generator=gen) * 3
+    weight = torch.randn(48, 64, generator=gen) * 0.05
+    spec = LayerSpec(48, 64, n_clusters=8, segment_length=1, scale_group_size=16)
+
+    def output_error(fitted):
+        return float(((weight - fitted.dense()) @ x.t()).norm())
+
+    assert output_error(compress_weight(weight, spec, hessian=x.t() @ x)) < 0.85 * output_error(
+        compress_weight(weight, spec))
+
+
+def test_whitened_compensation_lowers_output_error():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 64, generator=gen) @ (torch.randn(64, 64, generator=gen) * 0.5 + torch.eye(64))
+    weight = torch.randn(48, 64, generator=gen)
+    spec = LayerSpec(48, 64, n_clusters=6, segment_length=64, rank=8)
+
+    def output_error(fitted):
+        return float(((weight - fitted.dense()) @ x.t()).norm())
+
+    whitened = compress_weight(weight, spec, hessian=x.t() @ x, error_feedback=False)
+    assert output_error(whitened) < output_error(compress_weight(weight, spec))
+
+
+def test_shared_basis_beats_per_layer_svd_on_planted_common_basis():
+    """Layers built on one common 16-dim input basis: a shared rank-16 basis is exact, per-layer SVD at the same
+    parameter count (rank 12 each) is not."""
+    gen = torch.Generator().manual_seed(2)
+    basis = torch.randn(16, 128, generator=gen)
+    weights = [torch.randn(64, 16, generator=gen) @ basis + 0.01 * torch.randn(64, 128, generator=gen)
+               for _ in range(4)]
+    shared_a, shared_b = low_rank(torch.cat(weights), 16)
+    shared_params = shared_b.numel() + shared_a.numel()
+    per_layer_rank = shared_params // (4 * (64 + 128))
+    shared_error = (torch.cat(weights) - shared_a @ shared_b).norm()
+
+    def per_layer_residual(weight):
+        a, b = low_rank(weight, per_layer_rank)
+        return (weight - a @ b).norm()
+
+    per_layer_error = torch.stack([per_layer_residual(w) for w in weights]).norm()
+    assert per_layer_rank < 16 and shared_error < 0.2 * per_layer_error
+
+
+def test_basis_sharing_full_rank_is_lossless(tiny_dense_dir, input_ids):
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    config = SWSCConfig(method="basis_sharing", n_clusters=0, rank=64, share_group_size=2,
+                        share_types=["q_proj", "k_proj", "v_proj", "up_proj", "gate_proj"], table_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=config)
+    torch.testing.assert_close(model(input_ids).logits, dense(input_ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_basis_sharing_stores_each_basis_once(tiny_dense_dir, input_ids, tmp_path, calibration, calibrated):
+    config = SWSCConfig(preset="basis-sharing-paper", **(calibration if calibrated else {}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=config)
+    q0, q1 = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
+    assert q0.spec.shared_basis == q1.spec.shared_basis == "q_proj_0_1"
+    assert q0.basis is q1.basis
+    assert model.model.layers[0].self_attn.o_proj.spec.shared_basis is None  # o/down stay per layer
+    logits = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    basis_keys = [k for k in keys if "bases" in k]
+    assert sorted(basis_keys) == sorted(f"swsc_shared_bases.bases.{t}_0_1" for t in config.share_types)
+    assert not any(k.endswith("q_proj.lowrank_b") for k in keys)
+    report = compression_report(model)
+    assert report.model_stored_bytes < report.model_dense_bytes
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(input_ids).logits, logits)
+    assert reloaded.model.layers[0].self_attn.q_proj.basis is reloaded.model.layers[1].self_attn.q_proj.basis
+
+
+@pytest.mark.parametrize("preset", ["swsc-paper", "weight-clustering-paper", "swsc-3bit"])
+def test_calibrated_compression_on_load_reloads(tiny_dense_dir, input_ids, tmp_path, calibration, preset):
+    config = SWSCConfig(preset=preset, **calibration)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=config)
+    assert all(isinstance(m, SWSCLinear) for n, m in model.named_modules() if n.endswith("_proj"))
+    logits = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids).logits, logits)
+
+
+def test_calibration_lowers_output_error_of_the_model(tiny_dense_dir, calibration):
+    held_out = calibration["tokenizer"]("Another sentence about the compression of language models.").input_ids
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    reference = dense(held_out).logits
+    errors = {}
+    for name, extra in [("data-free", {}), ("calibrated", calibration)]:
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_dense_dir, quantization_config=SWSCConfig(n_clusters=4, segment_length=1, rank=0,
+                                                           scale_group_size=16, **extra))
+        errors[name] = float((model(held_out).logits - reference).norm())
+    assert errors["calibrated"] < errors["data-free"], errors
+
+
+def test_compress_model_accepts_an_explicit_tokenizer(tiny_dense_dir, calibration):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    tokenizer = calibration.pop("tokenizer")
+    swsc_hf.compress_model(model, SWSCConfig(preset="swsc-4bit", **calibration), tokenizer=tokenizer)
+    assert isinstance(model.model.layers[1].mlp.down_proj, SWSCLinear)
