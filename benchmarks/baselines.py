@@ -1,25 +1,165 @@
-"""Baselines the benchmarks compare against: per-group round-to-nearest (RTN) and HQQ, as fake-quantized weights."""
+"""Baselines the benchmarks compare against, applied in place to an already-loaded model.
+
+Every function returns the average stored bits per compressed weight (every byte counted, float metadata at 16
+bits as in an fp16 checkpoint) over the same set of layers swsc_hf compresses: every nn.Linear except lm_head.
+"""
 
 from __future__ import annotations
+
+import os
+import tempfile
 
 import torch
 from torch import nn
 
+SKIP = ("lm_head",)
+
+
+def target_linears(model: nn.Module, skip: tuple[str, ...] = SKIP) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers a baseline quantizes (swsc_hf's defaults: all but lm_head; embeddings are not Linear)."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in skip)]
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
 
 @torch.no_grad()
-def rtn_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str, ...] = ("lm_head",)) -> float:
-    """Asymmetric per-group round-to-nearest of every nn.Linear (min/max grid, fp16 scale and minimum per group).
+def rtn_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str, ...] = SKIP) -> float:
+    """Asymmetric per-group round-to-nearest of every target nn.Linear (min/max grid, fp16 scale and minimum).
 
-    Returns the average stored bits per weight: bits + 32 / group_size (a 16-bit scale and a 16-bit minimum).
+    Groups run along each row (input dimension) and never straddle rows: where `group_size` does not divide the
+    row (SmolLM2's 576-wide rows with 128), the row's last group is shorter (576 = 4 x 128 + 64) and costs a full
+    scale and minimum. Returns bits + 32 * groups / weights, counted exactly over all layers.
     """
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(name.endswith(s) for s in skip):
-            continue
+    stored_bits, weights = 0, 0
+    for _, module in target_linears(model, skip):
         weight = module.weight.float()
-        groups = weight.reshape(-1, group_size)
-        low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
-        scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12).half().float()
-        low = low.half().float()
-        q = torch.clamp(torch.round((groups - low) / scale), 0, 2**bits - 1)
-        module.weight.copy_((q * scale + low).reshape(weight.shape).to(module.weight.dtype))
-    return bits + 32 / group_size
+        out = torch.empty_like(weight)
+        for start in range(0, weight.shape[1], group_size):
+            block = weight[:, start : start + group_size]
+            low, high = block.amin(dim=1, keepdim=True), block.amax(dim=1, keepdim=True)
+            scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12).half().float()
+            low = low.half().float()
+            q = torch.clamp(torch.round((block - low) / scale), 0, 2**bits - 1)
+            out[:, start : start + group_size] = q * scale + low
+            stored_bits += 32 * weight.shape[0]
+        module.weight.copy_(out.to(module.weight.dtype))
+        stored_bits += bits * weight.numel()
+        weights += weight.numel()
+    return stored_bits / weights
+
+
+def _float_bits(tensor: torch.Tensor) -> int:
+    """Bits a tensor takes when stored: float tensors at 16 bits per element, integer ones as they are."""
+    return tensor.numel() * (16 if tensor.is_floating_point() else 8 * tensor.element_size())
+
+
+@torch.no_grad()
+def hqq_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str, ...] = SKIP) -> float:
+    """HQQ (the `hqq` package): every target nn.Linear becomes an `HQQLinear` (PyTorch backend, float32 compute).
+
+    HQQ's default quantization config: asymmetric, groups of `group_size` along the input dimension, half-quadratic
+    optimized scale and zero. Its scale and zero are rounded to fp16 (what an fp16 HQQ model stores). Returns the
+    stored bits: the bit-packed codes as HQQ packs them (3-bit packs 10 codes per int32 word: 3.2 bits) plus a fp16
+    scale and zero per group.
+    """
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+    stored_bits, weights = 0, 0
+    for name, module in target_linears(model, skip):
+        layer = HQQLinear(module, config, compute_dtype=module.weight.dtype, device=str(module.weight.device))
+        for key in ("scale", "zero"):
+            layer.meta[key] = layer.meta[key].half().to(module.weight.dtype)
+        stored_bits += _float_bits(layer.W_q) + _float_bits(layer.meta["scale"]) + _float_bits(layer.meta["zero"])
+        weights += module.weight.numel()
+        _swap(model, name, layer)
+    return stored_bits / weights
+
+
+@torch.no_grad()
+def quanto_quantize_(model: nn.Module, bits: int, skip: tuple[str, ...] = SKIP) -> float:
+    """optimum-quanto weight-only qint4 / qint8 (quanto's defaults: int4 in groups of up to 128 that divide the row,
+    with scale and shift; int8 per output channel with a scale), frozen to its packed integer form.
+
+    Returns the bits of every tensor the quantized layers hold (codes as packed, float scales/shifts at 16 bits).
+    """
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    names = [name for name, _ in target_linears(model, skip)]
+    quantize(model, weights={4: qint4, 8: qint8}[bits], modules=names)
+    freeze(model)
+    stored_bits, weights = 0, 0
+    for name in names:
+        module = model.get_submodule(name)
+        stored_bits += sum(_float_bits(t) for key, t in _flat_state(module).items() if key.startswith("weight"))
+        weights += module.in_features * module.out_features
+    return stored_bits / weights
+
+
+def _flat_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's own tensors, with tensor subclasses (quanto, torchao) flattened into their plain parts."""
+    out: dict[str, torch.Tensor] = {}
+    stack = [(key, value) for key, value in module.state_dict(keep_vars=True).items()]
+    while stack:
+        key, value = stack.pop()
+        if hasattr(value, "__tensor_flatten__"):
+            inner, _ = value.__tensor_flatten__()
+            stack += [(f"{key}.{name}", getattr(value, name)) for name in inner]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value
+    return out
+
+
+@torch.no_grad()
+def torchao_quantize_(model: nn.Module, bits: int, group_size: int | None, skip: tuple[str, ...] = SKIP) -> float:
+    """torchao weight-only quantization. 8 bits: `Int8WeightOnlyConfig` (per output channel). Other bits:
+    `IntxWeightOnlyConfig` (symmetric, per group), the int4 path that runs on CPU here.
+
+    Returns the stored bits of the packed format (bits per code, plus a fp16 scale and an int8 zero point per
+    group): on CPU torchao holds intx codes unpacked, one int8 per weight, so its memory is higher than this.
+    """
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    targets = {id(module) for _, module in target_linears(model, skip)}
+    if bits == 8:
+        config = Int8WeightOnlyConfig()
+    else:
+        config = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group_size))
+    weights = sum(module.weight.numel() for _, module in target_linears(model, skip))
+    groups = sum(module.weight.numel() // (group_size or module.in_features) for _, module in target_linears(model, skip))
+    quantize_(model, config, filter_fn=lambda module, _fqn: id(module) in targets)
+    zero_point_bits = 0 if bits == 8 else 8
+    return (bits * weights + (16 + zero_point_bits) * groups) / weights
+
+
+def gptq_quantize(model: nn.Module, bits: int, group_size: int, calibration: list[torch.Tensor]) -> tuple[nn.Module, float]:
+    """GPTQ through GPTQModel (asymmetric, groups along the input dimension, its defaults otherwise) on CPU.
+
+    GPTQModel loads models from a folder, so the (dense) model is saved to a temporary one first. `calibration`
+    holds the token windows (1 x seq_len) swsc_hf's calibrated compression uses. Returns the quantized
+    transformers model (packed GPTQ layers) and the bits of its qweight, qzeros, scales (at 16 bits) and g_idx.
+    """
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, torch.get_num_threads())))
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    names = [name for name, _ in target_linears(model)]
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        config = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, device="cpu",
+                                offload_to_disk=False)
+        wrapped = GPTQModel.load(folder, config, dtype=model.dtype)
+        rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in calibration]
+        wrapped.quantize(rows, batch_size=1)
+    quantized = wrapped.model
+    stored_bits, weights = 0, 0
+    for name in names:
+        module = quantized.get_submodule(name)
+        stored_bits += sum(_float_bits(t) for key, t in module.state_dict().items()
+                           if key in ("qweight", "qzeros", "scales", "g_idx"))
+        weights += module.in_features * module.out_features
+    return quantized, stored_bits / weights

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = dict(
     parameter_ratio=None, share_group_size=1, share_types=None, n_samples=64, seq_len=512, table_dtype="float16",
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
+BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
 def _fitting_group(group: int, length: int, segment: int) -> int:
     """The largest scale group <= `group` that divides the channel length and holds whole segments.
@@ -75,6 +76,9 @@ class SWSCConfig(QuantizationConfigMixin):
         affine_correction: rescale clustered values to keep each matrix's mean and std (w' = a*w + b).
         kmeans_iters, seed: K-Means iterations and the seed that makes compression deterministic.
         error_feedback: with calibration, GPTQ-style error feedback while assigning codes.
+        bits: target average bits per compressed weight; chooses every layer's layout (scalar codebooks of 2^b
+            values over segments scaled per 128 weights), spread over layers by measured sensitivity when
+            calibrating, uniform otherwise. Not combinable with explicit layout fields or a preset.
         parameter_ratio: Basis Sharing: fraction of a layer's parameters kept by its low-rank term.
         share_group_size, share_types: Basis Sharing: layers per shared basis and the projections that share.
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
@@ -106,6 +110,7 @@ class SWSCConfig(QuantizationConfigMixin):
         n_samples: int | None = None,
         seq_len: int | None = None,
         table_dtype: str | None = None,
+        bits: float | None = None,
         preset: str | None = None,
         modules_to_not_convert: list[str] | None = None,
         compressed_layers: dict[str, dict] | None = None,
@@ -123,6 +128,14 @@ class SWSCConfig(QuantizationConfigMixin):
         values = {**DEFAULTS, **(PRESETS[preset] if preset else {}), **given}
         for key, value in values.items():
             setattr(self, key, value)
+        if bits is not None:
+            chosen = sorted(k for k in BITS_CHOOSES if given.get(k) is not None)
+            if chosen or preset is not None:
+                raise ValueError(f"SWSCConfig.bits={bits!r} chooses every layer's layout itself; drop "
+                                 f"{chosen or ['preset']} or drop bits")
+            for key in BITS_CHOOSES:
+                setattr(self, key, None)
+        self.bits = bits
         self.preset = preset
         self.dataset = dataset
         self.tokenizer = tokenizer
@@ -130,6 +143,7 @@ class SWSCConfig(QuantizationConfigMixin):
             list(DEFAULT_NOT_CONVERT) if modules_to_not_convert is None else list(modules_to_not_convert)
         )
         self.compressed_layers = dict(compressed_layers or {})
+        self.allocation: dict[str, LayerSpec] = {}  # per-layer layouts chosen for `bits` (not serialized)
         self.format_version = format_version
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
@@ -146,19 +160,12 @@ class SWSCConfig(QuantizationConfigMixin):
             fail("format_version", f"this swsc_hf reads format {FORMAT_VERSION}; upgrade swsc_hf to load this model")
         if self.method not in METHODS:
             fail("method", f"use one of {METHODS}")
-        n = self.n_clusters
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or n < 0 or (isinstance(n, float) and n > 1):
-            fail("n_clusters", "use an int >= 1 (clusters per codebook), a float in (0, 1] (fraction of channels), "
-                 "or 0 (no codebook term)")
-        if self.segment_length is not None and (not isinstance(self.segment_length, int) or self.segment_length < 1):
-            fail("segment_length", "use None (a whole channel) or an int >= 1")
+        if self.bits is None:
+            self._validate_layout(fail)
+        elif isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not 1.5 <= self.bits <= 16:
+            fail("bits", "use a number of bits per weight between 1.5 and 16")
         if self.cluster_dim not in CLUSTER_DIMS:
             fail("cluster_dim", f"use one of {CLUSTER_DIMS}")
-        for field in ("rank", "rows_per_codebook"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
-                fail(field, "use an int >= 0")
-        if not isinstance(self.scale_group_size, int) or self.scale_group_size < -1:
-            fail("scale_group_size", "use 0 (no scales), -1 (one per channel) or a group size >= 1")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
             fail("kmeans_iters", "use an int >= 1")
         if not isinstance(self.seed, int):
@@ -167,10 +174,6 @@ class SWSCConfig(QuantizationConfigMixin):
             fail("parameter_ratio", "use None or a float in (0, 1] (fraction of parameters kept)")
         if not isinstance(self.share_group_size, int) or self.share_group_size < 1:
             fail("share_group_size", "use an int >= 1 (layers sharing one basis)")
-        if self.method == "basis_sharing" and self.parameter_ratio is None and not self.rank:
-            fail("parameter_ratio", "basis_sharing needs parameter_ratio (or rank) to size the shared basis")
-        if n == 0 and not self.rank and self.parameter_ratio is None:
-            fail("n_clusters", "n_clusters=0 needs a low-rank term (rank > 0 or parameter_ratio)")
         for field in ("n_samples", "seq_len"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 fail(field, "use an int >= 1")
@@ -184,6 +187,23 @@ class SWSCConfig(QuantizationConfigMixin):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"SWSCConfig.compressed_layers[{name!r}] is invalid: {err}") from None
 
+    def _validate_layout(self, fail) -> None:
+        n = self.n_clusters
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n < 0 or (isinstance(n, float) and n > 1):
+            fail("n_clusters", "use an int >= 1 (clusters per codebook), a float in (0, 1] (fraction of channels), "
+                 "or 0 (no codebook term)")
+        if self.segment_length is not None and (not isinstance(self.segment_length, int) or self.segment_length < 1):
+            fail("segment_length", "use None (a whole channel) or an int >= 1")
+        for field in ("rank", "rows_per_codebook"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                fail(field, "use an int >= 0")
+        if not isinstance(self.scale_group_size, int) or self.scale_group_size < -1:
+            fail("scale_group_size", "use 0 (no scales), -1 (one per channel) or a group size >= 1")
+        if self.method == "basis_sharing" and self.parameter_ratio is None and not self.rank:
+            fail("parameter_ratio", "basis_sharing needs parameter_ratio (or rank) to size the shared basis")
+        if n == 0 and not self.rank and self.parameter_ratio is None:
+            fail("n_clusters", "n_clusters=0 needs a low-rank term (rank > 0 or parameter_ratio)")
+
     # ---- resolution ----------------------------------------------------------------------------------------
     def layer_spec(self, name: str, out_features: int, in_features: int) -> LayerSpec:
         """The layout of module `name`: the saved one if compressed already, else resolved from the fields."""
@@ -196,6 +216,10 @@ class SWSCConfig(QuantizationConfigMixin):
                     "checkpoint's config does not match its architecture"
                 )
             return spec
+        if self.bits is not None:
+            from .allocation import uniform_choice
+
+            return self.allocation.get(name) or uniform_choice(out_features, in_features, self.bits)
         channels, length = (out_features, in_features) if self.cluster_dim == "output" else (in_features, out_features)
         n = self.n_clusters
         k = max(1, round(n * channels)) if isinstance(n, float) else min(n, 2**16)
@@ -231,7 +255,8 @@ class SWSCConfig(QuantizationConfigMixin):
     # ---- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the model; calibration inputs (dataset, tokenizer) are not persisted."""
-        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in ("dataset", "tokenizer")})
+        transient = ("dataset", "tokenizer", "allocation")
+        out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in transient})
         out["quant_method"] = "swsc"
         return out
 

@@ -193,19 +193,27 @@ def _set_frozen(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(layer, name, nn.Parameter(tensor.contiguous(), requires_grad=False))
 
 
-def _append_low_rank(layer: SWSCLinear, factor_a: torch.Tensor, factor_b: torch.Tensor) -> None:
-    """lowrank_a <- [lowrank_a | factor_a], lowrank_b <- [lowrank_b; factor_b]; the spec's rank grows to match."""
+def _merge_blocker(layer: SWSCLinear, extra_rank: int) -> str | None:
+    """Why `extra_rank` more rank cannot be merged exactly into the layer's low-rank term; None when it can."""
     spec = layer.spec
     if spec.shared_basis is not None:
-        raise ValueError(
-            f"this layer shares its input-side basis {spec.shared_basis!r} with other layers (Basis Sharing), so an "
-            "adapter cannot be merged into it exactly without changing those layers; merge to dense instead: "
-            'swsc_hf.lora.merge_and_unload(model, mode="dense")'
-        )
+        return (f"the layer shares its input-side basis {spec.shared_basis!r} with other layers (Basis Sharing), so "
+                "an adapter cannot be merged into it exactly without changing those layers; merge to dense instead: "
+                'swsc_hf.lora.merge_and_unload(model, mode="dense")')
+    limit = min(spec.out_features, spec.in_features)
+    if spec.rank + extra_rank > limit:
+        return (f"merging would raise the layer's rank to {spec.rank + extra_rank}, above min(out, in) = {limit}; "
+                'merge to dense instead: swsc_hf.lora.merge_and_unload(model, mode="dense")')
+    return None
+
+
+def _append_low_rank(layer: SWSCLinear, factor_a: torch.Tensor, factor_b: torch.Tensor) -> None:
+    """lowrank_a <- [lowrank_a | factor_a], lowrank_b <- [lowrank_b; factor_b]; the spec's rank grows to match."""
+    reason = _merge_blocker(layer, factor_a.shape[1])
+    if reason is not None:
+        raise ValueError(reason)
+    spec = layer.spec
     rank = spec.rank + factor_a.shape[1]
-    if rank > min(spec.out_features, spec.in_features):
-        raise ValueError(f"merging would raise the layer's rank to {rank}, above min(out, in) = "
-                         f"{min(spec.out_features, spec.in_features)}; merge to dense instead (mode='dense')")
     dtype = _table_dtype(layer)
     device = layer.codes.device if spec.n_clusters else layer.lowrank_a.device
     factor_a, factor_b = factor_a.to(device, dtype), factor_b.to(device, dtype)
@@ -294,6 +302,12 @@ def merge_and_unload(
     base = model.get_base_model()
     _swsc_config(base)
     if mode == "compressed":
+        for name, module in base.named_modules():  # check every layer first, so a refusal leaves the model as it was
+            if isinstance(module, SWSCLoraLinear):
+                pending = [a for a in check_adapters_to_merge(module, adapter_names) if a in module.lora_A]
+                reason = _merge_blocker(module.get_base_layer(), sum(module.r[a] for a in pending))
+                if reason is not None:
+                    raise ValueError(f"cannot merge into {name}: {reason}")
         merged = model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)
         finish_training(merged)
         sync_compressed_layers(merged)

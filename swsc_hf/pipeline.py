@@ -211,7 +211,15 @@ def _compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names:
     device = next(model.parameters()).device
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
-    inputs = _capture_first_layer_inputs(model, layers, calibration_batches(config, tokenizer, device))
+    batches = calibration_batches(config, tokenizer, device)
+    if config.bits is not None:
+        from .allocation import allocate, fisher_diagonals
+
+        with torch.enable_grad():
+            fisher = fisher_diagonals(model, names, batches)
+        config.allocation = allocate(model, names, config.bits, fisher, seed=config.seed)
+        del fisher
+    inputs = _capture_first_layer_inputs(model, layers, batches)
     step = config.share_group_size
     handled: set[str] = set()
     for first in tqdm(range(0, len(layers), step), desc="swsc_hf: calibrated compression", unit="layer"):

@@ -136,3 +136,21 @@ def test_compress_model_accepts_an_explicit_tokenizer(tiny_dense_dir, calibratio
     tokenizer = calibration.pop("tokenizer")
     swsc_hf.compress_model(model, SWSCConfig(preset="swsc-4bit", **calibration), tokenizer=tokenizer)
     assert isinstance(model.model.layers[1].mlp.down_proj, SWSCLinear)
+
+
+def test_bits_target_data_free_stays_within_budget(tiny_dense_dir, input_ids, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=SWSCConfig(bits=3.5))
+    report = compression_report(model)
+    assert 3.0 < report.compressed_bits_per_weight <= 3.5
+    logits = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids).logits, logits)
+
+
+def test_bits_target_calibrated_spreads_bits_by_sensitivity(tiny_dense_dir, calibration):
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dense_dir, quantization_config=SWSCConfig(bits=4.0, **calibration))
+    report = compression_report(model)
+    assert report.compressed_bits_per_weight <= 4.0
+    code_bits = {m.spec.code_bits for m in model.modules() if isinstance(m, SWSCLinear)}
+    assert len(code_bits) > 1  # not one uniform layout

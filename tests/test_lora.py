@@ -188,7 +188,10 @@ def test_shared_basis_refuses_compressed_merge_but_merges_dense(batch):
     randomize_lora_b(peft_model)
     expected = logits(peft_model, batch)
     with pytest.raises(ValueError, match="shares its input-side basis.*mode=\"dense\""):
-        copy.deepcopy(peft_model).merge_and_unload()
+        copy.deepcopy(peft_model).merge_and_unload()  # PEFT's own merge
+    with pytest.raises(ValueError, match="cannot merge into model.layers.0.self_attn.q_proj: the layer shares"):
+        swsc_lora.merge_and_unload(peft_model, mode="compressed")
+    assert not any(m.merged for m in peft_model.modules() if isinstance(m, swsc_lora.SWSCLoraLinear))
     merged = swsc_lora.merge_and_unload(peft_model, mode="dense")
     torch.testing.assert_close(logits(merged, batch), expected, rtol=0, atol=1e-4)
 

@@ -1,0 +1,115 @@
+"""`bits=` targets: pick each layer's layout so the model meets an average bits-per-weight budget.
+
+Data-free, every layer gets the richest layout of the ladder that fits the budget on its own. With calibration
+data, the budget is spread by measured sensitivity: the diagonal Fisher information F = E[g^2] of the loss
+gradient on each weight (one backward pass per calibration sequence through the dense model) estimates the loss
+increase of compressing a layer with a layout as 1/2 * sum(F * (W - W')^2), measured with a quick data-free fit of
+that layout; a greedy pass then upgrades, bit by bit, the layers where an upgrade buys the most loss reduction per
+stored bit. Layers whose compression hurts the loss most get more bits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .core.compress import compress_weight
+from .core.spec import LayerSpec
+
+logger = logging.getLogger(__name__)
+
+# The ladder of layouts `bits=` chooses from: scalar codebooks of 2^b values over segments scaled per 128 weights.
+LADDER_CODE_BITS = (2, 3, 4, 5, 6, 8)
+LADDER_SCALE_GROUP = 128
+
+
+def _fitting_group(group: int, length: int) -> int:
+    return next(size for size in range(min(group, length), 0, -1) if length % size == 0)
+
+
+def ladder(out_features: int, in_features: int) -> list[LayerSpec]:
+    """Candidate layouts of one layer, cheapest first."""
+    group = _fitting_group(LADDER_SCALE_GROUP, in_features)
+    return [LayerSpec(out_features, in_features, n_clusters=2**bits, segment_length=1, scale_group_size=group)
+            for bits in LADDER_CODE_BITS]
+
+
+def spec_bits(spec: LayerSpec) -> float:
+    """Stored bits per weight of a layout (tables counted at 16 bits)."""
+    return 8 * spec.stored_bytes(2) / (spec.out_features * spec.in_features)
+
+
+def uniform_choice(out_features: int, in_features: int, bits: float) -> LayerSpec:
+    """The richest ladder layout within `bits` for this layer (the cheapest one if none fits)."""
+    candidates = ladder(out_features, in_features)
+    fitting = [spec for spec in candidates if spec_bits(spec) <= bits + 1e-9]
+    return fitting[-1] if fitting else candidates[0]
+
+
+def fisher_diagonals(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """E[g^2] of the language-model loss for the weight of every named linear (dense model, calibration batches)."""
+    modules = {name: model.get_submodule(name) for name in names}
+    saved = {name: m.weight.requires_grad for name, m in modules.items()}
+    others = [p for p in model.parameters() if p.requires_grad]
+    for p in others:
+        p.requires_grad_(False)
+    for m in modules.values():
+        m.weight.requires_grad_(True)
+    fisher = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
+    try:
+        for batch in tqdm(batches, desc="swsc_hf: measuring sensitivity", unit="seq"):
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            loss.backward()
+            for name, m in modules.items():
+                fisher[name] += m.weight.grad.float().square()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for name, m in modules.items():
+            m.weight.requires_grad_(saved[name])
+        for p in others:
+            p.requires_grad_(True)
+    return {name: f / len(batches) for name, f in fisher.items()}
+
+
+@torch.no_grad()
+def allocate(model: nn.Module, names: list[str], bits: float, fisher: dict[str, torch.Tensor],
+             seed: int = 0) -> dict[str, LayerSpec]:
+    """Per-layer layouts whose weighted average stays within `bits`, upgrading the most sensitive layers first."""
+    costs: dict[str, list[tuple[LayerSpec, float, float]]] = {}
+    for name in tqdm(names, desc="swsc_hf: sizing layers", unit="layer"):
+        weight = model.get_submodule(name).weight.detach().float()
+        options = []
+        for spec in ladder(*weight.shape):
+            error = weight - compress_weight(weight, spec, seed=seed, kmeans_iters=8).dense()
+            loss = 0.5 * float((fisher[name] * error.square()).sum())
+            options.append((spec, spec_bits(spec) * weight.numel(), loss))
+        costs[name] = options
+    budget = bits * sum(model.get_submodule(n).weight.numel() for n in names)
+    level = dict.fromkeys(names, 0)
+    spent = sum(costs[n][0][1] for n in names)
+    if spent > budget:
+        logger.warning("bits=%.3f is below the cheapest layout (%.3f bits); using it", bits,
+                       spent / (budget / bits))
+    while True:
+        best, best_gain = None, 0.0
+        for name in names:
+            step = level[name] + 1
+            if step >= len(costs[name]):
+                continue
+            _, cost_now, loss_now = costs[name][level[name]]
+            _, cost_next, loss_next = costs[name][step]
+            extra = cost_next - cost_now
+            if spent + extra > budget:
+                continue
+            gain = (loss_now - loss_next) / extra
+            if gain > best_gain:
+                best, best_gain = name, gain
+        if best is None:
+            break
+        spent += costs[best][level[best] + 1][1] - costs[best][level[best]][1]
+        level[best] += 1
+    return {name: costs[name][level[name]][0] for name in names}
