@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import swsc_hf
-from swsc_hf import SWSCConfig
+from swsc_hf import SWSCConfig, compression_report
 from swsc_hf.bundled import load_smollm2
 from swsc_hf.data import join_rows, wikitext2_calibration_rows
 from swsc_hf.evaluation import perplexity
@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate (default: 1e-3 for LoRA, 1e-4 for codebooks)")
     parser.add_argument("--codebook-lr", type=float, default=1e-4, help="codebook learning rate in --mode both")
+    parser.add_argument("--train-scales", action="store_true",
+                        help="also train the per-group scales in --mode centroids / both (default: codebooks only)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--lora-alpha", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=32768, help="test-split tokens scored (512-token windows)")
@@ -94,21 +96,23 @@ def build_trainable(model, args: argparse.Namespace):
     """The model to train and its optimizer parameter groups for the chosen mode."""
     lora_lr = args.lr or 1e-3
     if args.mode == "centroids":
-        prepare_for_training(model, train_codebooks=True, gradient_checkpointing=args.gradient_checkpointing)
-        codebooks = [p for p in model.parameters() if p.requires_grad]
-        return model, [{"params": codebooks, "lr": args.lr or 1e-4}]
+        prepare_for_training(model, train_codebooks=True, train_scales=args.train_scales,
+                             gradient_checkpointing=args.gradient_checkpointing)
+        tables = [p for p in model.parameters() if p.requires_grad]
+        return model, [{"params": tables, "lr": args.lr or 1e-4}]
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05, target_modules=PROJECTIONS,
                         task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    prepare_for_training(model, train_codebooks=args.mode == "both",
+    both = args.mode == "both"
+    prepare_for_training(model, train_codebooks=both, train_scales=both and args.train_scales,
                          gradient_checkpointing=args.gradient_checkpointing)
     adapters = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    codebooks = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith(".codebook")]
+    tables = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
     groups = [{"params": adapters, "lr": lora_lr}]
-    if codebooks:
-        groups.append({"params": codebooks, "lr": args.codebook_lr})
+    if tables:
+        groups.append({"params": tables, "lr": args.codebook_lr})
     return model, groups
 
 
@@ -145,6 +149,7 @@ def main() -> None:
     dense_ppl = evaluate(model, tokenizer, args, "dense")
     model = compressed_model(model, args)
     before_ppl = evaluate(model, tokenizer, args, f"compressed ({args.preset})")
+    bits_before = compression_report(model).compressed_bits_per_weight
 
     batches = training_batches(tokenizer, args.seq_len, args.batch_size, args.steps, args.seed)
     model, groups = build_trainable(model, args)
@@ -154,6 +159,7 @@ def main() -> None:
     else:
         model = merge_and_unload(model, mode="compressed")  # exact merge into the compressed low-rank terms
     after_ppl = evaluate(model, tokenizer, args, f"after {args.mode} fine-tuning")
+    bits_after = compression_report(model).compressed_bits_per_weight  # a merged LoRA adds rank r to every layer
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
@@ -162,9 +168,11 @@ def main() -> None:
         "mode": args.mode, "steps": args.steps, "dense_ppl": round(dense_ppl, 4), "before_ppl": round(before_ppl, 4),
         "after_ppl": round(after_ppl, 4),
         "gap_recovered_fraction": round((before_ppl - after_ppl) / (before_ppl - dense_ppl), 4),
+        "bits_per_weight_before": round(bits_before, 3), "bits_per_weight_after": round(bits_after, 3),
         "preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
         "eval_tokens": args.eval_tokens, "eval_seq_len": args.eval_seq_len, "train_seconds": round(seconds, 1),
         "lr": args.lr, "lora_r": args.lora_r if args.mode != "centroids" else None, "seed": args.seed,
+        "train_scales": args.train_scales,
     }
     line = json.dumps(result)
     print(line)

@@ -58,8 +58,8 @@ def load_source(src: str, gguf_file: str | None, *, dtype: torch.dtype, quantiza
     tokenizer = AutoTokenizer.from_pretrained(src)
     if quantization_config is not None and quantization_config.is_calibrated and quantization_config.tokenizer is None:
         quantization_config.tokenizer = tokenizer
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=quantization_config,
-                                                 device_map=device_map)
+    extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=device_map, **extra)
     return model, tokenizer
 
 

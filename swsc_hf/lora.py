@@ -170,7 +170,7 @@ def register_with_peft() -> bool:
     if getattr(default, "swsc_hf", False):
         return True
 
-    def dispatch_swsc_or_default(target, adapter_name, config, **kwargs):
+    def dispatch_swsc_or_default(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> nn.Module | None:
         new_module = _dispatch_swsc(target, adapter_name, config, **kwargs)
         return new_module if new_module is not None else default(target, adapter_name, config=config, **kwargs)
 
@@ -181,12 +181,9 @@ def register_with_peft() -> bool:
 
 # ---- low-rank term surgery (merge / unmerge) ---------------------------------------------------------------------
 def _table_dtype(layer: SWSCLinear) -> torch.dtype:
-    """The dtype of the layer's stored float tables (its low-rank factor's, else its codebook's)."""
-    for name in ("lowrank_a", "scales", "codebook"):
-        tensor = getattr(layer, name, None)
-        if tensor is not None:
-            return tensor.dtype
-    raise ValueError("SWSCLinear without float tables")
+    """The dtype of the layer's stored float tables (its low-rank factor's, else its scales' or codebook's)."""
+    tables = (getattr(layer, name, None) for name in ("lowrank_a", "scales", "codebook"))
+    return next(table.dtype for table in tables if table is not None)
 
 
 def _set_frozen(layer: nn.Module, name: str, tensor: torch.Tensor) -> None:

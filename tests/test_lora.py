@@ -233,11 +233,20 @@ def test_lora_with_codebooks_checkpointing_and_merge(model, batch, tmp_path):
     losses = train(peft_model, batch, lr=3e-3)
     assert losses[-1] < losses[0] - 0.05
     expected = logits(peft_model, batch)
+
+    # two artifacts: the adapter, and the base holding the trained codebooks
+    split = copy.deepcopy(peft_model)
+    split.save_pretrained(tmp_path / "adapter")
+    swsc_lora.finish_training(split.unload()).save_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+
+    # one artifact: merged into the compressed checkpoint
     merged = swsc_lora.merge_and_unload(peft_model)
     torch.testing.assert_close(logits(merged, batch), expected, rtol=0, atol=1e-4)
-    merged.save_pretrained(tmp_path)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), batch), logits(merged, batch),
-                               rtol=0, atol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged"), batch),
+                               logits(merged, batch), rtol=0, atol=0)
 
 
 def test_trainer_accepts_peft_and_centroid_models(compressed, batch, tmp_path):

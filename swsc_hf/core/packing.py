@@ -82,6 +82,27 @@ def unpack_codes(packed: Tensor, bits: int, count: int, start: int = 0) -> Tenso
         )
     if count == 0:
         return torch.empty(0, dtype=torch.int64, device=packed.device)
+    aligned = count - count % 8 if bits <= 8 and start % 8 == 0 else 0
+    if aligned:
+        head = _unpack_groups_of_eight(packed, bits, aligned, start)
+        if aligned == count:
+            return head
+        return torch.cat([head, _unpack_any(packed, bits, count - aligned, start + aligned)])
+    return _unpack_any(packed, bits, count, start)
+
+
+def _unpack_groups_of_eight(packed: Tensor, bits: int, count: int, start: int) -> Tensor:
+    """Fast path: 8 codes of `bits` <= 8 fill exactly `bits` bytes, so each group is one int64 split by shifts."""
+    first = start // 8 * bits
+    groups = packed[first : first + count // 8 * bits].reshape(-1, bits).to(torch.int64)
+    word = groups[:, 0].clone()
+    for j in range(1, bits):
+        word |= groups[:, j] << (8 * j)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+    return ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+def _unpack_any(packed: Tensor, bits: int, count: int, start: int) -> Tensor:
     offset = torch.arange(start, start + count, device=packed.device) * bits
     byte = offset >> 3
     last = packed.numel() - 1

@@ -1,0 +1,59 @@
+"""The swsc-hf command line: compress, eval (with --json), report, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from swsc_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tiny_dense_dir, tmp_path_factory):
+    """The tiny Llama plus a small word-level tokenizer saved beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the of and a to in is was on for as with by at from".split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path_factory.mktemp("tiny-tok")
+    shutil.copytree(tiny_dense_dir, path, dirs_exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_compress_eval_report(tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--n-clusters", "0.5", "--rank", "4",
+                 "--cluster-dim", "input"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["avg_bits"] < 16 and (out / "config.json").exists()
+
+    text = tmp_path / "text.txt"
+    text.write_text(" the of and a to in is was on for \n" * 200)
+    assert main(["eval", str(out), "--data", str(text), "--seq-len", "64", "--max-tokens", "512", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == 8 * 63 and result["perplexity"] > 1 and result["avg_bits"] == summary["avg_bits"]
+
+    assert main(["report", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["layers"]) == 14
+
+
+def test_compress_replaces_an_existing_output_atomically(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "compressed"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--bits", "4"]) == 0
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bad_arguments_give_a_clear_error(tiny_with_tokenizer, tmp_path, capsys):
+    assert main(["compress", str(tiny_with_tokenizer), str(tmp_path / "x"), "--rank", "-3"]) == 2
+    assert "SWSCConfig.rank=-3 is invalid" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
