@@ -209,30 +209,43 @@ def _nearest(vectors: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     return (vectors[:, None, :] - books).square().sum(dim=-1).argmin(dim=1)
 
 
+def _inverse_hessian_factor(hessian: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian (GPTQ's formulation), dead inputs made harmless."""
+    hess = hessian.to(torch.float64).clone()
+    hess[dead, dead] = 1.0
+    hess.diagonal().add_(0.01 * hess.diagonal().mean())
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True).float()
+
+
 def _assign_with_error_feedback(
     weight: torch.Tensor, spec: LayerSpec, codebook: torch.Tensor, hessian: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GPTQ-style assignment: fix input columns in order, pushing each one's error onto the later columns.
 
-    Output clustering fixes `segment_length` columns at a time (the segment's values lie along a row); input
-    clustering fixes one input column (one channel) at a time. Scales are taken from the updated weights when a
-    scale group starts, as GPTQ does with its groups.
+    Output clustering fixes `segment_length` columns at a time (the segment's values lie along a row), most
+    sensitive columns first when segments are scalars (GPTQ's act-order, with scales fixed up front from the
+    original weights); input clustering fixes one input column (one channel) at a time, with its scales taken from
+    the updated weights. (Re-fitting the codebook to the targets afterwards was tried: no measurable gain.)
     """
     out_f, in_f = weight.shape
-    work = weight.clone()
-    hess = hessian.to(work.device, torch.float64).clone()
-    dead = hess.diagonal() == 0
-    hess[dead, dead] = 1.0
-    work[:, dead] = 0.0
-    hess.diagonal().add_(0.01 * hess.diagonal().mean())
-    inv_chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hess)), upper=True).float()
-
+    device = weight.device
+    dead = hessian.diagonal() == 0
     output_mode = spec.cluster_dim == "output"
-    codes = torch.empty(spec.channels, spec.segments_per_channel, dtype=torch.int64, device=work.device)
-    scales = torch.empty(spec.channels, spec.scale_groups, device=work.device) if spec.scale_groups else None
+    act_order = output_mode and spec.segment_length == 1
+    order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(in_f, device=device)
+    work = weight.clone()
+    work[:, dead] = 0.0
+    work = work[:, order]
+    inv_chol = _inverse_hessian_factor(hessian.to(device)[order][:, order], dead[order])
+
+    codes = torch.empty(spec.channels, spec.segments_per_channel, dtype=torch.int64, device=device)
+    scales = None
+    if spec.scale_groups:
+        scales = group_absmax(weight, spec.scale_group_size) if output_mode else torch.empty(
+            spec.channels, spec.scale_groups, device=device)
     step = spec.segment_length if output_mode else 1
     block = max(GPTQ_BLOCK // step, 1) * step
-    rows = torch.arange(out_f, device=work.device)
+    rows = torch.arange(out_f, device=device)
     books_of_rows = codebook[rows // spec.channels_per_codebook]
     for b0 in range(0, in_f, block):
         b1 = min(b0 + block, in_f)
@@ -242,32 +255,24 @@ def _assign_with_error_feedback(
         for c0 in range(0, b1 - b0, step):
             col = b0 + c0
             if output_mode:
-                if scales is not None and col % spec.scale_group_size == 0:
-                    # the group's columns past this block have not received its updates yet (as in GPTQ)
-                    end = col + spec.scale_group_size
-                    group = torch.cat([w_block[:, c0:], work[:, b1:end]], dim=1)[:, : spec.scale_group_size]
-                    scales[:, col // spec.scale_group_size] = group_absmax(group, group.shape[1])[:, 0]
-                scale = scales[:, col // spec.scale_group_size, None] if scales is not None else 1.0
+                source = int(order[col])  # original index of the first column of this segment
+                scale = scales[:, source // spec.scale_group_size, None] if scales is not None else torch.ones(
+                    out_f, 1, device=device)
                 vectors = w_block[:, c0 : c0 + step] / scale
                 chosen = _nearest(vectors, codebook[0]) if spec.n_codebooks == 1 else _nearest(vectors, books_of_rows)
-                codes[:, col // step] = chosen
+                codes[:, source // step] = chosen
                 fixed = books_of_rows[rows, chosen] * scale
             else:
                 column = w_block[:, c0]
-                col_scale = None
+                col_scale = torch.ones(spec.segments_per_channel, device=device)
                 if scales is not None:
                     scales[col] = group_absmax(column[None], spec.scale_group_size)[0]
                     col_scale = scales[col].repeat_interleave(spec.scale_group_size // spec.segment_length)
-                vectors = column.reshape(spec.segments_per_channel, spec.segment_length)
-                if col_scale is not None:
-                    vectors = vectors / col_scale[:, None]
+                vectors = column.reshape(spec.segments_per_channel, spec.segment_length) / col_scale[:, None]
                 book = codebook[col // spec.channels_per_codebook]
                 chosen = _nearest(vectors, book)
                 codes[col] = chosen
-                values = book[chosen]
-                if col_scale is not None:
-                    values = values * col_scale[:, None]
-                fixed = values.reshape(out_f, 1)
+                fixed = (book[chosen] * col_scale[:, None]).reshape(out_f, 1)
             for j in range(fixed.shape[1]):
                 c = c0 + j
                 err = (w_block[:, c] - fixed[:, j]) / u_block[c, c]

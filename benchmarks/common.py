@@ -1,0 +1,123 @@
+"""What the benchmark scripts share: the machine and library versions, JSONL output, resident-memory probes."""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results"
+PACKAGES = ("torch", "transformers", "swsc-hf", "hqq", "optimum-quanto", "torchao", "gptqmodel", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Python and the installed versions of the packages the benchmarks use (absent ones are left out)."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict[str, object]:
+    """CPU model name, logical cores and the threads torch uses."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "system": platform.platform()}
+
+
+def run_info() -> dict[str, object]:
+    """Fields every JSON line carries: when, where, with what, and the command that produced it."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"date": now.strftime("%Y-%m-%d"), "run": now.strftime("%Y%m%dT%H%M%SZ"), "machine": machine(),
+            "versions": versions(), "command": " ".join(["python", *sys.argv])}
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_dense():
+    """SmolLM2-135M-Instruct (float32, dequantized from the bundled Q4_1 GGUF) in eval mode, and its tokenizer."""
+    from swsc_hf.bundled import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return model.eval(), tokenizer
+
+
+# ---- resident memory (Linux): the RSS high-water mark VmHWM, reset through /proc/self/clear_refs ------------------
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def rss_bytes() -> int:
+    return 1024 * _status_kib("VmRSS")
+
+
+def reset_peak() -> int:
+    """Return freed heap to the OS, reset the RSS high-water mark, and return the RSS it starts from."""
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_bytes()
+
+
+def peak_bytes() -> int:
+    """The RSS high-water mark since the last `reset_peak`."""
+    return 1024 * _status_kib("VmHWM")
+
+
+def tensor_bytes(module) -> int:
+    """Bytes of a module's parameters and buffers as held in memory, each storage counted once (tied weights)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    for sub in module.modules():  # HQQLinear keeps its scales and zeros in a `meta` dict
+        meta = getattr(sub, "meta", None)
+        if isinstance(meta, dict):
+            tensors += [value for value in meta.values() if hasattr(value, "untyped_storage")]
+    seen, total = set(), 0
+    for tensor in tensors:
+        for part in _plain_parts(tensor):
+            key = (part.untyped_storage().data_ptr(), part.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += part.untyped_storage().nbytes()
+    return total
+
+
+def _plain_parts(tensor):
+    """A tensor, or the plain tensors inside a tensor subclass (quanto, torchao)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _plain_parts(getattr(tensor, name))
+    else:
+        yield tensor

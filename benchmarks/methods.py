@@ -1,0 +1,93 @@
+"""The benchmark's method registry (`METHODS`) and `apply_method`, shared by quality.py, speed.py and
+compression_time.py.
+
+To add or change a method, edit `METHODS`: name -> (family, kwargs). For family "swsc_hf" the kwargs go to
+`SWSCConfig(...)` as they are (a `dataset` makes it calibrated; the tokenizer is filled in at run time). Names that
+differ only in a bit count (`-4bit`, `-4b`) are drawn as one line in the plot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+# Calibration shared by every calibrated method (swsc_hf and GPTQ): 32 WikiText-2 validation windows of 512 tokens.
+CALIBRATION = dict(dataset="wikitext2", n_samples=32, seq_len=512)
+
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dense": ("dense", {}),
+    **{f"rtn-{b}b-g{g}": ("rtn", dict(bits=b, group_size=g)) for b in (2, 3, 4, 6) for g in (64, 128)},
+    **{f"hqq-{b}b-g64": ("hqq", dict(bits=b, group_size=64)) for b in (2, 3, 4)},
+    **{f"gptq-{b}b-g64": ("gptq", dict(bits=b, group_size=64, **CALIBRATION)) for b in (2, 3, 4)},
+    "quanto-int4": ("quanto", dict(bits=4)),
+    "quanto-int8": ("quanto", dict(bits=8)),
+    "torchao-int4-g64": ("torchao", dict(bits=4, group_size=64)),
+    "torchao-int8": ("torchao", dict(bits=8, group_size=None)),
+    # The papers' own recipes (swsc_hf presets).
+    "swsc-paper": ("swsc_hf", dict(preset="swsc-paper")),
+    "weight-clustering-paper": ("swsc_hf", dict(preset="weight-clustering-paper")),
+    "basis-sharing-paper-cal": ("swsc_hf", dict(preset="basis-sharing-paper", **CALIBRATION)),
+    # Ours, data-free and calibrated.
+    **{f"swsc-{b}bit": ("swsc_hf", dict(preset=f"swsc-{b}bit")) for b in (4, 3, 2)},
+    **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION)) for b in (4, 3, 2)},
+}
+
+
+def is_calibrated(name: str) -> bool:
+    return "dataset" in METHODS[name][1]
+
+
+def calibration_windows(tokenizer, n_samples: int, seq_len: int) -> list[torch.Tensor]:
+    """The calibration windows swsc_hf's calibrated compression uses, for the baselines that need data (GPTQ)."""
+    from swsc_hf import SWSCConfig
+    from swsc_hf.pipeline import calibration_batches
+
+    config = SWSCConfig(dataset=CALIBRATION["dataset"], n_samples=n_samples, seq_len=seq_len)
+    return calibration_batches(config, tokenizer, torch.device("cpu"))
+
+
+def apply_method(name: str, model: nn.Module, tokenizer) -> tuple[nn.Module, float, float]:
+    """Compress `model` (in place where the method allows) as `name` says.
+
+    Returns (model, avg stored bits per compressed weight, seconds). Dense counts its float width (32 here).
+    """
+    import baselines
+
+    family, kwargs = METHODS[name]
+    start = time.perf_counter()
+    if family == "dense":
+        bits = float(torch.finfo(model.dtype).bits)
+    elif family == "rtn":
+        bits = baselines.rtn_quantize_(model, kwargs["bits"], kwargs["group_size"])
+    elif family == "hqq":
+        bits = baselines.hqq_quantize_(model, kwargs["bits"], kwargs["group_size"])
+    elif family == "quanto":
+        bits = baselines.quanto_quantize_(model, kwargs["bits"])
+    elif family == "torchao":
+        bits = baselines.torchao_quantize_(model, kwargs["bits"], kwargs["group_size"])
+    elif family == "gptq":
+        windows = calibration_windows(tokenizer, kwargs["n_samples"], kwargs["seq_len"])
+        bits = baselines.gptq_quantize_(model, kwargs["bits"], kwargs["group_size"], windows)
+    elif family == "swsc_hf":
+        import swsc_hf
+
+        config = swsc_hf.SWSCConfig(**kwargs, tokenizer=tokenizer if "dataset" in kwargs else None)
+        model = swsc_hf.compress_model(model, config)
+        bits = swsc_hf.compression_report(model).compressed_bits_per_weight
+    else:
+        raise ValueError(f"method {name!r} has unknown family {family!r}")
+    return model, bits, time.perf_counter() - start
+
+
+def select(patterns: str) -> list[str]:
+    """Registry names matching a comma-separated list of names or shell patterns ("rtn-*"), in registry order."""
+    from fnmatch import fnmatch
+
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    unknown = [p for p in wanted if not any(fnmatch(name, p) for name in METHODS)]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    return [name for name in METHODS if any(fnmatch(name, p) for p in wanted)]

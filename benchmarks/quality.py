@@ -1,0 +1,72 @@
+"""Quality per bit: WikiText-2 test perplexity of SmolLM2-135M under every method, on the same windows.
+
+    python benchmarks/quality.py --windows 32 --out docs/results/quality.jsonl
+
+Dense is evaluated first, then each method on a fresh copy of the dense model; one JSON line per method is appended
+to --out as soon as it finishes (a failure is recorded with its error and the run goes on). Methods come from
+`methods.METHODS`; --methods takes names or shell patterns ("rtn-*,swsc-*"). --resume skips methods already in
+--out for the same evaluation (seq_len and tokens), so an interrupted run can be restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import time
+import traceback
+
+import common
+import methods
+from tqdm.auto import tqdm
+
+from swsc_hf.evaluation import perplexity
+
+
+def evaluation_key(record: dict) -> tuple[int, int]:
+    return record["seq_len"], record["tokens"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=32, help="windows of --seq-len tokens (32 x 2048 = 64k tokens)")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--methods", default="*", help="comma-separated names or patterns from methods.METHODS")
+    parser.add_argument("--out", default=str(common.RESULTS / "quality.jsonl"))
+    parser.add_argument("--resume", action="store_true", help="skip methods --out already has for this evaluation")
+    args = parser.parse_args(argv)
+
+    names = methods.select(args.methods)
+    names = ["dense"] + [name for name in names if name != "dense"]
+    tokens = args.windows * (args.seq_len - 1)
+    if args.resume:
+        done = {r["method"] for r in common.read_jsonl(args.out)
+                if "error" not in r and evaluation_key(r) == (args.seq_len, tokens)}
+        names = [name for name in names if name not in done]
+    info = common.run_info()
+    dense, tokenizer = common.load_dense()
+    for name in tqdm(names, desc="methods", unit="method"):
+        family, kwargs = methods.METHODS[name]
+        record = {"method": name, "family": family, "setting": kwargs, "calibrated": methods.is_calibrated(name),
+                  "seq_len": args.seq_len, "windows": args.windows, "tokens": tokens}
+        try:
+            model = copy.deepcopy(dense)
+            model, bits, seconds = methods.apply_method(name, model, tokenizer)
+            start = time.perf_counter()
+            result = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len)
+            if result.windows != args.windows:
+                raise RuntimeError(f"the test split has only {result.windows} windows of {args.seq_len} tokens")
+            record.update(avg_bits=bits, perplexity=result.perplexity, tokens=result.tokens,
+                          compress_seconds=seconds, eval_seconds=time.perf_counter() - start)
+            tqdm.write(f"{name}: {bits:.3f} bits/weight, perplexity {result.perplexity:.3f}")
+        except Exception as err:  # a baseline that does not run here is recorded, not fatal
+            record["error"] = f"{type(err).__name__}: {err}"
+            record["traceback"] = traceback.format_exc(limit=-3)
+            tqdm.write(f"{name}: FAILED {record['error']}")
+        model = None
+        gc.collect()
+        common.append_jsonl(args.out, {**record, **info})
+
+
+if __name__ == "__main__":
+    main()

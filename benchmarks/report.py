@@ -1,0 +1,362 @@
+"""Turns docs/results/*.jsonl into docs/results.md and docs/quality_vs_bits.png; every number comes from the JSONL.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import common
+
+SLACK = 0.05  # bits: "at most as many bits as ours" allows this much rounding
+LOW_BITS = 3.5  # the SWSC paper's claim is about low average bits: at most this many
+BASELINES = ("rtn", "hqq", "gptq", "quanto", "torchao")
+
+REPRODUCE = """\
+```bash
+bash scripts/install.sh                 # swsc_hf and its test dependencies
+bash benchmarks/setup_env.sh            # venv ~/.venvs/swsc-bench: + HQQ, quanto, torchao, GPTQModel, matplotlib
+PY=~/.venvs/swsc-bench/bin/python
+$PY benchmarks/quality.py --windows 32 --out docs/results/quality.jsonl          # add --resume to continue a run
+$PY benchmarks/speed.py --repeats 7 --out docs/results/speed.jsonl
+$PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
+$PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
+```
+`--methods` takes registry names or patterns (`rtn-*,swsc-*`); the registry is `METHODS` in `benchmarks/methods.py`.
+"""
+
+BITS_NOTE = """\
+**Average bits** are stored bits per compressed weight over the same layers (every `nn.Linear` but `lm_head`;
+the tied embedding stays dense for every method), every byte counted, float metadata at 16 bits:
+swsc_hf: `compression_report(model).compressed_bits_per_weight` (codebooks, packed codes, scales, low-rank factors,
+shared bases). RTN: bits + 32 per group (fp16 scale and minimum); groups never straddle rows, so a 576-wide row
+in groups of 128 is 4 x 128 + 64 and pays for 5 groups. HQQ: its packed codes as it packs them (3-bit: 10 codes
+per int32, 3.2 bits) plus a fp16 scale and zero per group (rounded to fp16 before evaluation). GPTQ: packed codes,
+a fp16 scale and a `bits`-bit zero per group, an int32 `g_idx` per input column. quanto: every tensor its frozen
+layers hold (int4 in groups of the largest size <= 128 dividing the row, with scale and shift). torchao: the
+packed format (codes, fp16 scale, int8 zero point per group); on CPU it holds intx codes unpacked in int8.
+Dense is the float32 model as evaluated (SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF).
+GPTQ is evaluated as GPTQModel's reconstructed weights (fake-quant; its packed CPU layer does not reproduce them
+for this float32 model), HQQ / quanto / torchao as their real quantized layers, RTN as fake-quant.
+"""
+
+SLOW_REASONS = {
+    "swsc_hf": "SWSCLinear rebuilds its weight in every forward (unpack the bit-packed codes, gather codebook "
+               "entries, apply scales, tile by tile) and then runs a dense matmul: work proportional to the weight "
+               "count whatever the number of tokens, so it dominates decode. Fixes: a fused look-up-table kernel "
+               "that reads codes and indexes the codebook inside the matmul (as llama.cpp, AQLM and VPTQ do), "
+               "caching the rebuilt weights (gives the memory back), or the whole-channel gather path where the "
+               "layout allows it.",
+    "hqq": "HQQ's PyTorch backend dequantizes the whole weight in every forward (its fast kernels are CUDA-only).",
+    "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
+    "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
+}
+
+
+def series(name: str) -> str:
+    """The plot line a method belongs to: its name without the bit count ("rtn-4b-g64" -> "rtn-g64")."""
+    return re.sub(r"-(int)?\d+(b|bit)?(?=-|$)", "", name)
+
+
+def latest(records: list[dict], key) -> dict:
+    """The last record per key (files are appended in time order)."""
+    out: dict = {}
+    for record in records:
+        out[key(record)] = record
+    return out
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+# ---- quality ------------------------------------------------------------------------------------------------------
+def quality_records(records: list[dict]) -> tuple[dict[str, dict], list[dict], tuple[int, int] | None]:
+    """The evaluation with dense and the most tokens; its latest successful record per method, and the failures."""
+    ok = [r for r in records if "error" not in r]
+    keys = {(r["seq_len"], r["tokens"]) for r in ok if r["method"] == "dense"}
+    if not keys:
+        return {}, [], None
+    key = max(keys, key=lambda k: (k[1], k[0]))
+    chosen = latest([r for r in ok if (r["seq_len"], r["tokens"]) == key], lambda r: r["method"])
+    failures = [r for r in latest([r for r in records if "error" in r], lambda r: r["method"]).values()
+                if r["method"] not in chosen]
+    return chosen, failures, key
+
+
+def nearest(rows: list[dict], bits: float) -> dict | None:
+    return min(rows, key=lambda r: (abs(r["avg_bits"] - bits), r["avg_bits"]), default=None)
+
+
+def best_at_most(rows: list[dict], bits: float) -> dict | None:
+    fitting = [r for r in rows if r["avg_bits"] <= bits + SLACK]
+    return min(fitting, key=lambda r: r["perplexity"], default=None)
+
+
+def quality_section(chosen: dict[str, dict], failures: list[dict], key, plot: str | None) -> list[str]:
+    if not chosen:
+        return ["## Quality per bit", "", "No quality results yet (run benchmarks/quality.py)."]
+    dense = chosen["dense"]
+    rtn = [r for r in chosen.values() if r["family"] == "rtn"]
+    out = ["## Quality per bit", "",
+           f"SmolLM2-135M-Instruct, WikiText-2 test, perplexity over the first {dense['windows']} non-overlapping "
+           f"windows of {key[0]} tokens ({key[1]} scored tokens), all methods on the same windows, evaluated by "
+           "`swsc_hf.evaluation.perplexity`. `x dense` and `x RTN` are perplexity ratios; the RTN is the one "
+           "nearest in average bits.", ""]
+    rows = []
+    for r in sorted(chosen.values(), key=lambda r: (r["family"] != "dense", r["family"], r["avg_bits"])):
+        near = nearest(rtn, r["avg_bits"]) if r["family"] != "rtn" else None
+        rows.append([f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no", fmt(r["avg_bits"], 3),
+                     fmt(r["perplexity"], 3), fmt(r["perplexity"] / dense["perplexity"], 3),
+                     f"`{near['method']}` ({near['avg_bits']:.2f})" if near else "-",
+                     fmt(r["perplexity"] / near["perplexity"], 3) if near else "-",
+                     fmt(r.get("compress_seconds"), 1)])
+    out += [table(["method", "family", "calibrated", "avg bits", "perplexity", "x dense", "nearest RTN (bits)",
+                   "x RTN", "compress s"], rows), ""]
+    if plot:
+        out += [f"![perplexity vs average bits]({plot})", ""]
+    if failures:
+        out += ["Methods that did not run here:", ""]
+        out += [f"- `{r['method']}` ({r['family']}): {r['error']}" for r in failures]
+        out.append("")
+    return out + [BITS_NOTE]
+
+
+def claim_section(chosen: dict[str, dict]) -> list[str]:
+    ours = sorted((r for r in chosen.values() if r["family"] == "swsc_hf"), key=lambda r: r["avg_bits"])
+    rtn = [r for r in chosen.values() if r["family"] == "rtn"]
+    out = ["## SWSC paper's claim vs RTN", "",
+           "The SWSC paper reports SWSC beating RTN at low average bits. Each swsc_hf method against the best RTN "
+           f"that stores at most as many bits (within {SLACK} bits):", ""]
+    if not ours or not rtn:
+        return out + ["Not enough results yet (needs swsc_hf and RTN entries)."]
+    rows, low = [], []
+    for r in ours:
+        ref = best_at_most(rtn, r["avg_bits"])
+        holds = ref is not None and r["perplexity"] < ref["perplexity"]
+        if r["avg_bits"] <= LOW_BITS:
+            low.append((r, ref, holds))
+        rows.append([f"`{r['method']}`", fmt(r["avg_bits"], 3), fmt(r["perplexity"], 3),
+                     f"`{ref['method']}` ({ref['avg_bits']:.2f})" if ref else "none at <= bits",
+                     fmt(ref["perplexity"], 3) if ref else "-",
+                     ("holds" if holds else "does not hold") if ref else "no RTN that small"])
+    out += [table(["swsc_hf method", "avg bits", "perplexity", "best RTN at <= bits", "RTN perplexity", "claim"],
+                   rows), ""]
+    compared = [(r, ref, holds) for r, ref, holds in low if ref is not None]
+    if compared:
+        wins = [f"`{r['method']}`" for r, _, holds in compared if holds]
+        losses = [f"`{r['method']}`" for r, _, holds in compared if not holds]
+        out.append(f"At low average bits (<= {LOW_BITS}), swsc_hf beats RTN at no more bits in {len(wins)} of "
+                   f"{len(compared)} comparisons" + (f" (holds: {', '.join(wins)}" if wins else " (holds: none")
+                   + (f"; does not hold: {', '.join(losses)})." if losses else ")."))
+    else:
+        out.append(f"No swsc_hf method at <= {LOW_BITS} bits has an RTN at no more bits to compare with.")
+    return out + [""]
+
+
+def lose_section(chosen: dict[str, dict]) -> list[str]:
+    ours = sorted((r for r in chosen.values() if r["family"] == "swsc_hf"), key=lambda r: r["avg_bits"])
+    others = [r for r in chosen.values() if r["family"] in BASELINES]
+    out = ["## Where we lose", "",
+           f"Baselines with a lower perplexity than an swsc_hf method while storing at most as many bits "
+           f"(within {SLACK}):", ""]
+    lines = []
+    for r in ours:
+        beaten = sorted((b for b in others if b["avg_bits"] <= r["avg_bits"] + SLACK
+                         and b["perplexity"] < r["perplexity"]), key=lambda b: b["perplexity"])
+        if beaten:
+            lines.append(f"- `{r['method']}` ({r['avg_bits']:.2f} bits, perplexity {r['perplexity']:.3f}) loses to "
+                         + ", ".join(f"`{b['method']}` ({b['avg_bits']:.2f} bits, {b['perplexity']:.3f})"
+                                     for b in beaten))
+    return out + (lines or ["- none: no baseline beats an swsc_hf method at no more bits."]) + [""]
+
+
+def plot_quality(chosen: dict[str, dict], path: Path) -> bool:
+    """Perplexity vs average bits, one line per method series, log y; dense as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[dict]] = {}
+    for r in chosen.values():
+        if r["family"] != "dense":
+            lines.setdefault(series(r["method"]), []).append(r)
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    markers = "osD^v<>phX*"
+    for i, (label, rows) in enumerate(sorted(lines.items())):
+        rows.sort(key=lambda r: r["avg_bits"])
+        style = "-" if rows[0]["family"] == "swsc_hf" else "--"
+        ax.plot([r["avg_bits"] for r in rows], [r["perplexity"] for r in rows], style, marker=markers[i % 11],
+                label=label, linewidth=2 if rows[0]["family"] == "swsc_hf" else 1.2)
+    dense = chosen.get("dense")
+    if dense:
+        ax.axhline(dense["perplexity"], color="black", linestyle=":", label=f"dense ({dense['perplexity']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("average stored bits per compressed weight")
+    ax.set_ylabel("WikiText-2 test perplexity (log scale)")
+    any_row = next(iter(chosen.values()))
+    ax.set_title(f"SmolLM2-135M: perplexity vs bits ({any_row['tokens']} tokens, seq_len {any_row['seq_len']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ---- speed --------------------------------------------------------------------------------------------------------
+def speed_section(records: list[dict]) -> list[str]:
+    out = ["## Speed and memory", ""]
+    ok = [r for r in records if "error" not in r]
+    if not ok:
+        return out + ["No speed results yet (run benchmarks/speed.py)."]
+    run = max(r["run"] for r in ok)
+    rows = [r for r in ok if r["run"] == run]
+    dense = next((r for r in rows if r["label"] == "dense"), None)
+    if dense is None:
+        return out + [f"The latest speed run ({run}) has no dense model to compare with."]
+    out += [f"Run {run}, on the CPU described below ({dense['machine']['torch_threads']} torch threads): "
+            f"prefill = one forward of a {dense['prompt_tokens']}-token prompt building the KV cache; decode = "
+            f"one token on that cache. Medians of {dense['repeats']} interleaved runs after warm-up; `x dense` "
+            "divides by dense in the same run (> 1 = slower / bigger). Memory: model = bytes of its parameters "
+            "and buffers; transient = rise of the resident set during one forward (VmHWM after a reset via "
+            "/proc/self/clear_refs); peak = model + prefill transient.", ""]
+
+    def peak(r):
+        return r["model_bytes"] + r["prefill_transient_bytes"]
+
+    table_rows = []
+    for r in rows:
+        table_rows.append([
+            f"`{r['label']}`", fmt(r.get("avg_bits"), 2), fmt(1e3 * r["prefill_median_s"], 1),
+            fmt(r["prefill_median_s"] / dense["prefill_median_s"], 2), fmt(1e3 * r["decode_median_s"], 1),
+            fmt(r["decode_median_s"] / dense["decode_median_s"], 2), fmt(r["model_bytes"] / 2**20, 1),
+            fmt(r["model_bytes"] / dense["model_bytes"], 3), fmt(r["prefill_transient_bytes"] / 2**20, 1),
+            fmt(r["decode_transient_bytes"] / 2**20, 1), fmt(peak(r) / peak(dense), 3)])
+    out += [table(["model", "avg bits", "prefill ms", "x dense", "decode ms", "x dense", "model MiB", "x dense",
+                   "prefill transient MiB", "decode transient MiB", "peak x dense"], table_rows), ""]
+    slower = [r for r in rows if r["label"] != "dense" and not r["compiled"]
+              and (r["prefill_median_s"] > dense["prefill_median_s"]
+                   or r["decode_median_s"] > dense["decode_median_s"])]
+    if slower:
+        out += ["Slower than dense (eager): " + ", ".join(
+            f"`{r['label']}` (prefill x{r['prefill_median_s'] / dense['prefill_median_s']:.2f}, decode "
+            f"x{r['decode_median_s'] / dense['decode_median_s']:.2f})" for r in slower) + ". Why, and what would "
+            "fix it:", ""]
+        out += [f"- {family}: {SLOW_REASONS[family]}" for family in sorted({r["family"] for r in slower})
+                if family in SLOW_REASONS]
+        out.append("")
+    eager = {r["label"]: r for r in rows if not r["compiled"]}
+    compiled = [r for r in rows if r["compiled"] and r["method"] in eager]
+    if compiled:
+        out += ["torch.compile (`torch.compile(model, dynamic=False)`, default inductor backend), compiled vs eager "
+                "of the same model:", ""]
+        for r in compiled:
+            base = eager[r["method"]]
+            pre, dec = r["prefill_median_s"] / base["prefill_median_s"], r["decode_median_s"] / base["decode_median_s"]
+            verdict = "helps" if pre < 1 and dec < 1 else "does not help" if pre >= 1 and dec >= 1 else "mixed"
+            out.append(f"- `{r['method']}`: prefill x{pre:.2f}, decode x{dec:.2f} ({verdict}); vs eager dense: "
+                       f"prefill x{r['prefill_median_s'] / dense['prefill_median_s']:.2f}, decode "
+                       f"x{r['decode_median_s'] / dense['decode_median_s']:.2f}; warm-up incl. compilation "
+                       f"{r['warmup_seconds']:.0f} s")
+        out.append("")
+    failed = latest([r for r in records if "error" in r and r["run"] == run], lambda r: r["label"])
+    if failed:
+        out += ["Did not run: " + "; ".join(f"`{label}`: {r['error']}" for label, r in failed.items()), ""]
+    return out
+
+
+# ---- compression time ---------------------------------------------------------------------------------------------
+def compression_section(records: list[dict]) -> list[str]:
+    out = ["## Compression time", ""]
+    models = latest([r for r in records if r["kind"] == "model"], lambda r: r["method"])
+    synth = latest([r for r in records if r["kind"] == "synthetic"], lambda r: (r["method"], r["shape"][0]))
+    if not models and not synth:
+        return out + ["No compression-time results yet (run benchmarks/compression_time.py)."]
+    if models:
+        out += ["SmolLM2-135M (210 linear layers), one compression each, on the CPU below; calibrated methods "
+                "include their calibration forward passes. Peak = rise of the resident set during compression.", ""]
+        rows = [[f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no",
+                 fmt(r.get("seconds"), 1), fmt(r["peak_bytes"] / 2**20, 0) if "peak_bytes" in r else "-",
+                 fmt(r.get("avg_bits"), 3), r.get("error", "")]
+                for r in sorted(models.values(), key=lambda r: (r["family"], r.get("seconds") or 0))]
+        out += [table(["method", "family", "calibrated", "seconds", "peak MiB", "avg bits", "error"], rows), ""]
+    if synth:
+        sizes = sorted({n for _, n in synth})
+        out += ["Synthetic N x N float32 matrices (Gaussian): seconds (peak MiB) per layout and growth between "
+                "consecutive sizes (the weight count grows 4x per doubling of N).", ""]
+        pairs = list(zip(sizes, sizes[1:], strict=False))
+        header = ["layout"] + [f"{n}x{n}" for n in sizes] + [f"time x {b}/{a}" for a, b in pairs]
+        rows = []
+        for layout in dict.fromkeys(m for m, _ in synth):
+            cells = [f"`{layout}`"]
+            for n in sizes:
+                r = synth.get((layout, n))
+                cells.append("-" if r is None else f"failed: {r['error']}" if "error" in r
+                             else f"{r['seconds']:.1f} s ({r['peak_bytes'] / 2**20:.0f} MiB)")
+            for a, b in pairs:
+                ra, rb = synth.get((layout, a)), synth.get((layout, b))
+                good = ra and rb and "error" not in ra and "error" not in rb
+                cells.append(fmt(rb["seconds"] / ra["seconds"], 1) if good else "-")
+            rows.append(cells)
+        out += [table(header, rows), ""]
+    return out
+
+
+# ---- environment --------------------------------------------------------------------------------------------------
+def environment_section(all_records: list[dict]) -> list[str]:
+    out = ["## Machine, versions and commands", ""]
+    if not all_records:
+        return out + ["No results yet."]
+    machines = {(r["machine"]["cpu"], r["machine"]["cores"], r["machine"]["system"]) for r in all_records}
+    out += [f"- machine: {cpu}, {cores} logical cores, {system}" for cpu, cores, system in sorted(machines)]
+    version_sets = {tuple(sorted(r["versions"].items())) for r in all_records}
+    out += ["- versions: " + ", ".join(f"{k} {v}" for k, v in vs) for vs in sorted(version_sets)]
+    dates = sorted({r["date"] for r in all_records})
+    out.append(f"- dates of the runs: {', '.join(dates)}")
+    out += ["- commands that produced these results:", "", "```bash"]
+    out += sorted({r["command"] for r in all_records})
+    return out + ["```", ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(common.RESULTS), help="folder of the JSONL files")
+    parser.add_argument("--out", default=str(common.REPO / "docs" / "results.md"))
+    parser.add_argument("--plot", default=str(common.REPO / "docs" / "quality_vs_bits.png"))
+    args = parser.parse_args(argv)
+
+    folder = Path(args.results)
+    quality = common.read_jsonl(folder / "quality.jsonl")
+    speed = common.read_jsonl(folder / "speed.jsonl")
+    compression = common.read_jsonl(folder / "compression_time.jsonl")
+    chosen, failures, key = quality_records(quality)
+    plot = Path(args.plot)
+    has_plot = plot_quality(chosen, plot)
+    rel_plot = Path(os.path.relpath(plot, Path(args.out).parent)).as_posix() if has_plot else None
+    lines = ["# Benchmark results", "",
+             "Generated by `benchmarks/report.py` from `docs/results/*.jsonl`; do not edit by hand.", "",
+             "## How to reproduce", "", REPRODUCE]
+    lines += quality_section(chosen, failures, key, rel_plot)
+    if chosen:
+        lines += claim_section(chosen) + lose_section(chosen)
+    lines += speed_section(speed) + compression_section(compression)
+    lines += environment_section(quality + speed + compression)
+    Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    print(f"wrote {args.out}" + (f" and {plot}" if has_plot else ""))
+
+
+if __name__ == "__main__":
+    main()
