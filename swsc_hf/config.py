@@ -30,8 +30,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swsc-4bit": dict(method="swsc", n_clusters=16, segment_length=1, rank=0, scale_group_size=128),
     # Ours: pairs of weights from a 64-entry codebook per matrix, scaled per 128 weights (~3.1 bits/weight).
     "swsc-3bit": dict(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128),
-    # Ours: quadruples from a 1024-entry codebook, scaled per 128 weights, plus a rank-8 correction (~2.5 bits).
-    "swsc-2bit": dict(method="swsc", n_clusters=1024, segment_length=4, rank=8, scale_group_size=128),
+    # Ours: quadruples of weights from a 256-entry codebook per matrix, scaled per 128 weights (~2.2 bits).
+    "swsc-2bit": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128),
 }
 
 DEFAULTS: dict[str, Any] = dict(

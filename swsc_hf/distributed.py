@@ -107,13 +107,13 @@ def compress_groups(
         _compress_group(model, group, config, hessians=None)
         for name in group:
             layer = model.get_submodule(name)
-            tensors.update({f"{name}.{key}": value.cpu() for key, value in layer.state_dict().items()})
+            tensors.update({f"{name}.{key}": value.cpu().contiguous() for key, value in layer.state_dict().items()})
             specs[name] = layer.spec.to_dict()
             _swap(model, name, nn.Identity())  # drop this rank's copy of the layer
         holder = getattr(model, SHARED_BASES_ATTR, None)
         if holder is not None:
             for key in list(holder.bases):
-                tensors[f"{SHARED_BASES_ATTR}.bases.{key}"] = holder.bases[key].detach().cpu()
+                tensors[f"{SHARED_BASES_ATTR}.bases.{key}"] = holder.bases[key].detach().cpu().contiguous()
                 del holder.bases[key]
     return tensors, specs
 

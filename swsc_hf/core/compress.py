@@ -198,12 +198,21 @@ def assign_codes(
     step = spec.channels_per_codebook
     for book in range(spec.n_codebooks):
         rows = slice(book * step, (book + 1) * step)
-        codes[rows] = assign(segs[rows].reshape(-1, spec.segment_length), codebook[book]).reshape(codes[rows].shape)
+        codes[rows] = _nearest(segs[rows].reshape(-1, spec.segment_length), codebook[book]).reshape(codes[rows].shape)
     return codes
+
+
+def _nearest_scalar(values: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """Nearest entry of a (K, 1) scalar codebook for every value: a binary search between sorted midpoints."""
+    sorted_book, order = book[:, 0].sort()
+    midpoints = (sorted_book[1:] + sorted_book[:-1]) / 2
+    return order[torch.bucketize(values.contiguous(), midpoints)]
 
 
 def _nearest(vectors: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Nearest codeword of each vector (n, v) in a shared (K, v) codebook or its own (n, K, v) one."""
+    if books.dim() == 2 and books.shape[1] == 1:
+        return _nearest_scalar(vectors[:, 0], books)
     if books.dim() == 2 and vectors.shape[0] * books.shape[0] > 1 << 20:
         return assign(vectors, books)  # chunked, for large codebooks
     return (vectors[:, None, :] - books).square().sum(dim=-1).argmin(dim=1)
