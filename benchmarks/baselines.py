@@ -11,6 +11,7 @@ import tempfile
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 SKIP = ("lm_head",)
 
@@ -35,7 +36,7 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str,
     scale and minimum. Returns bits + 32 * groups / weights, counted exactly over all layers.
     """
     stored_bits, weights = 0, 0
-    for _, module in target_linears(model, skip):
+    for _, module in tqdm(target_linears(model, skip), desc=f"RTN {bits}-bit g{group_size}", unit="layer"):
         weight = module.weight.float()
         out = torch.empty_like(weight)
         for start in range(0, weight.shape[1], group_size):
@@ -70,7 +71,7 @@ def hqq_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str,
 
     config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
     stored_bits, weights = 0, 0
-    for name, module in target_linears(model, skip):
+    for name, module in tqdm(target_linears(model, skip), desc=f"HQQ {bits}-bit g{group_size}", unit="layer"):
         dtype, count = module.weight.dtype, module.weight.numel()
         layer = HQQLinear(module, config, compute_dtype=dtype, device=str(module.weight.device))  # drops the weight
         for key in ("scale", "zero"):
@@ -82,11 +83,13 @@ def hqq_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str,
 
 
 @torch.no_grad()
-def quanto_quantize_(model: nn.Module, bits: int, skip: tuple[str, ...] = SKIP) -> float:
+def quanto_quantize_(model: nn.Module, bits: int, dequantize: bool = False, skip: tuple[str, ...] = SKIP) -> float:
     """optimum-quanto weight-only qint4 / qint8 (quanto's defaults: int4 in groups of up to 128 that divide the row,
     with scale and shift; int8 per output channel with a scale), frozen to its packed integer form.
 
-    Returns the bits of every tensor the quantized layers hold (codes as packed, float scales/shifts at 16 bits).
+    With `dequantize`, each quantized layer is then replaced by an nn.Linear holding its dequantized weight: the
+    same function, without quanto's CPU int4 forward (about 30x slower than dense here). Returns the bits of every
+    tensor the quantized layers hold (codes as packed, float scales/shifts at 16 bits).
     """
     from optimum.quanto import freeze, qint4, qint8, quantize
 
@@ -98,6 +101,14 @@ def quanto_quantize_(model: nn.Module, bits: int, skip: tuple[str, ...] = SKIP) 
         module = model.get_submodule(name)
         stored_bits += sum(_float_bits(t) for key, t in _flat_state(module).items() if key.startswith("weight"))
         weights += module.in_features * module.out_features
+        if dequantize:
+            weight = module.weight.dequantize()
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              dtype=weight.dtype, device=weight.device)
+            dense.weight.copy_(weight)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+            _swap(model, name, dense)
     return stored_bits / weights
 
 
@@ -140,10 +151,10 @@ def torchao_quantize_(model: nn.Module, bits: int, group_size: int | None, skip:
 
 
 @torch.no_grad()
-def gptq_quantize_(model: nn.Module, bits: int, group_size: int, calibration: list[torch.Tensor]) -> float:
+def gptq_quantize_(model: nn.Module, tokenizer, bits: int, group_size: int, calibration: list[torch.Tensor]) -> float:
     """GPTQ through GPTQModel on CPU (asymmetric, groups along the input dimension, no act-order), as fake-quant.
 
-    GPTQModel loads models from a folder, so the dense model is saved to a temporary one first; `calibration`
+    GPTQModel loads models from a folder, so the dense model and tokenizer are saved to a temporary one; `calibration`
     holds the token windows (1 x seq_len) swsc_hf's calibrated compression uses. GPTQ's own reconstruction of
     each layer (the weight it computes from its codes, scales and zeros before packing) is copied into `model`:
     GPTQModel 7.6's packed CPU layer (TorchLinear) does not reproduce that weight for this float32 model (relative
@@ -163,9 +174,12 @@ def gptq_quantize_(model: nn.Module, bits: int, group_size: int, calibration: li
         return out
 
     GPTQProcessor.process = process
+    cwd = os.getcwd()
     try:
         with tempfile.TemporaryDirectory() as folder:
+            os.chdir(folder)  # GPTQModel writes its logs to ./logs
             model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
             config = QuantizeConfig(bits=bits, group_size=group_size, sym=False, desc_act=False, device="cpu",
                                     offload_to_disk=False)
             wrapped = GPTQModel.load(folder, config, dtype=model.dtype)
@@ -173,6 +187,7 @@ def gptq_quantize_(model: nn.Module, bits: int, group_size: int, calibration: li
             wrapped.quantize(rows, batch_size=1)
             del wrapped
     finally:
+        os.chdir(cwd)
         GPTQProcessor.process = original
     stored_bits, weights = 0, 0
     for name, module in target_linears(model):

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -41,7 +42,7 @@ def run_info() -> dict[str, object]:
     """Fields every JSON line carries: when, where, with what, and the command that produced it."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return {"date": now.strftime("%Y-%m-%d"), "run": now.strftime("%Y%m%dT%H%M%SZ"), "machine": machine(),
-            "versions": versions(), "command": " ".join(["python", *sys.argv])}
+            "versions": versions(), "command": shlex.join(["python", *sys.argv])}
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

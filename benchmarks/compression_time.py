@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layouts", default=",".join(SWSC_LAYOUTS + PRIMITIVES),
                         help="synthetic layouts: swsc_hf presets and/or " + ", ".join(PRIMITIVES))
     parser.add_argument("--out", default=str(common.RESULTS / "compression_time.jsonl"))
+    parser.add_argument("--calibration-samples", type=int, help="override the calibration windows (smoke tests)")
     args = parser.parse_args(argv)
 
     info = common.run_info()
@@ -82,11 +83,12 @@ def main(argv: list[str] | None = None) -> None:
         dense, tokenizer = common.load_dense()
         for name in tqdm(names, desc="compressing SmolLM2-135M", unit="method"):
             record = {"kind": "model", "method": name, "family": methods.METHODS[name][0],
+                      "setting": methods.setting(name, args.calibration_samples),
                       "calibrated": methods.is_calibrated(name), "shape": None}
             try:
                 model = copy.deepcopy(dense)
                 before = common.reset_peak()
-                model, bits, seconds = methods.apply_method(name, model, tokenizer)
+                model, bits, seconds = methods.apply_method(name, model, tokenizer, n_samples=args.calibration_samples)
                 record.update(seconds=seconds, peak_bytes=max(0, common.peak_bytes() - before), avg_bits=bits)
                 tqdm.write(f"{name}: {seconds:.1f} s")
             except Exception as err:  # a baseline that does not run here is recorded, not fatal

@@ -33,6 +33,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # Ours, data-free and calibrated.
     **{f"swsc-{b}bit": ("swsc_hf", dict(preset=f"swsc-{b}bit")) for b in (4, 3, 2)},
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION)) for b in (4, 3, 2)},
+    # Ours with a bits budget spread over layers by measured (Fisher) sensitivity.
+    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (4.15, 3.15, 2.4)},
 }
 
 
@@ -49,14 +51,26 @@ def calibration_windows(tokenizer, n_samples: int, seq_len: int) -> list[torch.T
     return calibration_batches(config, tokenizer, torch.device("cpu"))
 
 
-def apply_method(name: str, model: nn.Module, tokenizer) -> tuple[nn.Module, float, float]:
-    """Compress `model` (in place where the method allows) as `name` says.
+def setting(name: str, n_samples: int | None = None) -> dict[str, Any]:
+    """The method's kwargs, with the number of calibration windows replaced by `n_samples` (smoke tests) if given."""
+    kwargs = dict(METHODS[name][1])
+    if n_samples is not None and "dataset" in kwargs:
+        kwargs["n_samples"] = n_samples
+    return kwargs
 
-    Returns (model, avg stored bits per compressed weight, seconds). Dense counts its float width (32 here).
+
+def apply_method(
+    name: str, model: nn.Module, tokenizer, serving: bool = False, n_samples: int | None = None
+) -> tuple[nn.Module, float, float]:
+    """Compress `model` (in place where the method allows) as `name` says (see `setting` for `n_samples`).
+
+    `serving` keeps quanto's packed layers; without it they are swapped for their dequantized weights, which
+    computes the same function faster (for perplexity). Returns (model, avg stored bits per compressed weight,
+    seconds). Dense counts its float width (32 here).
     """
     import baselines
 
-    family, kwargs = METHODS[name]
+    family, kwargs = METHODS[name][0], setting(name, n_samples)
     start = time.perf_counter()
     if family == "dense":
         bits = float(torch.finfo(model.dtype).bits)
@@ -65,12 +79,12 @@ def apply_method(name: str, model: nn.Module, tokenizer) -> tuple[nn.Module, flo
     elif family == "hqq":
         bits = baselines.hqq_quantize_(model, kwargs["bits"], kwargs["group_size"])
     elif family == "quanto":
-        bits = baselines.quanto_quantize_(model, kwargs["bits"])
+        bits = baselines.quanto_quantize_(model, kwargs["bits"], dequantize=not serving)
     elif family == "torchao":
         bits = baselines.torchao_quantize_(model, kwargs["bits"], kwargs["group_size"])
     elif family == "gptq":
         windows = calibration_windows(tokenizer, kwargs["n_samples"], kwargs["seq_len"])
-        bits = baselines.gptq_quantize_(model, kwargs["bits"], kwargs["group_size"], windows)
+        bits = baselines.gptq_quantize_(model, tokenizer, kwargs["bits"], kwargs["group_size"], windows)
     elif family == "swsc_hf":
         import swsc_hf
 

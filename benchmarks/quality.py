@@ -5,7 +5,7 @@
 Dense is evaluated first, then each method on a fresh copy of the dense model; one JSON line per method is appended
 to --out as soon as it finishes (a failure is recorded with its error and the run goes on). Methods come from
 `methods.METHODS`; --methods takes names or shell patterns ("rtn-*,swsc-*"). --resume skips methods already in
---out for the same evaluation (seq_len and tokens), so an interrupted run can be restarted.
+--out for the same evaluation (seq_len and tokens) and setting, so an interrupted run can be restarted.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import time
 import traceback
 
@@ -34,24 +35,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default="*", help="comma-separated names or patterns from methods.METHODS")
     parser.add_argument("--out", default=str(common.RESULTS / "quality.jsonl"))
     parser.add_argument("--resume", action="store_true", help="skip methods --out already has for this evaluation")
+    parser.add_argument("--calibration-samples", type=int, help="override the calibration windows (smoke tests)")
     args = parser.parse_args(argv)
 
     names = methods.select(args.methods)
     names = ["dense"] + [name for name in names if name != "dense"]
     tokens = args.windows * (args.seq_len - 1)
     if args.resume:
-        done = {r["method"] for r in common.read_jsonl(args.out)
+        done = {(r["method"], json.dumps(r["setting"], sort_keys=True)) for r in common.read_jsonl(args.out)
                 if "error" not in r and evaluation_key(r) == (args.seq_len, tokens)}
-        names = [name for name in names if name not in done]
+        names = [name for name in names
+                 if (name, json.dumps(methods.setting(name, args.calibration_samples), sort_keys=True)) not in done]
     info = common.run_info()
     dense, tokenizer = common.load_dense()
     for name in tqdm(names, desc="methods", unit="method"):
-        family, kwargs = methods.METHODS[name]
-        record = {"method": name, "family": family, "setting": kwargs, "calibrated": methods.is_calibrated(name),
+        record = {"method": name, "family": methods.METHODS[name][0], "calibrated": methods.is_calibrated(name),
+                  "setting": methods.setting(name, args.calibration_samples),
                   "seq_len": args.seq_len, "windows": args.windows, "tokens": tokens}
         try:
             model = copy.deepcopy(dense)
-            model, bits, seconds = methods.apply_method(name, model, tokenizer)
+            model, bits, seconds = methods.apply_method(name, model, tokenizer, n_samples=args.calibration_samples)
             start = time.perf_counter()
             result = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len)
             if result.windows != args.windows:

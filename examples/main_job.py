@@ -57,7 +57,8 @@ def main() -> None:
     print("generation:", tokenizer.decode(generated[0], skip_special_tokens=True))
     print(json.dumps({
         "preset": args.preset, "calibrated": not args.data_free, "dense_perplexity": dense.perplexity,
-        "perplexity": compressed.perplexity, "tokens": compressed.tokens, "avg_bits": report.compressed_bits_per_weight,
+        "perplexity": compressed.perplexity, "tokens": compressed.tokens,
+        "avg_bits": report.compressed_bits_per_weight,
         "compress_seconds": seconds, "reload_identical": identical,
     }))
     if not identical:

@@ -13,9 +13,12 @@ from .quantizer import SWSCQuantizer
 register_quantization_config("swsc")(SWSCConfig)
 register_quantizer("swsc")(SWSCQuantizer)
 
+from .lora import register_with_peft  # noqa: E402
 from .modules import SWSCLinear  # noqa: E402
 from .pipeline import compress_model, dequantize_model  # noqa: E402
 from .report import compression_report  # noqa: E402
+
+register_with_peft()
 
 __version__ = "0.1.0"
 __all__ = [

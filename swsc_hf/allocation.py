@@ -30,11 +30,12 @@ def _fitting_group(group: int, length: int) -> int:
     return next(size for size in range(min(group, length), 0, -1) if length % size == 0)
 
 
-def ladder(out_features: int, in_features: int) -> list[LayerSpec]:
-    """Candidate layouts of one layer, cheapest first."""
+def ladder(out_features: int, in_features: int, near: float | None = None) -> list[LayerSpec]:
+    """Candidate layouts of one layer, cheapest first; with `near`, only code widths from one below to two above."""
     group = _fitting_group(LADDER_SCALE_GROUP, in_features)
+    widths = [b for b in LADDER_CODE_BITS if near is None or int(near) - 1 <= b <= int(near) + 2]
     return [LayerSpec(out_features, in_features, n_clusters=2**bits, segment_length=1, scale_group_size=group)
-            for bits in LADDER_CODE_BITS]
+            for bits in widths or LADDER_CODE_BITS[:1]]
 
 
 def spec_bits(spec: LayerSpec) -> float:
@@ -83,7 +84,7 @@ def allocate(model: nn.Module, names: list[str], bits: float, fisher: dict[str, 
     for name in tqdm(names, desc="swsc_hf: sizing layers", unit="layer"):
         weight = model.get_submodule(name).weight.detach().float()
         options = []
-        for spec in ladder(*weight.shape):
+        for spec in ladder(*weight.shape, near=bits):
             error = weight - compress_weight(weight, spec, seed=seed, kmeans_iters=8).dense()
             loss = 0.5 * float((fisher[name] * error.square()).sum())
             options.append((spec, spec_bits(spec) * weight.numel(), loss))

@@ -6,9 +6,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -64,24 +62,14 @@ def load_source(src: str, gguf_file: str | None, *, dtype: torch.dtype, quantiza
 
 
 def save_atomically(model, tokenizer, out: str | os.PathLike) -> None:
-    """Write the checkpoint to a temporary folder beside `out`, then swap it in: a failed save leaves `out` intact."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp)
+    """Write model and tokenizer to a temporary folder beside `out`, then swap it in whole: a failed save leaves
+    `out` as it was."""
+    from .safety import atomic_directory
+
+    with atomic_directory(out, keep_other_files=False) as tmp:
+        type(model).save_pretrained(model, tmp)  # the class's own: this folder is already the temporary one
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _config_from_args(args):
@@ -98,13 +86,27 @@ def _config_from_args(args):
 
 
 def cmd_compress(args) -> int:
+    from .distributed import compress_source, is_distributed, launch
     from .report import compression_report
 
     config = _config_from_args(args)
     dtype = getattr(torch, args.dtype)
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes {args.num_processes} is invalid: use 1 or more")
+    split = args.num_processes > 1 or is_distributed()
+    if split and (args.gguf_file or args.src == BUNDLED or args.device_map):
+        raise ValueError("multi-process compression reads a safetensors checkpoint (a folder or Hub id) on each "
+                         "process's own device; drop --gguf-file/--device-map or use --num-processes 1")
+    if args.num_processes > 1 and not is_distributed():
+        return launch(args.num_processes, cmd_compress, args)
     start = time.perf_counter()
-    model, tokenizer = load_source(args.src, args.gguf_file, dtype=dtype, quantization_config=config,
-                                   device_map=_device_map(args.device_map))
+    if split:
+        model, tokenizer = compress_source(args.src, config, dtype=dtype)
+        if model is None:  # not rank 0: its layers went to rank 0, which writes the checkpoint
+            return 0
+    else:
+        model, tokenizer = load_source(args.src, args.gguf_file, dtype=dtype, quantization_config=config,
+                                       device_map=_device_map(args.device_map))
     seconds = time.perf_counter() - start
     save_atomically(model, tokenizer, args.out)
     report = compression_report(model)
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compression_args(compress)
     compress.add_argument("out", help="output folder (written atomically)")
     compress.add_argument("--device-map", help='"cpu", "auto", or a JSON dict')
+    compress.add_argument("--num-processes", type=int, default=1,
+                          help="split the layers among N local processes (data-free compression; also works under "
+                               "torchrun / accelerate launch)")
     compress.set_defaults(func=cmd_compress)
 
     evaluate = sub.add_parser("eval", help="WikiText-2-style perplexity of a (compressed) model")

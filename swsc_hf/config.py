@@ -139,10 +139,11 @@ class SWSCConfig(QuantizationConfigMixin):
         self.preset = preset
         self.dataset = dataset
         self.tokenizer = tokenizer
-        self.modules_to_not_convert = (
-            list(DEFAULT_NOT_CONVERT) if modules_to_not_convert is None else list(modules_to_not_convert)
-        )
-        self.compressed_layers = dict(compressed_layers or {})
+        keep_dense = DEFAULT_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
+        # anything but a list or tuple is left for post_init to reject
+        self.modules_to_not_convert = list(keep_dense) if isinstance(keep_dense, (list, tuple)) else keep_dense
+        self.compressed_layers = dict(compressed_layers) if isinstance(compressed_layers, dict) else (
+            compressed_layers or {})
         self.allocation: dict[str, LayerSpec] = {}  # per-layer layouts chosen for `bits` (not serialized)
         self.format_version = format_version
         unknown = set(kwargs) - {"quant_method"}
@@ -156,29 +157,39 @@ class SWSCConfig(QuantizationConfigMixin):
         def fail(field: str, allowed: str) -> None:
             raise ValueError(f"SWSCConfig.{field}={getattr(self, field)!r} is invalid: {allowed}")
 
-        if self.format_version != FORMAT_VERSION:
+        if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
             fail("format_version", f"this swsc_hf reads format {FORMAT_VERSION}; upgrade swsc_hf to load this model")
-        if self.method not in METHODS:
-            fail("method", f"use one of {METHODS}")
+        for field, allowed in (("method", METHODS), ("cluster_dim", CLUSTER_DIMS), ("table_dtype", TABLE_DTYPES)):
+            if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
+                fail(field, f"use one of {allowed}")
+        for field in ("affine_correction", "error_feedback"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, "use True or False")
+        for field in ("modules_to_not_convert", "share_types"):
+            value = getattr(self, field)
+            if not (value is None and field == "share_types") and (
+                    not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
+                fail(field, "use a list of module names")
+        if not isinstance(self.compressed_layers, dict):
+            fail("compressed_layers", "use a dict of layer name -> layout, as swsc_hf writes it")
+        if self.preset is not None and self.preset not in PRESETS:
+            fail("preset", f"use one of {sorted(PRESETS)}")
         if self.bits is None:
             self._validate_layout(fail)
         elif isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not 1.5 <= self.bits <= 16:
             fail("bits", "use a number of bits per weight between 1.5 and 16")
-        if self.cluster_dim not in CLUSTER_DIMS:
-            fail("cluster_dim", f"use one of {CLUSTER_DIMS}")
-        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+        if isinstance(self.kmeans_iters, bool) or not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
             fail("kmeans_iters", "use an int >= 1")
         if not isinstance(self.seed, int):
             fail("seed", "use an int")
-        if self.parameter_ratio is not None and not 0 < self.parameter_ratio <= 1:
+        if self.parameter_ratio is not None and (isinstance(self.parameter_ratio, bool) or not isinstance(
+                self.parameter_ratio, (int, float)) or not 0 < self.parameter_ratio <= 1):
             fail("parameter_ratio", "use None or a float in (0, 1] (fraction of parameters kept)")
         if not isinstance(self.share_group_size, int) or self.share_group_size < 1:
             fail("share_group_size", "use an int >= 1 (layers sharing one basis)")
         for field in ("n_samples", "seq_len"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 fail(field, "use an int >= 1")
-        if self.table_dtype not in TABLE_DTYPES:
-            fail("table_dtype", f"use one of {TABLE_DTYPES}")
         if self.dataset is not None and not isinstance(self.dataset, (str, list)):
             fail("dataset", 'use a list of strings, a path to a text file, or "wikitext2"')
         for name, layer in self.compressed_layers.items():

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from .core.compress import CompressedWeight, compress_weight
 from .core.packing import unpack_codes
 from .core.spec import LayerSpec
 from .modules import SWSCLinear
+from .safety import check_finite, install_atomic_save, read_safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -134,21 +132,35 @@ class SWSCQuantize(ConversionOps):
         return {f"{module_name}.{name}": tensor for name, tensor in tensors.items()}
 
 
+def record_layouts(model: nn.Module, config: SWSCConfig) -> None:
+    """Rewrite `config.compressed_layers` from the model's `SWSCLinear` layers (the loader builds shells from it).
+
+    Run before saving: a compressed LoRA merge changes ranks, and a dequantized layer is no longer compressed.
+    """
+    config.compressed_layers = {
+        name: module.spec.to_dict() for name, module in model.named_modules() if isinstance(module, SWSCLinear)
+    }
+
+
 def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
-    """After loading: record layouts in the config, freeze compressed tensors, link shared bases, check codes."""
+    """After loading: record layouts, freeze compressed tensors, link shared bases, check codes and values, and
+    make `save_pretrained` atomic."""
     for name, module in model.named_modules():
         if not isinstance(module, SWSCLinear):
             continue
         if "weight" in module._parameters:
             raise RuntimeError(f"{name}.weight never arrived from the checkpoint, so the layer was not compressed")
-        config.compressed_layers[name] = module.spec.to_dict()
         for param in module.parameters(recurse=False):
             param.requires_grad_(False)
         validate_codes(name, module)
+        check_finite(name, module)
+    record_layouts(model, config)
     link_shared_bases(model)
     holder = getattr(model, SHARED_BASES_ATTR, None)
     if holder is not None:
         holder.requires_grad_(False)
+        check_finite(f"{SHARED_BASES_ATTR}.bases", holder.bases)
+    install_atomic_save(model)
 
 
 def validate_codes(name: str, module: SWSCLinear) -> None:
@@ -168,38 +180,6 @@ def validate_codes(name: str, module: SWSCLinear) -> None:
 
 
 # ---- checkpoint validation (before any weight is read) ---------------------------------------------------------
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
-MAX_HEADER_BYTES = 100 << 20
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file, checked for consistency, without reading any tensor data."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{path.name} is truncated: no safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"{path.name} declares a {length}-byte header but the file has {size} bytes")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path.name} has a corrupted safetensors header: {err}") from None
-    header.pop("__metadata__", None)
-    data_size = size - 8 - length
-    for key, info in header.items():
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not isinstance(offsets, list):
-            raise ValueError(f"{path.name}: tensor {key} has an invalid header entry {info}")
-        nbytes = math.prod(shape) * _DTYPE_BYTES[dtype]
-        if len(offsets) != 2 or offsets[1] - offsets[0] != nbytes or offsets[1] > data_size:
-            raise ValueError(f"{path.name}: tensor {key} ({dtype} {shape}) has offsets {offsets} that do not match "
-                             f"its size or lie past the end of the file ({data_size} data bytes)")
-    return header
-
-
 def validate_checkpoint(files: Iterable[str], config: SWSCConfig, float_dtypes: tuple[str, ...] = ("F16", "BF16",
                         "F32")) -> None:
     """Check every compressed tensor of the checkpoint against the layouts in its config, before loading.
@@ -212,7 +192,7 @@ def validate_checkpoint(files: Iterable[str], config: SWSCConfig, float_dtypes: 
         if not str(file).endswith(".safetensors"):
             raise ValueError(f"swsc_hf loads compressed checkpoints from safetensors only, got {Path(file).name}; "
                              "re-save the model with save_pretrained (safe_serialization is the default)")
-        header.update(read_safetensors_header(file))
+        header.update(read_safetensors_header(file)[0])
     expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
     bases: dict[str, tuple[int, int]] = {}
     for name, layer in config.compressed_layers.items():

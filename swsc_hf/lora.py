@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integration import SHARED_BASES_ATTR, _swap
+from .integration import SHARED_BASES_ATTR, _swap, record_layouts
 from .modules import SWSCLinear
 from .pipeline import dequantize_model
 
@@ -270,15 +270,8 @@ def _tables(holder: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def sync_compressed_layers(model: nn.Module) -> None:
-    """Rewrite `quantization_config.compressed_layers` from the model's SWSCLinear layers.
-
-    A compressed merge changes layers' ranks; the loader builds its empty layers from this dict, so it must match
-    before `save_pretrained`. Layers that are no longer SWSCLinear are dropped from it.
-    """
-    config = _swsc_config(model)
-    config.compressed_layers = {
-        name: module.spec.to_dict() for name, module in model.named_modules() if isinstance(module, SWSCLinear)
-    }
+    """Rewrite `quantization_config.compressed_layers` from the model's SWSCLinear layers (see `record_layouts`)."""
+    record_layouts(model, _swsc_config(model))
 
 
 def merge_and_unload(

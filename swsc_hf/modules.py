@@ -63,9 +63,9 @@ class SWSCLinear(nn.Module):
             if compressed.scales is not None:
                 out["scales"] = compressed.scales.to(dtype)
         if spec.rank:
-            out["lowrank_a"] = compressed.lowrank_a.to(dtype)
+            out["lowrank_a"] = compressed.lowrank_a.to(dtype).contiguous()
             if spec.shared_basis is None:
-                out["lowrank_b"] = compressed.lowrank_b.to(dtype)
+                out["lowrank_b"] = compressed.lowrank_b.to(dtype).contiguous()
         return out
 
     def load_compressed(self, compressed: CompressedWeight, dtype: torch.dtype) -> None:

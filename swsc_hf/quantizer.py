@@ -10,8 +10,15 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .config import SWSCConfig
 from .hub import install_model_card
-from .integration import SWSCQuantize, finalize_compressed_model, replace_with_shells, validate_checkpoint
+from .integration import (
+    SWSCQuantize,
+    finalize_compressed_model,
+    record_layouts,
+    replace_with_shells,
+    validate_checkpoint,
+)
 from .modules import SWSCLinear
+from .safety import check_checkpoint, checksum_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +29,12 @@ class SWSCQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: SWSCConfig
 
-    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, device_map: Any = None, weights_only: bool = True,
+                             **kwargs: Any) -> None:
         config = self.quantization_config
+        if self.pre_quantized and not weights_only:
+            raise ValueError("swsc_hf checkpoints are safetensors and never need unpickling; drop weights_only=False "
+                             "(it would let a pickled file run code)")
         if config.compresses_after_load and not self.pre_quantized and isinstance(device_map, dict):
             if "disk" in device_map.values():
                 raise ValueError("calibrated or basis-sharing swsc_hf compression needs every layer in memory; drop "
@@ -49,6 +60,7 @@ class SWSCQuantizer(HfQuantizer):
             replace_with_shells(model, config, placeholder=False)
             if checkpoint_files:
                 validate_checkpoint(checkpoint_files, config)
+                check_checkpoint(model, checkpoint_files)
         elif not config.compresses_after_load:
             replace_with_shells(model, config, placeholder=True)
 
@@ -69,6 +81,14 @@ class SWSCQuantizer(HfQuantizer):
         from .pipeline import dequantize_model
 
         return dequantize_model(model, dtype=dtype)
+
+    def get_state_dict_and_metadata(self, model) -> tuple[None, dict[str, str]]:
+        """Before saving: the layouts of the layers as they are now, and a CRC32 of every tensor, checked on load."""
+        record_layouts(model, self.quantization_config)
+        saved = getattr(model.config, "quantization_config", None)
+        if isinstance(saved, SWSCConfig) and saved is not self.quantization_config:
+            record_layouts(model, saved)
+        return None, checksum_metadata(model)
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True

@@ -23,7 +23,6 @@ import ctypes
 import functools
 import inspect
 import json
-import logging
 import math
 import mmap
 import os
@@ -38,10 +37,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from .modules import SWSCLinear
-
-logger = logging.getLogger(__name__)
 
 # Bytes per element of every safetensors dtype swsc_hf accepts.
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -258,16 +253,6 @@ def check_finite(name: str, module: nn.Module) -> None:
                              f"(or the compressed tables overflowed {param.dtype})")
 
 
-def check_all_finite(model: nn.Module) -> None:
-    """`check_finite` on every compressed layer of `model` and its shared bases."""
-    for name, module in model.named_modules():
-        if isinstance(module, SWSCLinear):
-            check_finite(name, module)
-    holder = getattr(model, "swsc_shared_bases", None)
-    if holder is not None:
-        check_finite("swsc_shared_bases.bases", holder.bases)
-
-
 # ---- atomic save --------------------------------------------------------------------------------------------------
 _WEIGHTS_FILE = re.compile(r"(pytorch_)?model([.-][\w.-]*)?\.(safetensors|bin)(\.index\.json)?")
 
@@ -333,10 +318,11 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, keep_other_files: bool = True) -> Iterator[Path]:
     """Yield an empty sibling folder of `target`; on success it replaces `target`, on any error it is removed.
 
-    Files already in `target` that the save did not write (other than weights) are kept. A process killed during
+    With `keep_other_files`, files already in `target` that the save did not write (other than weights) are kept;
+    without, `target` is replaced whole. A process killed during
     the save leaves `target` untouched and a `.NAME.tmp-*` folder beside it.
     """
     target = Path(target).resolve()  # a symlinked folder keeps its link; "." gets a name
@@ -347,7 +333,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         if target.is_dir():
             shutil.copymode(target, tmp)
         yield tmp
-        if target.is_dir():
+        if keep_other_files and target.is_dir():
             _carry_over(target, tmp)
         _fsync_tree(tmp)
         _swap_in(tmp, target)

@@ -109,6 +109,7 @@ def test_successful_save_replaces_checkpoint_whole(model, earlier):
     assert os.access(folder / "config.json", os.R_OK)
 
 
+@pytest.mark.filterwarnings("ignore:Use 'content=<...>' to upload raw bytes:DeprecationWarning")  # huggingface_hub's
 def test_save_with_push_to_hub_names_the_repo_after_the_folder(model, tmp_path, monkeypatch):
     hub = LocalHub(tmp_path / "hub-store").start()
     point_clients_at(monkeypatch, hub.url, tmp_path / "hf-home")

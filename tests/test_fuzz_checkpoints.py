@@ -285,3 +285,15 @@ def test_corrupted_checkpoints_fail_cleanly(original, tmp_path):
     assert outcomes["clean"] > 0.8 * sum(outcomes.values())
     assert slowest < CASE_SECONDS
     assert growth_mib < 256  # no case allocated what a header or config declared
+
+
+def test_pickle_is_never_loaded(original, tmp_path):
+    path, _, _ = original
+    with pytest.raises(ValueError, match="never need unpickling"):
+        AutoModelForCausalLM.from_pretrained(path, weights_only=False)
+    folder = tmp_path / "bin"
+    shutil.copytree(path, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="safetensors only"):
+        AutoModelForCausalLM.from_pretrained(folder)

@@ -127,7 +127,8 @@ def test_offloaded_layers_compress_and_run(tiny_dense_dir, input_ids, tmp_path):
 
 def test_unknown_layers_fall_back_to_modules_to_not_convert(tiny_dense_dir):
     model = load(tiny_dense_dir, quantization_config=SWSCConfig(
-        n_clusters=16, segment_length=1, rank=0, modules_to_not_convert=["lm_head", "mlp"]))
+        n_clusters=16, segment_length=1, rank=0, modules_to_not_convert=["lm_head", r".*\.mlp"]))
+    # transformers' matching: a name prefix, a regex from the start, or a suffix ("mlp" alone matches none of these)
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
     assert isinstance(model.model.layers[0].self_attn.q_proj, SWSCLinear)
 

@@ -42,6 +42,15 @@ class LayerSpec:
         def fail(field: str, allowed: str) -> None:
             raise ValueError(f"LayerSpec.{field}={getattr(self, field)!r} is invalid: {allowed}")
 
+        for field in ("out_features", "in_features", "n_clusters", "segment_length", "rank", "scale_group_size",
+                      "rows_per_codebook"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(field, "must be an int")
+        if not isinstance(self.cluster_dim, str):
+            fail("cluster_dim", f"use one of {CLUSTER_DIMS}")
+        if self.shared_basis is not None and not isinstance(self.shared_basis, str):
+            fail("shared_basis", "use None or the name of a shared basis")
         if self.out_features < 1 or self.in_features < 1:
             fail("out_features", "both feature sizes must be >= 1")
         if self.cluster_dim not in CLUSTER_DIMS:
@@ -126,6 +135,8 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerSpec:
+        if not isinstance(data, dict):
+            raise ValueError(f"a layer layout must be a dict of LayerSpec fields, got {type(data).__name__}")
         unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"LayerSpec got unknown fields {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")

@@ -1,0 +1,83 @@
+"""Multi-process compression (`swsc-hf compress --num-processes 2`, gloo on CPU) writes the checkpoint one process
+writes, tensor bytes included; compression is deterministic for a config and seed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swsc_hf import SWSCConfig
+from swsc_hf.cli import main
+from swsc_hf.distributed import assign_groups
+
+SETTINGS = {
+    "codebooks": ["--n-clusters", "16", "--segment-length", "4", "--rank", "2", "--scale-group-size", "32"],
+    "shared-bases": ["--preset", "basis-sharing-paper"],  # groups span two layers: one basis per group
+}
+
+
+@pytest.fixture(scope="module")
+def source(tiny_dense_dir, tmp_path_factory) -> str:
+    """The tiny Llama with a word-level tokenizer beside it (the CLI saves the tokenizer with the checkpoint)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("source")
+    shutil.copytree(tiny_dense_dir, path, dirs_exist_ok=True)
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Equal thread counts everywhere: CPU BLAS results depend on them (spawned ranks inherit OMP_NUM_THREADS)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def checkpoint(folder: Path) -> dict:
+    """Everything a checkpoint holds. The safetensors header is parsed: safetensors writes its metadata from a Rust
+    HashMap, so with two keys (format and swsc_crc32) their order in the file differs from process to process."""
+    raw = (folder / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return {"header": json.loads(raw[8 : 8 + length]), "data": raw[8 + length :],
+            "config": json.loads((folder / "config.json").read_text())}
+
+
+def test_groups_are_balanced_and_deterministic():
+    sizes = [4, 4, 4, 1, 1, 1, 12, 3]
+    owners = assign_groups(sizes, 3)
+    assert owners == assign_groups(sizes, 3)
+    loads = [sum(s for s, o in zip(sizes, owners, strict=True) if o == rank) for rank in range(3)]
+    assert loads == [12, 9, 9]  # the 12 alone, the rest split evenly
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_two_processes_write_the_single_process_checkpoint(source, tmp_path, one_thread, name):
+    args = [*SETTINGS[name], "--dtype", "float32"]
+    assert main(["compress", source, str(tmp_path / "one"), *args]) == 0
+    assert main(["compress", source, str(tmp_path / "two"), *args, "--num-processes", "2"]) == 0
+
+    one, two = checkpoint(tmp_path / "one"), checkpoint(tmp_path / "two")
+    assert one["config"] == two["config"] and one["header"] == two["header"]  # names, shapes, offsets, checksums
+    assert one["data"] == two["data"]  # every tensor byte
+    AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # and it loads, validated
+
+
+def test_compression_is_deterministic(tiny_dense_dir, tmp_path, one_thread):
+    config = dict(n_clusters=12, segment_length=2, rank=3, scale_group_size=16, seed=7)
+    for run in ("a", "b"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32,
+                                                     quantization_config=SWSCConfig(**config))
+        model.save_pretrained(tmp_path / run)
+    assert checkpoint(tmp_path / "a") == checkpoint(tmp_path / "b")
