@@ -17,6 +17,9 @@ from torch import nn
 # Calibration shared by every calibrated method (swsc_hf and GPTQ): 32 WikiText-2 validation windows of 512 tokens.
 CALIBRATION = dict(dataset="wikitext2", n_samples=32, seq_len=512)
 
+# Table distillation (swsc_hf.distill.distill_tables): steps over the calibration windows, codebook and scale lrs.
+DISTILL = dict(steps=64, lr=3e-3, scales_lr=1e-4)
+
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense", {}),
     **{f"rtn-{b}b-g{g}": ("rtn", dict(bits=b, group_size=g)) for b in (2, 3, 4, 6) for g in (64, 128)},
@@ -33,8 +36,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # Ours, data-free and calibrated.
     **{f"swsc-{b}bit": ("swsc_hf", dict(preset=f"swsc-{b}bit")) for b in (4, 3, 2)},
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION)) for b in (4, 3, 2)},
+    # Ours, then the codebooks and scales distilled toward the dense model on the calibration windows
+    # (quality.py also records the model before distillation, under the name without "-kd").
+    **{f"swsc-{b}bit-cal-kd": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION, distill=DISTILL))
+       for b in (3, 2)},
     # Ours with a bits budget spread over layers by measured (Fisher) sensitivity.
-    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (4.15, 3.15, 2.4)},
+    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (4.25, 4.15, 3.15, 2.4)},
 }
 
 
@@ -88,12 +95,24 @@ def apply_method(
     elif family == "swsc_hf":
         import swsc_hf
 
+        kwargs.pop("distill", None)  # a second stage, run by `distill`
         config = swsc_hf.SWSCConfig(**kwargs, tokenizer=tokenizer if "dataset" in kwargs else None)
         model = swsc_hf.compress_model(model, config)
         bits = swsc_hf.compression_report(model).compressed_bits_per_weight
     else:
         raise ValueError(f"method {name!r} has unknown family {family!r}")
     return model, bits, time.perf_counter() - start
+
+
+def distill(name: str, model: nn.Module, teacher: nn.Module, tokenizer, n_samples: int | None = None) -> float:
+    """Distill the compressed model's tables toward `teacher` on the method's calibration windows; returns seconds."""
+    from swsc_hf.distill import distill_tables
+
+    kwargs = setting(name, n_samples)
+    start = time.perf_counter()
+    distill_tables(model, teacher, calibration_windows(tokenizer, kwargs["n_samples"], kwargs["seq_len"]),
+                   **kwargs["distill"])
+    return time.perf_counter() - start
 
 
 def select(patterns: str) -> list[str]:

@@ -28,6 +28,17 @@ def evaluation_key(record: dict) -> tuple[int, int]:
     return record["seq_len"], record["tokens"]
 
 
+def evaluate(model, tokenizer, args, bits: float, seconds: float) -> dict:
+    """The perplexity fields of a record."""
+    start = time.perf_counter()
+    result = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len)
+    if result.windows != args.windows:
+        raise RuntimeError(f"the test split has only {result.windows} windows of {args.seq_len} tokens")
+    tqdm.write(f"  {bits:.3f} bits/weight, perplexity {result.perplexity:.3f}")
+    return dict(avg_bits=bits, perplexity=result.perplexity, tokens=result.tokens, compress_seconds=seconds,
+                eval_seconds=time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=32, help="windows of --seq-len tokens (32 x 2048 = 64k tokens)")
@@ -55,13 +66,14 @@ def main(argv: list[str] | None = None) -> None:
         try:
             model = copy.deepcopy(dense)
             model, bits, seconds = methods.apply_method(name, model, tokenizer, n_samples=args.calibration_samples)
-            start = time.perf_counter()
-            result = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len)
-            if result.windows != args.windows:
-                raise RuntimeError(f"the test split has only {result.windows} windows of {args.seq_len} tokens")
-            record.update(avg_bits=bits, perplexity=result.perplexity, tokens=result.tokens,
-                          compress_seconds=seconds, eval_seconds=time.perf_counter() - start)
-            tqdm.write(f"{name}: {bits:.3f} bits/weight, perplexity {result.perplexity:.3f}")
+            if "distill" in record["setting"]:  # record the model before distillation too, under the base name
+                base = {**record, "method": name.removesuffix("-kd"),
+                        "setting": {k: v for k, v in record["setting"].items() if k != "distill"}}
+                base.update(evaluate(model, tokenizer, args, bits, seconds))
+                common.append_jsonl(args.out, {**base, **info})
+                seconds += methods.distill(name, model, dense, tokenizer, n_samples=args.calibration_samples)
+            record.update(evaluate(model, tokenizer, args, bits, seconds))
+            tqdm.write(f"{name}: {bits:.3f} bits/weight, perplexity {record['perplexity']:.3f}")
         except Exception as err:  # a baseline that does not run here is recorded, not fatal
             record["error"] = f"{type(err).__name__}: {err}"
             record["traceback"] = traceback.format_exc(limit=-3)
