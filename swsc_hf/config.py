@@ -37,9 +37,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True,
-    parameter_ratio=None, share_group_size=1, share_types=None, n_samples=64, seq_len=512, table_dtype="float16",
+    parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", n_samples=64, seq_len=512,
+    table_dtype="float16",
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
+SHARE_SELECTIONS = ("types", "loss")
 BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
 def _fitting_group(group: int, length: int, segment: int) -> int:
@@ -81,6 +83,9 @@ class SWSCConfig(QuantizationConfigMixin):
             calibrating, uniform otherwise. Not combinable with explicit layout fields or a preset.
         parameter_ratio: Basis Sharing: fraction of a layer's parameters kept by its low-rank term.
         share_group_size, share_types: Basis Sharing: layers per shared basis and the projections that share.
+        share_selection: "types" (every group of `share_types` shares) or "loss" (a group shares only where its
+            measured loss, output error with calibration and Frobenius error without, is lower than separate
+            per-layer factors with the same number of parameters).
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
             the tokenizer, the number of sequences and their length. Not serialized.
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
@@ -105,6 +110,7 @@ class SWSCConfig(QuantizationConfigMixin):
         parameter_ratio: float | None = ...,  # type: ignore[assignment]
         share_group_size: int | None = None,
         share_types: list[str] | None = None,
+        share_selection: str | None = None,
         dataset: str | list[str] | None = None,
         tokenizer: Any = None,
         n_samples: int | None = None,
@@ -159,7 +165,8 @@ class SWSCConfig(QuantizationConfigMixin):
 
         if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
             fail("format_version", f"this swsc_hf reads format {FORMAT_VERSION}; upgrade swsc_hf to load this model")
-        for field, allowed in (("method", METHODS), ("cluster_dim", CLUSTER_DIMS), ("table_dtype", TABLE_DTYPES)):
+        for field, allowed in (("method", METHODS), ("cluster_dim", CLUSTER_DIMS), ("table_dtype", TABLE_DTYPES),
+                               ("share_selection", SHARE_SELECTIONS)):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 fail(field, f"use one of {allowed}")
         for field in ("affine_correction", "error_feedback"):

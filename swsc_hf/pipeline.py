@@ -135,7 +135,19 @@ def _compress_shared(names, weights, specs, grams, config, kwargs, model):
         factors, basis = whitened_low_rank(stacked, rank, cholesky_whitening(gram), seed=config.seed)
     else:
         factors, basis = low_rank(stacked, rank, seed=config.seed)
-    for result, part in zip(results, factors.split(outs), strict=True):
+    parts = factors.split(outs)
+    if config.share_selection == "loss":
+        separate = _separate_factors(residuals, grams, rank * (sum(outs) + in_features), config.seed)
+        shared_loss = sum(_output_loss(r, a @ basis, g) for r, a, g in zip(residuals, parts, grams, strict=True))
+        separate_loss = sum(_output_loss(r, a @ b, g) for r, (a, b), g in zip(residuals, separate, grams, strict=True))
+        logger.info("swsc_hf: %s: shared-basis loss %.4g, per-layer loss %.4g at equal parameters", key,
+                    shared_loss, separate_loss)
+        if separate_loss < shared_loss:
+            for result, (a, b) in zip(results, separate, strict=True):
+                result.spec = dataclasses.replace(result.spec, rank=a.shape[1], shared_basis=None)
+                result.lowrank_a, result.lowrank_b = a, b
+            return results, [r.spec for r in results]
+    for result, part in zip(results, parts, strict=True):
         result.lowrank_a, result.lowrank_b = part, basis
     holder = getattr(model, SHARED_BASES_ATTR, None)
     if holder is None:
@@ -144,6 +156,28 @@ def _compress_shared(names, weights, specs, grams, config, kwargs, model):
     table_dtype = config.table_torch_dtype(weights[0].dtype)
     holder.bases[key] = nn.Parameter(basis.to(weights[0].device, table_dtype), requires_grad=False)
     return results, [r.spec for r in results]
+
+
+def _output_loss(residual: torch.Tensor, fitted: torch.Tensor, gram: torch.Tensor | None) -> float:
+    """||(R - fit) X^T||_F^2 = tr(D G D^T) with the layer's activation Gram G; plain ||R - fit||_F^2 without data."""
+    error = residual.float() - fitted.float()
+    if gram is None:
+        return float(error.square().sum())
+    return float(((error @ gram.to(error.device, error.dtype)) * error).sum())
+
+
+def _separate_factors(residuals, grams, budget: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer low-rank factors using `budget` parameters in all, split evenly among the layers."""
+    factors = []
+    for residual, gram in zip(residuals, grams, strict=True):
+        out_features, in_features = residual.shape
+        rank = budget // (len(residuals) * (out_features + in_features))
+        rank = max(1, min(rank, out_features, in_features))
+        if gram is not None:
+            factors.append(whitened_low_rank(residual, rank, cholesky_whitening(gram), seed=seed))
+        else:
+            factors.append(low_rank(residual, rank, seed=seed))
+    return factors
 
 
 # ---- calibration ------------------------------------------------------------------------------------------------

@@ -154,3 +154,29 @@ def test_bits_target_calibrated_spreads_bits_by_sensitivity(tiny_dense_dir, cali
     assert report.compressed_bits_per_weight <= 4.0
     code_bits = {m.spec.code_bits for m in model.modules() if isinstance(m, SWSCLinear)}
     assert len(code_bits) > 1  # not one uniform layout
+
+
+def test_share_selection_by_loss_shares_only_where_it_pays(tiny_dense_dir, input_ids, tmp_path):
+    """q_proj of both layers built on one rank-16 input basis (sharing is exact at rank 16, separate factors get
+    rank 10 each for the same parameters); k_proj of each layer of rank 10 with its own basis (separate factors are
+    exact, a shared rank-16 basis cannot hold 20 directions). Selection by loss shares q_proj only."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    gen = torch.Generator().manual_seed(3)
+    common = torch.randn(16, 64, generator=gen)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.copy_(torch.randn(64, 16, generator=gen) @ common / 8)
+            layer.self_attn.k_proj.weight.copy_(torch.randn(32, 10, generator=gen) @ torch.randn(10, 64, generator=gen)
+                                                / 8)
+    model.save_pretrained(tmp_path / "planted")
+    config = SWSCConfig(method="basis_sharing", n_clusters=0, rank=16, share_group_size=2,
+                        share_types=["q_proj", "k_proj"], share_selection="loss", table_dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "planted", quantization_config=config)
+    attention = [layer.self_attn for layer in model.model.layers]
+    assert [a.q_proj.spec.shared_basis for a in attention] == ["q_proj_0_1", "q_proj_0_1"]
+    assert [(a.k_proj.spec.shared_basis, a.k_proj.spec.rank) for a in attention] == [(None, 10), (None, 10)]
+    assert all(a.k_proj.relative_error < 1e-4 for a in attention)
+    assert list(model.swsc_shared_bases.bases) == ["q_proj_0_1"]
+    logits = model(input_ids).logits
+    model.save_pretrained(tmp_path / "compressed")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")(input_ids).logits, logits)
