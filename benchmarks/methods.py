@@ -42,7 +42,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
        for b in (3, 2)},
     # Ours with a bits budget spread over layers by measured (Fisher) sensitivity.
     **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (4.25, 4.15, 3.15, 2.4)},
-    "swsc-bits4.15-cal-kd": ("swsc_hf", dict(bits=4.15, **CALIBRATION, distill=DISTILL)),
+    **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, **CALIBRATION, distill=DISTILL)) for b in (4.25, 4.15)},
 }
 
 

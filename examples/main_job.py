@@ -1,6 +1,7 @@
 """The main job: compress the bundled SmolLM2-135M, evaluate before and after, save, reload, generate.
 
     python examples/main_job.py --out out/smollm2-swsc [--preset swsc-4bit] [--windows 4] [--data-free]
+                                [--distill-steps 64]
 
 Perplexity is WikiText-2 raw test (the usual "\\n\\n" join), non-overlapping windows of --seq-len tokens over the
 first --windows windows. Calibration text is the WikiText-2 validation split, never the test split.
@@ -9,6 +10,7 @@ first --windows windows. Calibration text is the WikiText-2 validation split, ne
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 
@@ -18,7 +20,9 @@ from transformers import AutoModelForCausalLM
 import swsc_hf
 from swsc_hf.bundled import load_smollm2
 from swsc_hf.cli import save_atomically
+from swsc_hf.distill import distill_tables
 from swsc_hf.evaluation import perplexity
+from swsc_hf.pipeline import calibration_batches
 
 
 def main() -> None:
@@ -28,6 +32,9 @@ def main() -> None:
     parser.add_argument("--data-free", action="store_true", help="skip calibration")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="after compression, distill codebooks and scales toward the dense model for this many "
+                             "steps on the calibration windows (swsc_hf.distill; 64 is what docs/results.md used)")
     args = parser.parse_args()
     torch.manual_seed(0)
     max_tokens = args.windows * args.seq_len
@@ -38,8 +45,14 @@ def main() -> None:
 
     calibration = {} if args.data_free else dict(dataset="wikitext2", tokenizer=tokenizer, n_samples=32, seq_len=512)
     config = swsc_hf.SWSCConfig(preset=args.preset, **calibration)
+    teacher = copy.deepcopy(model) if args.distill_steps else None
     start = time.perf_counter()
     swsc_hf.compress_model(model, config)
+    if teacher is not None:
+        windows = calibration_batches(swsc_hf.SWSCConfig(dataset="wikitext2", n_samples=16, seq_len=512), tokenizer,
+                                      torch.device("cpu"))
+        distill_tables(model, teacher, windows, steps=args.distill_steps, lr=3e-3, scales_lr=1e-4)
+        del teacher
     seconds = time.perf_counter() - start
     report = swsc_hf.compression_report(model)
     print(report)
@@ -56,7 +69,8 @@ def main() -> None:
     generated = reloaded.generate(probe, max_new_tokens=30, do_sample=False)
     print("generation:", tokenizer.decode(generated[0], skip_special_tokens=True))
     print(json.dumps({
-        "preset": args.preset, "calibrated": not args.data_free, "dense_perplexity": dense.perplexity,
+        "preset": args.preset, "calibrated": not args.data_free, "distill_steps": args.distill_steps,
+        "dense_perplexity": dense.perplexity,
         "perplexity": compressed.perplexity, "tokens": compressed.tokens,
         "avg_bits": report.compressed_bits_per_weight,
         "compress_seconds": seconds, "reload_identical": identical,
