@@ -61,8 +61,9 @@ SLOW_REASONS = {
 
 
 def series(name: str) -> str:
-    """The plot line a method belongs to: its name without the bit count ("rtn-4b-g64" -> "rtn-g64")."""
-    return re.sub(r"-(int)?\d+(b|bit)?(?=-|$)", "", name)
+    """The plot line a method belongs to: its name without the bit count ("rtn-4b-g64" -> "rtn-g64",
+    "swsc-bits4.15-cal" -> "swsc-cal")."""
+    return re.sub(r"-(int|bits)?\d+(\.\d+)?(b|bit)?(?=-|$)", "", name)
 
 
 def latest(records: list[dict], key) -> dict:
