@@ -99,8 +99,8 @@ def whitened_low_rank(matrix: Tensor, rank: int, chol: Tensor, **kw: int) -> tup
     """Rank-``rank`` factors minimising ||(matrix - a @ b) X^T||_F, with ``chol`` from :func:`cholesky_whitening`.
 
     Since ||E X^T||_F = ||E L||_F for X^T X = L L^T, take the SVD ``matrix @ L = U S V^T`` and set
-    ``a = U_r S_r``, ``b = V_r^T L^{-1}`` (a triangular solve, no explicit inverse). ``kw`` goes to
-    :func:`low_rank`. Returns float32.
+    ``a = U_r S_r``, ``b = V_r^T L^{-1}`` (a triangular solve, no explicit inverse), then rescale each rank-one
+    term so its two sides have equal norms. ``kw`` goes to :func:`low_rank`. Returns float32.
     """
     if matrix.dim() != 2:
         raise ValueError(f"matrix must be 2-D, got shape {tuple(matrix.shape)}")
@@ -111,4 +111,7 @@ def whitened_low_rank(matrix: Tensor, rank: int, chol: Tensor, **kw: int) -> tup
     whitened = matrix.double() @ l64
     a, bt = _low_rank(whitened if matrix.dtype == torch.float64 else whitened.float(), rank, **kw)
     b = torch.linalg.solve_triangular(l64, bt.double(), upper=False, left=False)
-    return a.float(), b.float()
+    # a carries the activation scale and b its inverse (values near 1e-5 on channels with large activations, below
+    # float16's normal range); give each rank-one term equal norms on both sides so both survive float16 tables.
+    balance = (a.double().norm(dim=0) / b.norm(dim=1).clamp_min(1e-300)).sqrt().clamp_min(1e-30)
+    return (a.double() / balance).float(), (b * balance[:, None]).float()
