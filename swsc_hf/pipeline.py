@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import SWSCConfig
 from .core.compress import CompressedWeight, compress_weight, to_weight
-from .core.lowrank import cholesky_whitening, low_rank, whitened_low_rank
+from .core.lowrank import fit_low_rank
 from .data import calibration_texts
 from .integration import (
     SHARED_BASES_ATTR,
@@ -131,10 +131,7 @@ def _compress_shared(names, weights, specs, grams, config, kwargs, model):
         results.append(result)
     stacked = torch.cat(residuals)
     gram = sum(grams) if grams[0] is not None else None
-    if gram is not None:
-        factors, basis = whitened_low_rank(stacked, rank, cholesky_whitening(gram), seed=config.seed)
-    else:
-        factors, basis = low_rank(stacked, rank, seed=config.seed)
+    factors, basis = fit_low_rank(stacked, rank, gram, seed=config.seed)
     parts = factors.split(outs)
     if config.share_selection == "loss":
         separate = _separate_factors(residuals, grams, rank * (sum(outs) + in_features), config.seed)
@@ -172,11 +169,7 @@ def _separate_factors(residuals, grams, budget: int, seed: int) -> list[tuple[to
     for residual, gram in zip(residuals, grams, strict=True):
         out_features, in_features = residual.shape
         rank = budget // (len(residuals) * (out_features + in_features))
-        rank = max(1, min(rank, out_features, in_features))
-        if gram is not None:
-            factors.append(whitened_low_rank(residual, rank, cholesky_whitening(gram), seed=seed))
-        else:
-            factors.append(low_rank(residual, rank, seed=seed))
+        factors.append(fit_low_rank(residual, max(1, min(rank, out_features, in_features)), gram, seed=seed))
     return factors
 
 

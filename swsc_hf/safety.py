@@ -322,8 +322,8 @@ def atomic_directory(target: str | os.PathLike, keep_other_files: bool = True) -
     """Yield an empty sibling folder of `target`; on success it replaces `target`, on any error it is removed.
 
     With `keep_other_files`, files already in `target` that the save did not write (other than weights) are kept;
-    without, `target` is replaced whole. A process killed during
-    the save leaves `target` untouched and a `.NAME.tmp-*` folder beside it.
+    without, `target` is replaced whole. A process killed during the save leaves `target` untouched and a
+    `.NAME.tmp-*` folder beside it.
     """
     target = Path(target).resolve()  # a symlinked folder keeps its link; "." gets a name
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .kmeans import assign, kmeans, kmeans_1d
-from .lowrank import cholesky_whitening, low_rank, whitened_low_rank
+from .lowrank import fit_low_rank
 from .spec import LayerSpec
 
 # K-Means for codebooks runs on at most max(this, 64 per codeword) segments per codebook (a random subsample);
@@ -106,7 +106,6 @@ def compress_weight(
     work = weight.detach().to(torch.float32)
     if not torch.isfinite(work).all():
         raise ValueError("weight contains NaN or Inf values; compress a finite checkpoint")
-    chol = cholesky_whitening(hessian.to(work.device)) if hessian is not None and spec.rank else None
     result = CompressedWeight(spec)
     residual = work
     if spec.n_clusters:
@@ -125,10 +124,8 @@ def compress_weight(
     if spec.rank:
         if shared_basis is not None:
             result.lowrank_a = fit_coefficients(residual, shared_basis, hessian)
-        elif chol is not None:
-            result.lowrank_a, result.lowrank_b = whitened_low_rank(residual, spec.rank, chol, seed=seed)
         else:
-            result.lowrank_a, result.lowrank_b = low_rank(residual, spec.rank, seed=seed)
+            result.lowrank_a, result.lowrank_b = fit_low_rank(residual, spec.rank, hessian, seed=seed)
     return result
 
 

@@ -115,3 +115,11 @@ def whitened_low_rank(matrix: Tensor, rank: int, chol: Tensor, **kw: int) -> tup
     # float16's normal range); give each rank-one term equal norms on both sides so both survive float16 tables.
     balance = (a.double().norm(dim=0) / b.norm(dim=1).clamp_min(1e-300)).sqrt().clamp_min(1e-30)
     return (a.double() / balance).float(), (b * balance[:, None]).float()
+
+
+def fit_low_rank(matrix: Tensor, rank: int, gram: Tensor | None = None, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Rank-``rank`` factors of ``matrix``: minimising the output error ||E X^T||_F when the activation Gram
+    ``gram`` = X^T X is given (:func:`whitened_low_rank`), the plain Frobenius error otherwise (:func:`low_rank`)."""
+    if gram is None:
+        return low_rank(matrix, rank, seed=seed)
+    return whitened_low_rank(matrix, rank, cholesky_whitening(gram.to(matrix.device)), seed=seed)
