@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# Calibration shared by every calibrated method (swsc_hf and GPTQ): 32 WikiText-2 validation windows of 512 tokens.
-CALIBRATION = dict(dataset="wikitext2", n_samples=32, seq_len=512)
+# Calibration shared by every calibrated method (swsc_hf and GPTQ): 16 WikiText-2 validation windows of 512 tokens
+# (what the published results used; swsc_hf alone defaults to 64).
+CALIBRATION = dict(dataset="wikitext2", n_samples=16, seq_len=512)
 
 # Table distillation (swsc_hf.distill.distill_tables): steps over the calibration windows, codebook and scale lrs.
 DISTILL = dict(steps=64, lr=3e-3, scales_lr=1e-4)
@@ -31,8 +32,16 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "torchao-int8": ("torchao", dict(bits=8, group_size=None)),
     # The papers' own recipes (swsc_hf presets).
     "swsc-paper": ("swsc_hf", dict(preset="swsc-paper")),
+    "swsc-paper-cal": ("swsc_hf", dict(preset="swsc-paper", **CALIBRATION)),
     "weight-clustering-paper": ("swsc_hf", dict(preset="weight-clustering-paper")),
+    "basis-sharing-paper": ("swsc_hf", dict(preset="basis-sharing-paper")),
     "basis-sharing-paper-cal": ("swsc_hf", dict(preset="basis-sharing-paper", **CALIBRATION)),
+    "weight-clustering-paper-cal": ("swsc_hf", dict(preset="weight-clustering-paper", **CALIBRATION)),
+    # Second settings of the papers' methods: K=64 values per matrix (6 bits); 40% of parameters removed.
+    "weight-clustering-k64": ("swsc_hf", dict(preset="weight-clustering-paper", n_clusters=64)),
+    "weight-clustering-k64-cal": ("swsc_hf", dict(preset="weight-clustering-paper", n_clusters=64, **CALIBRATION)),
+    "basis-sharing-keep60": ("swsc_hf", dict(preset="basis-sharing-paper", parameter_ratio=0.6)),
+    "basis-sharing-keep60-cal": ("swsc_hf", dict(preset="basis-sharing-paper", parameter_ratio=0.6, **CALIBRATION)),
     # Ours, data-free and calibrated.
     **{f"swsc-{b}bit": ("swsc_hf", dict(preset=f"swsc-{b}bit")) for b in (4, 3, 2)},
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION)) for b in (4, 3, 2)},
@@ -41,8 +50,23 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     **{f"swsc-{b}bit-cal-kd": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION, distill=DISTILL))
        for b in (3, 2)},
     # Ours with a bits budget spread over layers by measured (Fisher) sensitivity.
-    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (4.25, 4.15, 3.15, 2.4)},
+    # (data-free, each layer gets the richest layout within the budget: 6.25 buys 6-bit codes, 6 only 5-bit ones)
+    "swsc-bits6.25": ("swsc_hf", dict(bits=6.25)),
+    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (6.25, 4.25, 4.15, 3.15, 2.4)},
     **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, **CALIBRATION, distill=DISTILL)) for b in (4.25, 4.15)},
+}
+
+
+# The issue-3 table: each paper's method at two settings, (data-free, calibrated) registry names per setting.
+PAPER_SETTINGS: dict[str, list[tuple[str, str, str]]] = {
+    "SWSC": [("paper recipe: channel K-Means to half the channels + rank 32", "swsc-paper", "swsc-paper-cal"),
+             ("ours: 16 scalars per matrix, scales per 128 (~4.2 bits)", "swsc-4bit", "swsc-4bit-cal"),
+             ("ours: 64 pairs per matrix, scales per 128 (~3.2 bits)", "swsc-3bit", "swsc-3bit-cal")],
+    "Weight clustering": [("paper: K=16 per matrix, affine", "weight-clustering-paper", "weight-clustering-paper-cal"),
+                          ("K=64 per matrix, affine", "weight-clustering-k64", "weight-clustering-k64-cal")],
+    "Basis Sharing": [("paper: 20% removed, q/k/v/up/gate shared by 2 layers", "basis-sharing-paper",
+                       "basis-sharing-paper-cal"),
+                      ("40% removed, same sharing", "basis-sharing-keep60", "basis-sharing-keep60-cal")],
 }
 
 

@@ -1,11 +1,13 @@
 """Quality per bit: WikiText-2 test perplexity of SmolLM2-135M under every method, on the same windows.
 
-    python benchmarks/quality.py --windows 32 --out docs/results/quality.jsonl
+    python benchmarks/quality.py --windows 32 --prefix-windows 16 --out docs/results/quality.jsonl
 
 Dense is evaluated first, then each method on a fresh copy of the dense model; one JSON line per method is appended
 to --out as soon as it finishes (a failure is recorded with its error and the run goes on). Methods come from
 `methods.METHODS`; --methods takes names or shell patterns ("rtn-*,swsc-*"). --resume skips methods already in
 --out for the same evaluation (seq_len and tokens) and setting, so an interrupted run can be restarted.
+--prefix-windows 16 also records each method's perplexity over the first 16 of the same windows (exactly what a
+16-window run gives), so a longer campaign extends a shorter one's table.
 """
 
 from __future__ import annotations
@@ -28,15 +30,22 @@ def evaluation_key(record: dict) -> tuple[int, int]:
     return record["seq_len"], record["tokens"]
 
 
-def evaluate(model, tokenizer, args, bits: float, seconds: float) -> dict:
-    """The perplexity fields of a record."""
+def evaluate(model, tokenizer, args, bits: float, seconds: float) -> list[dict]:
+    """The perplexity fields of a record, then those of each --prefix-windows record."""
     start = time.perf_counter()
     result = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=args.windows * args.seq_len)
     if result.windows != args.windows:
         raise RuntimeError(f"the test split has only {result.windows} windows of {args.seq_len} tokens")
     tqdm.write(f"  {bits:.3f} bits/weight, perplexity {result.perplexity:.3f}")
-    return dict(avg_bits=bits, perplexity=result.perplexity, tokens=result.tokens, compress_seconds=seconds,
-                eval_seconds=time.perf_counter() - start)
+    common_fields = dict(avg_bits=bits, compress_seconds=seconds, eval_seconds=time.perf_counter() - start)
+    prefixes = [result.prefix(n) for n in args.prefix_windows if n < result.windows]
+    return [{**common_fields, "windows": r.windows, "tokens": r.tokens, "perplexity": r.perplexity,
+             **({"prefix_of_windows": result.windows} if r is not result else {})} for r in [result, *prefixes]]
+
+
+def append_records(args, record: dict, evaluations: list[dict], info: dict) -> None:
+    for fields in evaluations:
+        common.append_jsonl(args.out, {**record, **fields, **info})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,10 +56,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(common.RESULTS / "quality.jsonl"))
     parser.add_argument("--resume", action="store_true", help="skip methods --out already has for this evaluation")
     parser.add_argument("--calibration-samples", type=int, help="override the calibration windows (smoke tests)")
+    parser.add_argument("--prefix-windows", type=int, nargs="*", default=[],
+                        help="also record the perplexity over the first N of the same windows (e.g. 16)")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="do not evaluate dense first (another process running the same evaluation does)")
     args = parser.parse_args(argv)
 
-    names = methods.select(args.methods)
-    names = ["dense"] + [name for name in names if name != "dense"]
+    names = [name for name in methods.select(args.methods) if name != "dense"]
+    names = names if args.no_dense else ["dense", *names]
     tokens = args.windows * (args.seq_len - 1)
     if args.resume:
         done = {(r["method"], json.dumps(r["setting"], sort_keys=True)) for r in common.read_jsonl(args.out)
@@ -69,18 +82,16 @@ def main(argv: list[str] | None = None) -> None:
             if "distill" in record["setting"]:  # record the model before distillation too, under the base name
                 base = {**record, "method": name.removesuffix("-kd"),
                         "setting": {k: v for k, v in record["setting"].items() if k != "distill"}}
-                base.update(evaluate(model, tokenizer, args, bits, seconds))
-                common.append_jsonl(args.out, {**base, **info})
+                append_records(args, base, evaluate(model, tokenizer, args, bits, seconds), info)
                 seconds += methods.distill(name, model, dense, tokenizer, n_samples=args.calibration_samples)
-            record.update(evaluate(model, tokenizer, args, bits, seconds))
-            tqdm.write(f"{name}: {bits:.3f} bits/weight, perplexity {record['perplexity']:.3f}")
+            evaluations = evaluate(model, tokenizer, args, bits, seconds)
+            tqdm.write(f"{name}: {bits:.3f} bits/weight, perplexity {evaluations[0]['perplexity']:.3f}")
         except Exception as err:  # a baseline that does not run here is recorded, not fatal
-            record["error"] = f"{type(err).__name__}: {err}"
-            record["traceback"] = traceback.format_exc(limit=-3)
-            tqdm.write(f"{name}: FAILED {record['error']}")
+            evaluations = [dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=-3))]
+            tqdm.write(f"{name}: FAILED {evaluations[0]['error']}")
         model = None
         gc.collect()
-        common.append_jsonl(args.out, {**record, **info})
+        append_records(args, record, evaluations, info)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,15 @@ REPRODUCE = """\
 bash scripts/install.sh                 # swsc_hf and its test dependencies
 bash benchmarks/setup_env.sh            # venv ~/.venvs/swsc-bench: + HQQ, quanto, torchao, GPTQModel, matplotlib
 PY=~/.venvs/swsc-bench/bin/python
-$PY benchmarks/quality.py --windows 32 --out docs/results/quality.jsonl          # add --resume to continue a run
+$PY benchmarks/quality.py --windows 32 --prefix-windows 16     # add --resume to continue a run
 $PY benchmarks/speed.py --repeats 7 --out docs/results/speed.jsonl
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
 `--methods` takes registry names or patterns (`rtn-*,swsc-*`); the registry is `METHODS` in `benchmarks/methods.py`.
-The full quality run takes hours on 2 CPU cores: split it with `--methods` and continue with `--resume`.
+The full quality run takes hours on 2 CPU cores: split it with `--methods` (and `--no-dense` in all but one
+process) and continue with `--resume`. `--prefix-windows 16` records each method's perplexity over the first 16
+windows of the same evaluation as well, which is what a `--windows 16` run gives.
 """
 
 BITS_NOTE = """\
@@ -85,12 +87,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 # ---- quality ------------------------------------------------------------------------------------------------------
 def quality_records(records: list[dict]) -> tuple[dict[str, dict], list[dict], tuple[int, int] | None]:
-    """The evaluation with dense and the most tokens; its latest successful record per method, and the failures."""
+    """The main evaluation: of those with dense, the one with the most methods (then the most tokens); its latest
+    successful record per method, and the failures."""
     ok = [r for r in records if "error" not in r]
     keys = {(r["seq_len"], r["tokens"]) for r in ok if r["method"] == "dense"}
     if not keys:
         return {}, [], None
-    key = max(keys, key=lambda k: (k[1], k[0]))
+    methods_at = {k: {r["method"] for r in ok if (r["seq_len"], r["tokens"]) == k} for k in keys}
+    key = max(keys, key=lambda k: (len(methods_at[k]), k[1], k[0]))
     chosen = latest([r for r in ok if (r["seq_len"], r["tokens"]) == key], lambda r: r["method"])
     failures = [r for r in latest([r for r in records if "error" in r], lambda r: r["method"]).values()
                 if r["method"] not in chosen]
@@ -98,27 +102,62 @@ def quality_records(records: list[dict]) -> tuple[dict[str, dict], list[dict], t
 
 
 def other_evaluations_section(records: list[dict], key) -> list[str]:
-    """Results of shorter evaluations (fewer windows) for methods the main table lacks, each against its own dense."""
+    """Every method of the longer evaluations (more tokens than the main table), and the methods the main table
+    lacks from the shorter ones; each against the dense model on the same windows."""
     ok = [r for r in records if "error" not in r]
     main_methods = {r["method"] for r in ok if (r["seq_len"], r["tokens"]) == key}
     out = []
     for other in sorted({(r["seq_len"], r["tokens"]) for r in ok} - {key}, key=lambda k: -k[1]):
         chosen = latest([r for r in ok if (r["seq_len"], r["tokens"]) == other], lambda r: r["method"])
-        extra = [r for r in chosen.values() if r["method"] not in main_methods]
-        if "dense" not in chosen or not extra:
+        longer = other[1] > key[1]
+        shown = [r for r in chosen.values() if r["method"] != "dense" and (longer or r["method"] not in main_methods)]
+        if "dense" not in chosen or not shown:
             continue
         dense = chosen["dense"]
-        if not out:
-            out = ["### Methods measured only on a shorter evaluation", "",
-                   "Not comparable with the table above in absolute terms (fewer windows); compare `x dense`.", ""]
-        rows = [[f"`{r['method']}`", "yes" if r["calibrated"] else "no", fmt(r["avg_bits"], 3),
-                 fmt(r["perplexity"], 3), fmt(r["perplexity"] / dense["perplexity"], 3),
-                 fmt(r.get("compress_seconds"), 1)]
-                for r in sorted([dense, *extra], key=lambda r: r["avg_bits"])]
+        title = ("### Longer evaluation: every method run on it" if longer
+                 else "### Methods measured only on a shorter evaluation")
+        out += [title, "", "Not comparable with the main table in absolute terms (other windows); compare "
+                "`x dense` (and `x RTN`, the RTN nearest in bits on the same windows).", ""]
+        rtn = [r for r in chosen.values() if r["family"] == "rtn"]
+        rows = []
+        for r in sorted([dense, *shown], key=lambda r: r["avg_bits"]):
+            near = nearest(rtn, r["avg_bits"]) if r["family"] not in ("rtn", "dense") else None
+            rows.append([f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no", fmt(r["avg_bits"], 3),
+                         fmt(r["perplexity"], 3), fmt(r["perplexity"] / dense["perplexity"], 3),
+                         f"`{near['method']}` ({near['avg_bits']:.2f})" if near else "-",
+                         fmt(r["perplexity"] / near["perplexity"], 3) if near else "-",
+                         fmt(r.get("compress_seconds"), 1)])
         out += [f"{dense['windows']} windows of {other[0]} tokens ({other[1]} scored tokens), dense "
                 f"{dense['perplexity']:.3f} on them:", "",
-                table(["method", "calibrated", "avg bits", "perplexity", "x dense", "compress s"], rows), ""]
+                table(["method", "family", "calibrated", "avg bits", "perplexity", "x dense", "nearest RTN (bits)",
+                       "x RTN", "compress s"], rows), ""]
     return out
+
+
+def papers_section(chosen: dict[str, dict]) -> list[str]:
+    """The three papers' methods, each at its settings, data-free and calibrated, with the RTN nearest in bits."""
+    from methods import PAPER_SETTINGS
+
+    dense = chosen["dense"]
+    rtn = [r for r in chosen.values() if r["family"] == "rtn"]
+
+    def cell(name: str) -> list[str]:
+        r = chosen.get(name)
+        if r is None:
+            return ["not run", "-", "-"]
+        near = nearest(rtn, r["avg_bits"])
+        return [f"{r['avg_bits']:.2f} bits: {r['perplexity']:.4g}",
+                f"`{near['method']}` {near['perplexity']:.4g}" if near else "-",
+                fmt(r["perplexity"] / near["perplexity"], 3) if near else "-"]
+
+    rows = [[paper, setting, *cell(free), *cell(calibrated)]
+            for paper, settings in PAPER_SETTINGS.items() for setting, free, calibrated in settings]
+    return ["## The three papers' methods, data-free and calibrated", "",
+            f"Same windows as the main table (dense {dense['perplexity']:.3f}). Each cell: average bits and "
+            "perplexity; then the RTN nearest in bits and the ratio to it (< 1 = better than RTN). Registry names "
+            "in `benchmarks/methods.py` (`PAPER_SETTINGS`).", "",
+            table(["paper", "setting", "data-free", "nearest RTN", "x RTN", "calibrated", "nearest RTN", "x RTN"],
+                  rows), ""]
 
 
 def nearest(rows: list[dict], bits: float) -> dict | None:
@@ -385,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
              "## How to reproduce", "", REPRODUCE]
     lines += quality_section(chosen, failures, key, rel_plot)
     if chosen:
-        lines += other_evaluations_section(quality, key)
+        lines += other_evaluations_section(quality, key) + papers_section(chosen)
     if chosen:
         lines += claim_section(chosen) + lose_section(chosen)
     lines += speed_section(speed) + compression_section(compression)

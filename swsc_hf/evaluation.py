@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +17,15 @@ class PerplexityResult:
     tokens: int
     windows: int
     seq_len: int
+    window_nll: list[float] = field(default_factory=list)  # summed negative log-likelihood of each window
+
+    def prefix(self, windows: int) -> PerplexityResult:
+        """The result over the first `windows` windows only (the same windows a shorter evaluation scores)."""
+        if not 0 < windows <= self.windows:
+            raise ValueError(f"prefix of {windows} windows asked from an evaluation of {self.windows}")
+        nll = self.window_nll[:windows]
+        tokens = windows * (self.seq_len - 1)
+        return PerplexityResult(math.exp(sum(nll) / tokens), tokens, windows, self.seq_len, nll)
 
 
 @torch.no_grad()
@@ -44,11 +53,11 @@ def perplexity(
     if windows == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    total_nll, total_tokens = 0.0, 0
+    window_nll = []
     for window in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
         batch = ids[window * seq_len : (window + 1) * seq_len][None].to(device)
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
-        total_nll += float(loss)
-        total_tokens += seq_len - 1
-    return PerplexityResult(math.exp(total_nll / total_tokens), total_tokens, windows, seq_len)
+        window_nll.append(float(loss))
+    tokens = windows * (seq_len - 1)
+    return PerplexityResult(math.exp(sum(window_nll) / tokens), tokens, windows, seq_len, window_nll)

@@ -36,3 +36,14 @@ def test_smollm2_compress_evaluate_save_reload(tmp_path):
         assert torch.equal(reloaded(probe).logits, model(probe).logits)
     generated = reloaded.generate(probe, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == probe.shape[1] + 8
+
+
+def test_prefix_of_an_evaluation_equals_the_shorter_evaluation():
+    """The benchmark records a 16-window figure from a 32-window run: that must be what a 16-window run gives."""
+    model, tokenizer = load_smollm2()
+    longer = perplexity(model, tokenizer, seq_len=256, max_tokens=3 * 256, progress=False)
+    shorter = perplexity(model, tokenizer, seq_len=256, max_tokens=2 * 256, progress=False)
+    prefix = longer.prefix(2)
+    assert (prefix.tokens, prefix.windows) == (shorter.tokens, shorter.windows)
+    assert math.isclose(prefix.perplexity, shorter.perplexity, rel_tol=1e-6)
+    assert len(longer.window_nll) == 3 and longer.perplexity != prefix.perplexity
