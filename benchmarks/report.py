@@ -358,6 +358,10 @@ def compression_section(records: list[dict]) -> list[str]:
     synth = latest([r for r in records if r["kind"] == "synthetic"], lambda r: (r["method"], r["shape"][0]))
     if not models and not synth:
         return out + ["No compression-time results yet (run benchmarks/compression_time.py).", ""]
+    if not models:
+        out += ["SmolLM2-135M: the `compress s` column of the quality tables, seconds each method took to compress "
+                "the model in the quality runs (calibrated ones include their calibration passes; 1 torch thread, "
+                "with two runs sharing the 2 cores, so compare ratios).", ""]
     if models:
         out += ["SmolLM2-135M (210 linear layers), one compression each, on the CPU below; calibrated methods "
                 "include their calibration forward passes. Peak = rise of the resident set during compression.", ""]
