@@ -57,7 +57,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-# The issue-3 table: each paper's method at two settings, (data-free, calibrated) registry names per setting.
+# The report's papers table: each paper's method at its settings, (data-free, calibrated) registry names for each.
 PAPER_SETTINGS: dict[str, list[tuple[str, str, str]]] = {
     "SWSC": [("paper recipe: channel K-Means to half the channels + rank 32", "swsc-paper", "swsc-paper-cal"),
              ("ours: 16 scalars per matrix, scales per 128 (~4.2 bits)", "swsc-4bit", "swsc-4bit-cal"),

@@ -21,8 +21,9 @@ class PerplexityResult:
 
     def prefix(self, windows: int) -> PerplexityResult:
         """The result over the first `windows` windows only (the same windows a shorter evaluation scores)."""
-        if not 0 < windows <= self.windows:
-            raise ValueError(f"prefix of {windows} windows asked from an evaluation of {self.windows}")
+        if not 0 < windows <= len(self.window_nll):
+            raise ValueError(f"prefix of {windows} windows asked from a result holding {len(self.window_nll)} "
+                             "per-window losses; evaluate with `perplexity` over at least that many windows")
         nll = self.window_nll[:windows]
         tokens = windows * (self.seq_len - 1)
         return PerplexityResult(math.exp(sum(nll) / tokens), tokens, windows, self.seq_len, nll)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -47,3 +48,5 @@ def test_prefix_of_an_evaluation_equals_the_shorter_evaluation():
     assert (prefix.tokens, prefix.windows) == (shorter.tokens, shorter.windows)
     assert math.isclose(prefix.perplexity, shorter.perplexity, rel_tol=1e-6)
     assert len(longer.window_nll) == 3 and longer.perplexity != prefix.perplexity
+    with pytest.raises(ValueError, match="per-window losses"):
+        longer.prefix(4)
