@@ -118,19 +118,9 @@ def other_evaluations_section(records: list[dict], key) -> list[str]:
                  else "### Methods measured only on a shorter evaluation")
         out += [title, "", "Not comparable with the main table in absolute terms (other windows); compare "
                 "`x dense` (and `x RTN`, the RTN nearest in bits on the same windows).", ""]
-        rtn = [r for r in chosen.values() if r["family"] == "rtn"]
-        rows = []
-        for r in sorted([dense, *shown], key=lambda r: r["avg_bits"]):
-            near = nearest(rtn, r["avg_bits"]) if r["family"] not in ("rtn", "dense") else None
-            rows.append([f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no", fmt(r["avg_bits"], 3),
-                         fmt(r["perplexity"], 3), fmt(r["perplexity"] / dense["perplexity"], 3),
-                         f"`{near['method']}` ({near['avg_bits']:.2f})" if near else "-",
-                         fmt(r["perplexity"] / near["perplexity"], 3) if near else "-",
-                         fmt(r.get("compress_seconds"), 1)])
         out += [f"{dense['windows']} windows of {other[0]} tokens ({other[1]} scored tokens), dense "
                 f"{dense['perplexity']:.3f} on them:", "",
-                table(["method", "family", "calibrated", "avg bits", "perplexity", "x dense", "nearest RTN (bits)",
-                       "x RTN", "compress s"], rows), ""]
+                quality_table(sorted([dense, *shown], key=lambda r: r["avg_bits"]), list(chosen.values())), ""]
     return out
 
 
@@ -164,6 +154,23 @@ def nearest(rows: list[dict], bits: float) -> dict | None:
     return min(rows, key=lambda r: (abs(r["avg_bits"] - bits), r["avg_bits"]), default=None)
 
 
+def quality_table(rows: list[dict], evaluation: list[dict]) -> str:
+    """`rows` (one evaluation's records, dense among them) with their ratios to dense and to the RTN of
+    `evaluation` (all records of the same evaluation) nearest in bits."""
+    dense = next(r for r in evaluation if r["family"] == "dense")
+    rtn = [r for r in evaluation if r["family"] == "rtn"]
+    cells = []
+    for r in rows:
+        near = nearest(rtn, r["avg_bits"]) if r["family"] not in ("rtn", "dense") else None
+        cells.append([f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no", fmt(r["avg_bits"], 3),
+                      fmt(r["perplexity"], 3), fmt(r["perplexity"] / dense["perplexity"], 3),
+                      f"`{near['method']}` ({near['avg_bits']:.2f})" if near else "-",
+                      fmt(r["perplexity"] / near["perplexity"], 3) if near else "-",
+                      fmt(r.get("compress_seconds"), 1)])
+    return table(["method", "family", "calibrated", "avg bits", "perplexity", "x dense", "nearest RTN (bits)",
+                  "x RTN", "compress s"], cells)
+
+
 def best_at_most(rows: list[dict], bits: float) -> dict | None:
     fitting = [r for r in rows if r["avg_bits"] <= bits + SLACK]
     return min(fitting, key=lambda r: r["perplexity"], default=None)
@@ -173,22 +180,13 @@ def quality_section(chosen: dict[str, dict], failures: list[dict], key, plot: st
     if not chosen:
         return ["## Quality per bit", "", "No quality results yet (run benchmarks/quality.py).", ""]
     dense = chosen["dense"]
-    rtn = [r for r in chosen.values() if r["family"] == "rtn"]
     out = ["## Quality per bit", "",
            f"SmolLM2-135M-Instruct, WikiText-2 test, perplexity over the first {dense['windows']} non-overlapping "
            f"windows of {key[0]} tokens ({key[1]} scored tokens), all methods on the same windows, evaluated by "
            "`swsc_hf.evaluation.perplexity`. `x dense` and `x RTN` are perplexity ratios; the RTN is the one "
            "nearest in average bits.", ""]
-    rows = []
-    for r in sorted(chosen.values(), key=lambda r: (r["family"] != "dense", r["family"], r["avg_bits"])):
-        near = nearest(rtn, r["avg_bits"]) if r["family"] not in ("rtn", "dense") else None
-        rows.append([f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no", fmt(r["avg_bits"], 3),
-                     fmt(r["perplexity"], 3), fmt(r["perplexity"] / dense["perplexity"], 3),
-                     f"`{near['method']}` ({near['avg_bits']:.2f})" if near else "-",
-                     fmt(r["perplexity"] / near["perplexity"], 3) if near else "-",
-                     fmt(r.get("compress_seconds"), 1)])
-    out += [table(["method", "family", "calibrated", "avg bits", "perplexity", "x dense", "nearest RTN (bits)",
-                   "x RTN", "compress s"], rows), ""]
+    ordered = sorted(chosen.values(), key=lambda r: (r["family"] != "dense", r["family"], r["avg_bits"]))
+    out += [quality_table(ordered, list(chosen.values())), ""]
     if plot:
         out += [f"![perplexity vs average bits]({plot})", ""]
     if failures:
@@ -358,11 +356,11 @@ def compression_section(records: list[dict]) -> list[str]:
     synth = latest([r for r in records if r["kind"] == "synthetic"], lambda r: (r["method"], r["shape"][0]))
     if not models and not synth:
         return out + ["No compression-time results yet (run benchmarks/compression_time.py).", ""]
-    if not models:
+    if not models:  # whole-model times come from the quality runs
         out += ["SmolLM2-135M: the `compress s` column of the quality tables, seconds each method took to compress "
                 "the model in the quality runs (calibrated ones include their calibration passes; 1 torch thread, "
                 "with two runs sharing the 2 cores, so compare ratios).", ""]
-    if models:
+    else:
         out += ["SmolLM2-135M (210 linear layers), one compression each, on the CPU below; calibrated methods "
                 "include their calibration forward passes. Peak = rise of the resident set during compression.", ""]
         rows = [[f"`{r['method']}`", r["family"], "yes" if r["calibrated"] else "no",
