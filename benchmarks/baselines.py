@@ -13,18 +13,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from swsc_hf.model_ops import dense_linear, swap_module
+from swsc_hf.model_ops import target_linears as swsc_targets
+
 SKIP = ("lm_head",)
 
 
 def target_linears(model: nn.Module, skip: tuple[str, ...] = SKIP) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear layers a baseline quantizes (swsc_hf's defaults: all but lm_head; embeddings are not Linear)."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and not any(name.endswith(s) for s in skip)]
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+    """The nn.Linear layers a baseline quantizes: swsc_hf's own choice with `skip` kept dense (all but lm_head by
+    default; embeddings are not Linear)."""
+    return swsc_targets(model, list(skip))
 
 
 @torch.no_grad()
@@ -78,7 +76,7 @@ def hqq_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str,
             layer.meta[key] = layer.meta[key].half().to(dtype)
         stored_bits += _float_bits(layer.W_q) + _float_bits(layer.meta["scale"]) + _float_bits(layer.meta["zero"])
         weights += count
-        _swap(model, name, layer)
+        swap_module(model, name, layer)
     return stored_bits / weights
 
 
@@ -103,12 +101,7 @@ def quanto_quantize_(model: nn.Module, bits: int, dequantize: bool = False, skip
         weights += module.in_features * module.out_features
         if dequantize:
             weight = module.weight.dequantize()
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              dtype=weight.dtype, device=weight.device)
-            dense.weight.copy_(weight)
-            if module.bias is not None:
-                dense.bias.copy_(module.bias)
-            _swap(model, name, dense)
+            swap_module(model, name, dense_linear(weight, module.bias))
     return stored_bits / weights
 
 

@@ -76,8 +76,7 @@ def is_calibrated(name: str) -> bool:
 
 def calibration_windows(tokenizer, n_samples: int, seq_len: int) -> list[torch.Tensor]:
     """The calibration windows swsc_hf's calibrated compression uses, for the baselines that need data (GPTQ)."""
-    from swsc_hf import SWSCConfig
-    from swsc_hf.pipeline import calibration_batches
+    from swsc_hf import SWSCConfig, calibration_batches
 
     config = SWSCConfig(dataset=CALIBRATION["dataset"], n_samples=n_samples, seq_len=seq_len)
     return calibration_batches(config, tokenizer, torch.device("cpu"))
@@ -131,7 +130,7 @@ def apply_method(
 
 def distill(name: str, model: nn.Module, teacher: nn.Module, tokenizer, n_samples: int | None = None) -> float:
     """Distill the compressed model's tables toward `teacher` on the method's calibration windows; returns seconds."""
-    from swsc_hf.distill import distill_tables
+    from swsc_hf import distill_tables
 
     kwargs = setting(name, n_samples)
     start = time.perf_counter()

@@ -6,7 +6,7 @@ Three modes:
              low-rank terms (the model stays compressed)
   both       LoRA and codebooks together, merged the same way
 
-Training text is the WikiText-2 validation split (`swsc_hf.data.wikitext2_calibration_rows`); perplexity is measured
+Training text is the WikiText-2 validation split (`swsc_hf.wikitext2_calibration_rows`); perplexity is measured
 on the test split (first --eval-tokens tokens, 512-token windows) for the dense model, the compressed model before
 training, and after. One JSON line with the figures is printed and appended to --output.
 
@@ -27,11 +27,17 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import swsc_hf
-from swsc_hf import SWSCConfig, compression_report
-from swsc_hf.bundled import load_smollm2
-from swsc_hf.data import join_rows, wikitext2_calibration_rows
-from swsc_hf.evaluation import perplexity
-from swsc_hf.lora import finish_training, merge_and_unload, prepare_for_training
+from swsc_hf import (
+    SWSCConfig,
+    compression_report,
+    finish_training,
+    join_rows,
+    load_smollm2,
+    merge_and_unload,
+    perplexity,
+    prepare_for_training,
+    wikitext2_calibration_rows,
+)
 
 LORA_LR, CODEBOOK_LR = 3e-3, 1e-2  # best of a short sweep (see docs/finetuning.md)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

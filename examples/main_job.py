@@ -18,11 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import swsc_hf
-from swsc_hf.bundled import load_smollm2
-from swsc_hf.cli import save_atomically
-from swsc_hf.distill import distill_tables
-from swsc_hf.evaluation import perplexity
-from swsc_hf.pipeline import calibration_batches
+from swsc_hf import calibration_batches, distill_tables, load_smollm2, perplexity, save_atomically
 
 
 def main() -> None:
@@ -34,7 +30,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="after compression, distill codebooks and scales toward the dense model for this many "
-                             "steps on the calibration windows (swsc_hf.distill; 64 is what docs/results.md used)")
+                             "steps on the calibration windows (distill_tables; 64 is what docs/results.md used)")
     args = parser.parse_args()
     torch.manual_seed(0)
     max_tokens = args.windows * args.seq_len

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core.compress import compress_weight
-from .core.spec import LayerSpec
+from .core.spec import LayerSpec, fitting_scale_group
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,9 @@ LADDER_CODE_BITS = (2, 3, 4, 5, 6, 8)
 LADDER_SCALE_GROUP = 128
 
 
-def _fitting_group(group: int, length: int) -> int:
-    return next(size for size in range(min(group, length), 0, -1) if length % size == 0)
-
-
 def ladder(out_features: int, in_features: int, near: float | None = None) -> list[LayerSpec]:
     """Candidate layouts of one layer, cheapest first; with `near`, only code widths from one below to two above."""
-    group = _fitting_group(LADDER_SCALE_GROUP, in_features)
+    group = fitting_scale_group(LADDER_SCALE_GROUP, in_features)
     widths = [b for b in LADDER_CODE_BITS if near is None or int(near) - 1 <= b <= int(near) + 2]
     return [LayerSpec(out_features, in_features, n_clusters=2**bits, segment_length=1, scale_group_size=group)
             for bits in widths or LADDER_CODE_BITS[:1]]

@@ -5,12 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .atomic_save import save_atomically
+from .bundled import as_dense, smollm2_gguf
+from .config import SWSCConfig
+from .data import join_rows, rows_from_lines
+from .distributed import compress_source, is_distributed, launch
+from .evaluation import perplexity
+from .hub import push_compressed
+from .quantizer import compress_model
+from .report import compression_report
 
 BUNDLED = "bundled:smollm2"
 logger = logging.getLogger("swsc_hf")
@@ -35,46 +45,23 @@ def load_source(src: str, gguf_file: str | None, *, dtype: torch.dtype, quantiza
     GGUF models are dequantized by transformers' own GGUF loader, then compressed after loading (its loader and
     ours are both quantizer hooks, so they cannot run in one `from_pretrained`).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import swsc_hf  # noqa: F401  (registers the quantizer)
-
-    from .bundled import as_dense, smollm2_gguf
-    from .pipeline import compress_model
-
     if src == BUNDLED:
         src, gguf_file = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(src, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if quantization_config is not None and quantization_config.is_calibrated and quantization_config.tokenizer is None:
+        quantization_config.tokenizer = tokenizer  # calibration inside from_pretrained reads it from the config
     if gguf_file:
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
         model = as_dense(AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=dtype,
                                                               device_map=device_map))
         if quantization_config is not None:
-            if quantization_config.is_calibrated and quantization_config.tokenizer is None:
-                quantization_config.tokenizer = tokenizer
             compress_model(model, quantization_config)
         return model, tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    if quantization_config is not None and quantization_config.is_calibrated and quantization_config.tokenizer is None:
-        quantization_config.tokenizer = tokenizer
     extra = {} if quantization_config is None else {"quantization_config": quantization_config}
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=device_map, **extra)
     return model, tokenizer
 
 
-def save_atomically(model, tokenizer, out: str | os.PathLike) -> None:
-    """Write model and tokenizer to a temporary folder beside `out`, then swap it in whole: a failed save leaves
-    `out` as it was."""
-    from .safety import atomic_directory
-
-    with atomic_directory(out, keep_other_files=False) as tmp:
-        type(model).save_pretrained(model, tmp)  # the class's own: this folder is already the temporary one
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-
 def _config_from_args(args):
-    from .config import SWSCConfig
-
     fields = {
         "preset": args.preset, "n_clusters": args.n_clusters, "rank": args.rank, "cluster_dim": args.cluster_dim,
         "scale_group_size": args.scale_group_size, "dataset": args.calibration, "n_samples": args.n_samples,
@@ -86,9 +73,6 @@ def _config_from_args(args):
 
 
 def cmd_compress(args) -> int:
-    from .distributed import compress_source, is_distributed, launch
-    from .report import compression_report
-
     config = _config_from_args(args)
     dtype = getattr(torch, args.dtype)
     if args.num_processes < 1:
@@ -120,16 +104,11 @@ def cmd_compress(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluation import perplexity
-    from .report import compression_report
-
     model, tokenizer = load_source(args.model, args.gguf_file, dtype=getattr(torch, args.dtype),
                                    device_map=_device_map(args.device_map))
     text = None
     if args.data:
-        from .data import _rows_from_lines, join_rows
-
-        text = join_rows(_rows_from_lines(Path(args.data).read_text(encoding="utf-8")))
+        text = join_rows(rows_from_lines(Path(args.data).read_text(encoding="utf-8")))
     result = perplexity(model, tokenizer, text, seq_len=args.seq_len, max_tokens=args.max_tokens)
     report = compression_report(model)
     bits = report.compressed_bits_per_weight if report.layers else torch.finfo(model.dtype).bits
@@ -144,8 +123,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import compression_report
-
     model, _ = load_source(args.model, None, dtype=getattr(torch, args.dtype))
     report = compression_report(model)
     print(json.dumps(report.to_dict()) if args.json else report)
@@ -153,15 +130,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_compressed
-
     config = _config_from_args(args)
     model, tokenizer = load_source(args.src, args.gguf_file, dtype=getattr(torch, args.dtype),
                                    quantization_config=config)
     metrics = None
     if args.evaluate_tokens:
-        from .evaluation import perplexity
-
         result = perplexity(model, tokenizer, seq_len=args.eval_seq_len, max_tokens=args.evaluate_tokens)
         metrics = {"dataset": "wikitext-2-raw-v1 test", "perplexity": result.perplexity, "tokens": result.tokens,
                    "seq_len": result.seq_len}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .core.spec import CLUSTER_DIMS, LayerSpec
+from .allocation import uniform_choice
+from .core.spec import CLUSTER_DIMS, LayerSpec, fitting_scale_group, rank_for_ratio
 
 FORMAT_VERSION = 1
 METHODS = ("swsc", "weight_clustering", "basis_sharing")
@@ -44,17 +44,6 @@ TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 SHARE_SELECTIONS = ("types", "loss")
 BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
-def _fitting_group(group: int, length: int, segment: int) -> int:
-    """The largest scale group <= `group` that divides the channel length and holds whole segments.
-
-    Channel lengths are often not multiples of the usual 128 (SmolLM2's 576 -> 96), so the size is rounded down.
-    """
-    for size in range(min(group, length), 0, -1):
-        if length % size == 0 and size % segment == 0:
-            return size
-    return length
-
-
 DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
 
 
@@ -66,8 +55,13 @@ class SWSCConfig(QuantizationConfigMixin):
     explicit arguments override it. With `dataset` set, compression is calibrated (data-aware) and runs after the
     dense weights are loaded, layer by layer on the activations of the already-compressed earlier layers.
 
-    Args:
-        method: "swsc", "weight_clustering" or "basis_sharing" (which paper the layout follows; recorded in cards).
+    The fields, by purpose (all are saved in config.json unless marked "not saved"):
+
+    What to compress and how large (the layout of every layer):
+        preset: a named setting (see `PRESETS`); explicit arguments override its fields.
+        bits: target average bits per compressed weight; chooses every layer's layout (scalar codebooks of 2^b
+            values over segments scaled per 128 weights), spread over layers by measured sensitivity when
+            calibrating, uniform otherwise. Not combinable with explicit layout fields or a preset.
         n_clusters: codewords per codebook: an int, or a float in (0, 1] = that fraction of the channels.
         segment_length: values per codeword; None = a whole channel (SWSC's layout), 1 = scalar clustering.
         cluster_dim: "output" (rows of W are the channels) or "input" (columns).
@@ -75,23 +69,33 @@ class SWSCConfig(QuantizationConfigMixin):
         scale_group_size: one scale per channel and this many values; 0 = no scales, -1 = one per channel. Rounded
             down to a size that divides the channel length into whole segments.
         rows_per_codebook: channels sharing one codebook; 0 = one codebook per matrix.
-        affine_correction: rescale clustered values to keep each matrix's mean and std (w' = a*w + b).
-        kmeans_iters, seed: K-Means iterations and the seed that makes compression deterministic.
-        error_feedback: with calibration, GPTQ-style error feedback while assigning codes.
-        bits: target average bits per compressed weight; chooses every layer's layout (scalar codebooks of 2^b
-            values over segments scaled per 128 weights), spread over layers by measured sensitivity when
-            calibrating, uniform otherwise. Not combinable with explicit layout fields or a preset.
-        parameter_ratio: Basis Sharing: fraction of a layer's parameters kept by its low-rank term.
-        share_group_size, share_types: Basis Sharing: layers per shared basis and the projections that share.
-        share_selection: "types" (every group of `share_types` shares) or "loss" (a group shares only where its
-            measured loss, output error with calibration and Frobenius error without, is lower than separate
-            per-layer factors with the same number of parameters).
-        dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
-            the tokenizer, the number of sequences and their length. Not serialized.
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
             float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
         modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings.
-        compressed_layers: per-layer resolved layouts, filled in by compression and saved in config.json.
+
+    Basis Sharing (layers sharing one input-side basis):
+        parameter_ratio: fraction of a layer's parameters kept by its low-rank term.
+        share_group_size, share_types: layers per shared basis and the projections that share.
+        share_selection: "types" (every group of `share_types` shares) or "loss" (a group shares only where its
+            measured loss, output error with calibration and Frobenius error without, is lower than separate
+            per-layer factors with the same number of parameters).
+
+    How the terms are fitted:
+        affine_correction: rescale clustered values to keep each matrix's mean and std (w' = a*w + b).
+        kmeans_iters, seed: K-Means iterations and the seed that makes compression deterministic.
+        error_feedback: with calibration, GPTQ-style error feedback while assigning codes.
+
+    Calibration (not saved):
+        dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
+            the tokenizer, the number of sequences and their length.
+
+    Labels and the saved result:
+        method: "swsc", "weight_clustering" or "basis_sharing": a label of which paper the layout follows, set by
+            the presets and recorded in model cards. It selects no code path; it only makes "basis_sharing" require
+            `parameter_ratio` or `rank`.
+        compressed_layers: per-layer resolved layouts, filled in by compression and saved in config.json; a
+            checkpoint's shells are built from it.
+        format_version: the checkpoint format this config describes.
     """
 
     def __init__(
@@ -150,7 +154,6 @@ class SWSCConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = list(keep_dense) if isinstance(keep_dense, (list, tuple)) else keep_dense
         self.compressed_layers = dict(compressed_layers) if isinstance(compressed_layers, dict) else (
             compressed_layers or {})
-        self.allocation: dict[str, LayerSpec] = {}  # per-layer layouts chosen for `bits` (not serialized)
         self.format_version = format_version
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
@@ -223,8 +226,10 @@ class SWSCConfig(QuantizationConfigMixin):
             fail("n_clusters", "n_clusters=0 needs a low-rank term (rank > 0 or parameter_ratio)")
 
     # ---- resolution ----------------------------------------------------------------------------------------
-    def layer_spec(self, name: str, out_features: int, in_features: int) -> LayerSpec:
-        """The layout of module `name`: the saved one if compressed already, else resolved from the fields."""
+    def layer_spec(self, name: str, out_features: int, in_features: int,
+                   allocation: dict[str, LayerSpec] | None = None) -> LayerSpec:
+        """The layout of module `name`: the saved one if compressed already, else the one `allocation` chose for
+        `bits=` (calibrated), else resolved from the fields."""
         if name in self.compressed_layers:
             spec = LayerSpec.from_dict(self.compressed_layers[name])
             if (spec.out_features, spec.in_features) != (out_features, in_features):
@@ -235,9 +240,7 @@ class SWSCConfig(QuantizationConfigMixin):
                 )
             return spec
         if self.bits is not None:
-            from .allocation import uniform_choice
-
-            return self.allocation.get(name) or uniform_choice(out_features, in_features, self.bits)
+            return (allocation or {}).get(name) or uniform_choice(out_features, in_features, self.bits)
         channels, length = (out_features, in_features) if self.cluster_dim == "output" else (in_features, out_features)
         n = self.n_clusters
         k = max(1, round(n * channels)) if isinstance(n, float) else min(n, 2**16)
@@ -247,10 +250,10 @@ class SWSCConfig(QuantizationConfigMixin):
                              f"{name}; pick a divisor or add {name!r} to modules_to_not_convert")
         group = {0: 0, -1: length}.get(self.scale_group_size, self.scale_group_size)
         if n and group:
-            group = _fitting_group(group, length, segment)
+            group = fitting_scale_group(group, length, segment)
         rank = self.rank
         if self.parameter_ratio is not None and not n:
-            rank = max(1, math.floor(self.parameter_ratio * out_features * in_features / (out_features + in_features)))
+            rank = max(1, rank_for_ratio(self.parameter_ratio, out_features, in_features))
         return LayerSpec(
             out_features=out_features, in_features=in_features, n_clusters=k if n else 0, segment_length=segment,
             cluster_dim=self.cluster_dim, rank=min(rank, out_features, in_features),
@@ -261,19 +264,33 @@ class SWSCConfig(QuantizationConfigMixin):
         """The dtype compressed tables are stored in for a model of `model_dtype`."""
         return model_dtype if self.table_dtype == "auto" else getattr(torch, self.table_dtype)
 
+    def fit_options(self) -> dict[str, Any]:
+        """The keyword arguments of `core.compress.compress_weight` this config sets."""
+        return dict(kmeans_iters=self.kmeans_iters, seed=self.seed, affine_correction=self.affine_correction,
+                    error_feedback=self.error_feedback)
+
     @property
     def is_calibrated(self) -> bool:
         return self.dataset is not None
 
     @property
+    def shares_bases(self) -> bool:
+        """Whether some projections share a basis across layers (Basis Sharing)."""
+        return bool(self.share_types) and self.share_group_size > 1
+
+    def shares_basis(self, name: str) -> bool:
+        """Whether module `name` shares its basis with the same projection of adjacent layers."""
+        return self.shares_bases and name.rsplit(".", 1)[-1] in self.share_types
+
+    @property
     def compresses_after_load(self) -> bool:
         """Calibration and basis sharing need whole layers (or groups of them), so they run after loading."""
-        return self.is_calibrated or (bool(self.share_types) and self.share_group_size > 1)
+        return self.is_calibrated or self.shares_bases
 
     # ---- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild the model; calibration inputs (dataset, tokenizer) are not persisted."""
-        transient = ("dataset", "tokenizer", "allocation")
+        transient = ("dataset", "tokenizer")
         out = copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in transient})
         out["quant_method"] = "swsc"
         return out

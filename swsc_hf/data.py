@@ -21,7 +21,7 @@ def data_root() -> Path | None:
     return None
 
 
-def _rows_from_lines(text: str) -> list[str]:
+def rows_from_lines(text: str) -> list[str]:
     """Rows as the HF `datasets` split has them: a non-blank line keeps its newline, a blank line is ""."""
     return [line + "\n" if line.strip() else "" for line in text.split("\n")[:-1]]
 
@@ -36,20 +36,21 @@ def wikitext2_test_text(path: str | os.PathLike | None = None) -> str:
     if path is None:
         root = data_root()
         if root is None:
-            return join_rows(_load_dataset_split("test", raw=True))
+            return join_rows(_load_wikitext_split("test"))
         path = root / TEST_FILE
-    return join_rows(_rows_from_lines(Path(path).read_text(encoding="utf-8")))
+    return join_rows(rows_from_lines(Path(path).read_text(encoding="utf-8")))
 
 
 def wikitext2_calibration_rows() -> list[str]:
     """WikiText-2 text for calibration, disjoint from the test split (validation here, train via `datasets`)."""
     root = data_root()
     if root is not None and (root / CALIBRATION_FILE).is_file():
-        return [row for row in _rows_from_lines((root / CALIBRATION_FILE).read_text(encoding="utf-8")) if row]
-    return [row for row in _load_dataset_split("train", raw=True) if row]
+        return [row for row in rows_from_lines((root / CALIBRATION_FILE).read_text(encoding="utf-8")) if row]
+    return [row for row in _load_wikitext_split("train") if row]
 
 
-def _load_dataset_split(split: str, raw: bool) -> list[str]:
+def _load_wikitext_split(split: str) -> list[str]:
+    """A split of WikiText-2 raw through `datasets` (downloaded), as rows."""
     try:
         from datasets import load_dataset
     except ImportError as err:
@@ -57,8 +58,7 @@ def _load_dataset_split(split: str, raw: bool) -> list[str]:
             f"WikiText-2 was not found locally (set {DATA_ENV} to a folder holding {TEST_FILE}) and the `datasets` "
             "package is not installed to download it (pip install datasets)"
         ) from err
-    name = "wikitext-2-raw-v1" if raw else "wikitext-2-v1"
-    return list(load_dataset("wikitext", name, split=split)["text"])
+    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"])
 
 
 def calibration_texts(dataset: str | list[str]) -> list[str]:
@@ -72,4 +72,4 @@ def calibration_texts(dataset: str | list[str]) -> list[str]:
     path = Path(dataset)
     if not path.is_file():
         raise ValueError(f'SWSCConfig.dataset={dataset!r} is neither "wikitext2" nor an existing text file')
-    return [row for row in _rows_from_lines(path.read_text(encoding="utf-8")) if row]
+    return [row for row in rows_from_lines(path.read_text(encoding="utf-8")) if row]

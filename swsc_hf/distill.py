@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .lora import finish_training, prepare_for_training
+from .table_training import finish_training, prepare_for_training
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 Run it with `swsc-hf compress --num-processes N` (N local processes, spawned here) or under `torchrun` /
 `accelerate launch` (several machines; the usual RANK / WORLD_SIZE / MASTER_ADDR environment). Each process builds
-the model skeleton on the meta device, reads only the dense weights of its own groups (`pipeline._groups`) from the
-safetensors checkpoint and compresses them one group at a time on its device (cuda:LOCAL_RANK where CUDA is
-available, else the CPU). The compressed tensors are gathered on rank 0, which adds the checkpoint's other tensors
-and loads the result through the regular, validating swsc_hf loader. Process groups use gloo on CPU and NCCL on GPU
-(the gather of compressed tensors always goes through gloo, on CPU).
+the model skeleton on the meta device, reads only the dense weights of its own groups
+(`compression.compression_groups`) from the safetensors checkpoint and compresses them one group at a time on its
+device (cuda:LOCAL_RANK where CUDA is available, else the CPU). The compressed tensors are gathered on rank 0, which
+adds the checkpoint's other tensors and loads the result through the regular, validating swsc_hf loader. Process
+groups use gloo on CPU and NCCL on GPU (the gather of compressed tensors always goes through gloo, on CPU).
 
 The checkpoint equals a single-process run's, byte for byte, with the same config and seed, on the same device
 type and with the same number of threads per process: CPU BLAS reductions depend on the thread count.
@@ -25,13 +25,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.multiprocessing import ProcessExitedException, spawn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .compression import compress_group, compression_groups
 from .config import SWSCConfig
-from .integration import SHARED_BASES_ATTR, _swap, target_linears
-from .pipeline import _compress_group, _groups
+from .hub import install_model_card
+from .model_ops import SHARED_BASES_ATTR, swap_module, target_linears
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +59,6 @@ def assign_groups(sizes: list[int], world_size: int) -> list[int]:
 def _resolve(src: str) -> Path:
     if Path(src).is_dir():
         return Path(src)
-    from huggingface_hub import snapshot_download
-
     return Path(snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
@@ -75,8 +77,6 @@ def _weight_files(path: Path) -> dict[str, Path]:
 
 
 def _skeleton(path: Path, dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
 
@@ -104,12 +104,12 @@ def compress_groups(
                 with safe_open(files[key], "pt") as handle:
                     value = handle.get_tensor(key).to(device, dtype)
                 setattr(module, param, nn.Parameter(value, requires_grad=False))
-        _compress_group(model, group, config, hessians=None)
+        compress_group(model, group, config)
         for name in group:
             layer = model.get_submodule(name)
             tensors.update({f"{name}.{key}": value.cpu().contiguous() for key, value in layer.state_dict().items()})
             specs[name] = layer.spec.to_dict()
-            _swap(model, name, nn.Identity())  # drop this rank's copy of the layer
+            swap_module(model, name, nn.Identity())  # drop this rank's copy of the layer
         holder = getattr(model, SHARED_BASES_ATTR, None)
         if holder is not None:
             for key in list(holder.bases):
@@ -121,8 +121,6 @@ def compress_groups(
 def assemble(path: Path, config: SWSCConfig, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype) -> nn.Module:
     """The compressed model from the gathered tensors and the dense checkpoint's other tensors, loaded (and so
     validated) by the regular swsc_hf loader."""
-    from transformers import AutoModelForCausalLM
-
     files = _weight_files(path)
     replaced = {f"{name}.{param}" for name in config.compressed_layers for param in ("weight", "bias")}
     merged = dict(tensors)
@@ -160,7 +158,8 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
         skeleton = _skeleton(path, dtype)
-        groups = _groups([name for name, _ in target_linears(skeleton, config)], config)
+        targets = target_linears(skeleton, config.modules_to_not_convert)
+        groups = compression_groups([name for name, _ in targets], config)
         sizes = [sum(skeleton.get_submodule(name).weight.numel() for name in group) for group in groups]
         owners = assign_groups(sizes, world_size)
         mine = [group for group, owner in zip(groups, owners, strict=True) if owner == rank]
@@ -183,13 +182,9 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
     order = [name for group in groups for name in group]
     config.compressed_layers = {name: layouts[name] for name in order}
     model = assemble(path, config, tensors, dtype=dtype)
-    from .hub import install_model_card
-
     install_model_card(model, base_model=src)
     tokenizer = None
     if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
         tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -216,8 +211,6 @@ def _child(rank: int, world_size: int, port: int, func, args) -> None:
 
 def launch(num_processes: int, func, args) -> int:
     """Run `func(args)` in `num_processes` local processes joined in one process group; returns an exit status."""
-    from torch.multiprocessing import ProcessExitedException, spawn
-
     try:
         spawn(_child, args=(num_processes, _free_port(), func, args), nprocs=num_processes, join=True)
     except ProcessExitedException as err:

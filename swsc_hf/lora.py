@@ -1,4 +1,4 @@
-"""Fine-tuning compressed models: LoRA on `SWSCLinear` through PEFT, and centroid (codebook) fine-tuning.
+"""LoRA on compressed models: `SWSCLinear` layers wrapped by PEFT, merged exactly into the low-rank term.
 
 LoRA: `register_with_peft()` (called by `import swsc_hf`) puts a dispatcher in front of PEFT's default one, so a
 plain `get_peft_model(model, LoraConfig(target_modules=[...]))` wraps compressed layers in `SWSCLoraLinear`, and
@@ -12,10 +12,8 @@ Merging: PEFT's `merge_and_unload()` merges exactly into the compressed low-rank
 (lowrank_a' = [lowrank_a | s * lora_B], lowrank_b' = [lowrank_b; lora_A]: the rank grows by r); `merge_and_unload`
 here also records the new ranks in the config so the result saves and reloads, or merges to a plain dense model.
 
-Centroid fine-tuning: `prepare_for_training(model, train_codebooks=True)` makes the codebooks (and optionally the
-scales) trainable in float32; `finish_training(model)` stores them back in the checkpoint's table dtype. Trained
-tables belong to the compressed base checkpoint (`save_pretrained` of the base), never to a LoRA adapter: a codebook
-is only meaningful with the codes it was trained with, so it travels with them.
+Centroid (table) fine-tuning lives in `table_training`. May import `modules`, `model_ops`, `table_training` and
+PEFT (optional).
 """
 
 from __future__ import annotations
@@ -27,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integration import SHARED_BASES_ATTR, _swap, record_layouts
+from .model_ops import dense_linear, dequantize_model, record_layouts, swap_module
 from .modules import SWSCLinear
-from .pipeline import dequantize_model
+from .table_training import finish_training, is_peft_model, model_dtype, swsc_config
 
 logger = logging.getLogger(__name__)
 
@@ -121,13 +119,7 @@ if PEFT_AVAILABLE:
                     if bias is None:
                         raise RuntimeError(f"cannot merge adapter {name!r} with lora_bias=True: the layer has no bias")
                     bias += (self.lora_B[name].bias * self.scaling[name]).float().to(bias.device)
-            linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device,
-                               dtype=dtype)
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-            linear.requires_grad_(False)
-            return linear
+            return dense_linear(weight, bias, dtype).requires_grad_(False)
 
     def _dispatch_swsc(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs: Any) -> nn.Module | None:
         """PEFT dispatcher: SWSCLoraLinear for an SWSCLinear target, None (not ours) otherwise."""
@@ -233,45 +225,9 @@ def _drop_low_rank(layer: SWSCLinear, r: int) -> None:
     layer.spec = dataclasses.replace(layer.spec, rank=rank)
 
 
-# ---- model-level helpers ------------------------------------------------------------------------------------------
-def _is_peft_model(model: nn.Module) -> bool:
-    return PEFT_AVAILABLE and hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if _is_peft_model(model) else model
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model was loaded in (config.dtype), else its input embeddings' (never compressed)."""
-    dtype = getattr(model.config, "dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
-
-
-def _swsc_config(model: nn.Module):
-    config = getattr(model.config, "quantization_config", None)
-    if getattr(config, "quant_method", None) != "swsc":
-        raise ValueError("the model is not an swsc_hf compressed model (no quantization_config with quant_method "
-                         "'swsc'); compress it with swsc_hf.compress_model or load it with SWSCConfig")
-    return config
-
-
-def _table_holders(model: nn.Module) -> list[nn.Module]:
-    """Every module holding compressed float tables: the SWSCLinear layers and the shared-basis holder."""
-    holders = [m for m in model.modules() if isinstance(m, SWSCLinear)]
-    shared = getattr(model, SHARED_BASES_ATTR, None)
-    return holders + ([shared.bases] if shared is not None else [])
-
-
-def _tables(holder: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in holder.named_parameters(recurse=False) if n != "bias"]
-
-
 def sync_compressed_layers(model: nn.Module) -> None:
     """Rewrite `quantization_config.compressed_layers` from the model's SWSCLinear layers (see `record_layouts`)."""
-    record_layouts(model, _swsc_config(model))
+    record_layouts(model, swsc_config(model))
 
 
 def merge_and_unload(
@@ -287,10 +243,10 @@ def merge_and_unload(
     """
     if mode not in MERGE_MODES:
         raise ValueError(f"merge_and_unload(mode={mode!r}): use one of {MERGE_MODES}")
-    if not _is_peft_model(model):
+    if not is_peft_model(model):
         raise ValueError("merge_and_unload expects a PEFT model (from get_peft_model or PeftModel.from_pretrained)")
     base = model.get_base_model()
-    _swsc_config(base)
+    swsc_config(base)
     if mode == "compressed":
         for name, module in base.named_modules():  # check every layer first, so a refusal leaves the model as it was
             if isinstance(module, SWSCLoraLinear):
@@ -302,10 +258,10 @@ def merge_and_unload(
         finish_training(merged)
         sync_compressed_layers(merged)
         return merged
-    dtype = _model_dtype(base)
+    dtype = model_dtype(base)
     for name, module in list(base.named_modules()):
         if isinstance(module, SWSCLoraLinear):
-            _swap(base, name, module.dense_merged(dtype, adapter_names))
+            swap_module(base, name, module.dense_merged(dtype, adapter_names))
     merged = model.merge_and_unload(safe_merge=safe_merge, adapter_names=adapter_names)  # other LoRA layers
     dequantize_model(merged, dtype=dtype)
     quantizer = getattr(merged, "hf_quantizer", None)
@@ -315,62 +271,3 @@ def merge_and_unload(
         del merged.config.quantization_config
     merged.is_quantized = False
     return merged
-
-
-# ---- training ------------------------------------------------------------------------------------------------------
-def prepare_for_training(
-    model: nn.Module, train_codebooks: bool = False, train_scales: bool = False, gradient_checkpointing: bool = True
-) -> nn.Module:
-    """Get a compressed model (or a PEFT model on one) ready to train; returns it.
-
-    As `peft.prepare_model_for_kbit_training` does for the methods it knows: dense float16/bfloat16 parameters
-    (layer norms, embeddings, head) are cast to float32 and activation checkpointing is enabled (non-reentrant,
-    with input gradients). The compressed tables stay frozen in their stored dtype, except the codebooks
-    (centroid fine-tuning) and per-group scales when asked: those become trainable float32 parameters (low
-    precision tables do not train with Adam). On a plain model everything else is frozen; on a PEFT model the
-    adapters keep their state, so call this after `get_peft_model` (which freezes every non-adapter tensor).
-    Call `finish_training` afterwards to store trained tables back in the checkpoint's dtype.
-    """
-    base = _base_model(model)
-    _swsc_config(base)
-    holders = _table_holders(base)
-    table_ids = {id(p) for holder in holders for _, p in _tables(holder)}
-    for param in base.parameters():
-        if id(param) in table_ids:
-            continue
-        if not _is_peft_model(model):
-            param.requires_grad_(False)
-        if param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
-    trained = {"codebook": train_codebooks, "scales": train_scales}
-    count = 0
-    for holder in holders:
-        for name, param in _tables(holder):
-            train = trained.get(name, False)
-            if train:
-                setattr(holder, name, nn.Parameter(param.detach().float(), requires_grad=True))
-                count += param.numel()
-            else:
-                param.requires_grad_(False)
-    if (train_codebooks or train_scales) and not count:
-        logger.warning("prepare_for_training: the model has no codebooks/scales to train (low-rank-only layers?)")
-    logger.info("swsc_hf: %d compressed table values are trainable", count)
-    if gradient_checkpointing:
-        base.activation_checkpointing_enable({"use_reentrant": False})
-    return model
-
-
-@torch.no_grad()
-def finish_training(model: nn.Module) -> nn.Module:
-    """Store every compressed table back in the checkpoint's table dtype and freeze it; returns the model.
-
-    After this, save_pretrained -> from_pretrained reproduces the model exactly (trained float32 codebooks would
-    otherwise be rounded by the loader instead).
-    """
-    base = _base_model(model)
-    dtype = _swsc_config(base).table_torch_dtype(_model_dtype(base))
-    for holder in _table_holders(base):
-        for name, param in _tables(holder):
-            if param.dtype != dtype or param.requires_grad:
-                setattr(holder, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
-    return model

@@ -1,24 +1,32 @@
-"""`SWSCQuantizer`: the transformers hook. The work lives in `integration.py` and `pipeline.py`."""
+"""`SWSCQuantizer`, the transformers hook, and `compress_model`, which compresses a model outside `from_pretrained`
+and leaves it as the loader would (the one place that imitates the loader).
+
+May import everything below it: `config`, `modules`, `model_ops`, `loading`, `compression`, `validation`, `hub`.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from .compression import compress_linears
 from .config import SWSCConfig
 from .hub import install_model_card
-from .integration import (
-    SWSCQuantize,
+from .loading import SWSCQuantize
+from .model_ops import (
+    SHARED_BASES_ATTR,
+    dequantize_model,
     finalize_compressed_model,
+    mark_compressed,
     record_layouts,
     replace_with_shells,
-    validate_checkpoint,
 )
 from .modules import SWSCLinear
-from .safety import check_checkpoint, checksum_metadata
+from .validation import check_checkpoint, checksum_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +67,13 @@ class SWSCQuantizer(HfQuantizer):
         if self.pre_quantized:
             replace_with_shells(model, config, placeholder=False)
             if checkpoint_files:
-                validate_checkpoint(checkpoint_files, config)
-                check_checkpoint(model, checkpoint_files)
+                check_checkpoint(model, checkpoint_files, config.compressed_layers, f"{SHARED_BASES_ATTR}.bases")
         elif not config.compresses_after_load:
             replace_with_shells(model, config, placeholder=True)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
         config = self.quantization_config
         if not self.pre_quantized and config.compresses_after_load:
-            from .pipeline import compress_model
-
             compress_model(model, config)
         else:
             finalize_compressed_model(model, config)
@@ -78,8 +83,6 @@ class SWSCQuantizer(HfQuantizer):
         return SWSCQuantize(self)
 
     def _dequantize(self, model, dtype=None):
-        from .pipeline import dequantize_model
-
         return dequantize_model(model, dtype=dtype)
 
     def get_state_dict_and_metadata(self, model) -> tuple[None, dict[str, str]]:
@@ -105,3 +108,14 @@ class SWSCQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.Module:
+    """Compress `model` in place as `config` says and make it saveable/reloadable as an swsc_hf checkpoint.
+
+    `tokenizer` (else `config.tokenizer`) is needed for calibrated compression only.
+    """
+    compress_linears(model, config, tokenizer)
+    mark_compressed(model, config, SWSCQuantizer(config, pre_quantized=True))
+    finalize_compressed_model(model, config)
+    return model

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .integration import SHARED_BASES_ATTR
+from .model_ops import SHARED_BASES_ATTR
 from .modules import SWSCLinear
 
 

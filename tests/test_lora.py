@@ -207,12 +207,12 @@ def test_unsupported_lora_options_are_clear_errors(model):
 
 def test_centroid_training_changes_codebooks_and_round_trips(model, batch, tmp_path):
     before = compressed_state(model)
-    swsc_lora.prepare_for_training(model, train_codebooks=True, gradient_checkpointing=False)
+    swsc_hf.prepare_for_training(model, train_codebooks=True, gradient_checkpointing=False)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(".codebook") for n in trainable)
     losses = train(model, batch, lr=3e-3)
     assert losses[-1] < losses[0] - 0.02
-    swsc_lora.finish_training(model)
+    swsc_hf.finish_training(model)
     after = compressed_state(model)
     changed = {k for k in after if not torch.equal(after[k], before[k])}
     assert changed and all(k.endswith(".codebook") for k in changed)
@@ -226,7 +226,7 @@ def test_centroid_training_changes_codebooks_and_round_trips(model, batch, tmp_p
 
 def test_lora_with_codebooks_checkpointing_and_merge(model, batch, tmp_path):
     peft_model = lora(model)
-    swsc_lora.prepare_for_training(peft_model, train_codebooks=True)  # after get_peft_model, which freezes all
+    swsc_hf.prepare_for_training(peft_model, train_codebooks=True)  # after get_peft_model, which freezes all
     assert peft_model.get_base_model().is_activation_checkpointing
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert any(n.endswith(".codebook") for n in trainable) and any(".lora_A." in n for n in trainable)
@@ -237,7 +237,7 @@ def test_lora_with_codebooks_checkpointing_and_merge(model, batch, tmp_path):
     # two artifacts: the adapter, and the base holding the trained codebooks
     split = copy.deepcopy(peft_model)
     split.save_pretrained(tmp_path / "adapter")
-    swsc_lora.finish_training(split.unload()).save_pretrained(tmp_path / "base")
+    swsc_hf.finish_training(split.unload()).save_pretrained(tmp_path / "base")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
 
@@ -255,7 +255,7 @@ def test_trainer_accepts_peft_and_centroid_models(compressed, batch, tmp_path):
                              save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
     assert compressed.hf_quantizer.is_trainable and compressed.hf_quantizer.is_qat_trainable
     for trained in (lora(copy.deepcopy(compressed)),
-                    swsc_lora.prepare_for_training(copy.deepcopy(compressed), train_codebooks=True)):
+                    swsc_hf.prepare_for_training(copy.deepcopy(compressed), train_codebooks=True)):
         result = Trainer(model=trained, args=args, train_dataset=rows).train()
         assert result.global_step == 2
 

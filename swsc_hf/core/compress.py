@@ -93,12 +93,10 @@ def compress_weight(
     seed: int = 0,
     affine_correction: bool = False,
     error_feedback: bool = True,
-    shared_basis: torch.Tensor | None = None,
 ) -> CompressedWeight:
     """Compress `weight` (out x in) into the terms `spec` describes, on the weight's own device.
 
-    `hessian` (in x in, the sum of x^T x over calibration inputs) makes the fit data-aware; `shared_basis`
-    (rank x in) fixes the input-side low-rank factor (Basis Sharing) and fits only the per-layer coefficients.
+    `hessian` (in x in, the sum of x^T x over calibration inputs) makes the fit data-aware.
     """
     if tuple(weight.shape) != (spec.out_features, spec.in_features):
         raise ValueError(f"weight has shape {tuple(weight.shape)} but the spec expects "
@@ -122,10 +120,7 @@ def compress_weight(
             _apply_affine_correction(result, channels)
         residual = work - to_weight(result.codebook_term(), spec)
     if spec.rank:
-        if shared_basis is not None:
-            result.lowrank_a = fit_coefficients(residual, shared_basis, hessian)
-        else:
-            result.lowrank_a, result.lowrank_b = fit_low_rank(residual, spec.rank, hessian, seed=seed)
+        result.lowrank_a, result.lowrank_b = fit_low_rank(residual, spec.rank, hessian, seed=seed)
     return result
 
 
@@ -302,12 +297,3 @@ def _apply_affine_correction(result: CompressedWeight, channels: torch.Tensor) -
     else:
         result.scales = result.scales * a
 
-
-def fit_coefficients(residual: torch.Tensor, basis: torch.Tensor, hessian: torch.Tensor | None) -> torch.Tensor:
-    """Per-layer coefficients A (out x r) for a fixed shared basis B (r x in): argmin ||(R - A B) X^T||."""
-    basis = basis.to(residual.device, torch.float64)
-    metric = hessian.to(residual.device, torch.float64) if hessian is not None else None
-    rhs = residual.double() @ (metric @ basis.t() if metric is not None else basis.t())
-    gram = basis @ metric @ basis.t() if metric is not None else basis @ basis.t()
-    gram.diagonal().add_(1e-8 * gram.diagonal().mean().clamp_min(1e-30))
-    return torch.linalg.solve(gram, rhs.t()).t().float()

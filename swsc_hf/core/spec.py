@@ -130,6 +130,11 @@ class LayerSpec:
             total += numel if name == "codes" else numel * float_bytes
         return total
 
+    @property
+    def shared_basis_shape(self) -> tuple[int, int] | None:
+        """Shape of the input-side basis this layer shares with its group (None when it shares none)."""
+        return None if self.shared_basis is None else (self.rank, self.in_features)
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v != _DEFAULTS.get(k)}
 
@@ -144,3 +149,19 @@ class LayerSpec:
 
 
 _DEFAULTS = {f.name: f.default for f in fields(LayerSpec)}
+
+
+def fitting_scale_group(group: int, length: int, segment: int = 1) -> int:
+    """The largest scale group <= `group` that divides the channel `length` and holds whole segments.
+
+    Channel lengths are often not multiples of the usual 128 (SmolLM2's 576 -> 96), so the size is rounded down.
+    """
+    for size in range(min(group, length), 0, -1):
+        if length % size == 0 and size % segment == 0:
+            return size
+    return length
+
+
+def rank_for_ratio(parameter_ratio: float, out_features: int, in_features: int) -> int:
+    """The rank whose factors (out x r, r x in) keep `parameter_ratio` of an out x in matrix's parameters."""
+    return math.floor(parameter_ratio * out_features * in_features / (out_features + in_features))

@@ -1,42 +1,42 @@
-"""Defences for checkpoints from strangers and for interrupted saves.
-
-Loading (all before any tensor data is read, except the finiteness check):
+"""Checks of checkpoints from strangers: everything is validated before any tensor data is read, except the
+finiteness and code-range checks, which run on the loaded tensors.
 
 * `read_safetensors_header`: a strict parser of the safetensors header (types, bounds, tensors tiling the data
   section exactly, no duplicate names), so a bad header fails with the file and tensor named instead of driving an
   allocation or a read past the end of the file.
+* `check_layouts`: the compressed tensors against the layouts recorded in `quantization_config.compressed_layers`.
 * `check_tensor_set`: the checkpoint's tensors against the (meta) model they are about to fill: nothing missing
   (transformers would silently re-initialise it), nothing unexpected, every shape and dtype kind right.
 * `verify_checksums`: the CRC32 of every tensor recorded at save time (`checksum_metadata`, written into the
   safetensors metadata). A flipped bit in float data is otherwise undetectable. CRC32 catches accidental corruption;
   it is no defence against a deliberate edit (whoever edits the data can rewrite the checksums too).
-* `check_finite`: after loading, no NaN or Inf in a compressed layer's tables.
+* `check_checkpoint`: all of the above, each file's header parsed once.
+* `validate_codes`, `check_finite`: after loading, every code addresses a codeword and no table holds NaN or Inf.
 
-Saving: `install_atomic_save` makes `model.save_pretrained` write into a temporary sibling folder and swap it in,
-so an interrupted save leaves the earlier checkpoint in place.
+May import `core` and `modules` only (and transformers' loader utilities).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import inspect
 import json
 import math
 import mmap
 import os
 import re
-import shutil
 import struct
-import uuid
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+from .core.packing import unpack_codes
+from .core.spec import LayerSpec
+from .modules import SWSCLinear
 
 # Bytes per element of every safetensors dtype swsc_hf accepts.
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -112,16 +112,28 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     return header, metadata
 
 
-def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> dict[str, tuple[Path, dict]]:
+ParsedFile = tuple[Path, dict[str, dict], dict[str, str]]  # (file, tensor table, metadata)
+
+
+def parse_checkpoint(files: Iterable[str | os.PathLike]) -> list[ParsedFile]:
+    """Every file's header, parsed (and checked) once."""
+    return [(Path(file), *read_safetensors_header(file)) for file in files]
+
+
+def checkpoint_entries(parsed: list[ParsedFile]) -> dict[str, tuple[Path, dict]]:
     """Every tensor of a (sharded) checkpoint: name -> (file, header entry); a name in two shards is an error."""
     entries: dict[str, tuple[Path, dict]] = {}
-    for file in files:
-        header, _ = read_safetensors_header(file)
+    for file, header, _ in parsed:
         for key, info in header.items():
             if key in entries:
-                raise ValueError(f"tensor {key} is stored twice, in {entries[key][0].name} and {Path(file).name}")
-            entries[key] = (Path(file), info)
+                raise ValueError(f"tensor {key} is stored twice, in {entries[key][0].name} and {file.name}")
+            entries[key] = (file, info)
     return entries
+
+
+def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> dict[str, tuple[Path, dict]]:
+    """`checkpoint_entries` of `files`."""
+    return checkpoint_entries(parse_checkpoint(files))
 
 
 # ---- the checkpoint's tensors against the model -------------------------------------------------------------------
@@ -135,9 +147,6 @@ def check_tensor_set(model: nn.Module, entries: dict[str, tuple[Path, dict]]) ->
     Checkpoint names are mapped to the model's through transformers' own renaming rules (legacy names); tensors
     that a converter merges (e.g. per-expert weights) are only checked for presence.
     """
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
     expected = model.state_dict()
     transforms = get_model_conversion_mapping(model, None, None)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
@@ -214,10 +223,13 @@ def verify_checksums(files: Iterable[str | os.PathLike], workers: int = 4) -> in
 
     Files saved without checksums (other tools, older swsc_hf) are accepted unchecked.
     """
+    return verify_parsed_checksums(parse_checkpoint(files), workers)
+
+
+def verify_parsed_checksums(parsed: list[ParsedFile], workers: int = 4) -> int:
+    """`verify_checksums` of already parsed headers."""
     checked = 0
-    for file in files:
-        file = Path(file)
-        header, metadata = read_safetensors_header(file)
+    for file, header, metadata in parsed:
         if CHECKSUM_KEY not in metadata:
             continue
         try:
@@ -237,11 +249,53 @@ def verify_checksums(files: Iterable[str | os.PathLike], workers: int = 4) -> in
     return checked
 
 
-def check_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike]) -> None:
-    """Everything checkable before loading: headers, the tensor set against `model`, and the checksums."""
+# ---- the compressed tensors against their recorded layouts ---------------------------------------------------------
+def check_layouts(entries: dict[str, tuple[Path, dict]], compressed_layers: dict[str, dict], shared_prefix: str,
+                  float_dtypes: tuple[str, ...] = ("F16", "BF16", "F32")) -> None:
+    """Check every compressed tensor of the checkpoint against the layouts in its config, before loading.
+
+    Missing, unexpected, mis-shaped or mis-typed compressed tensors fail here with the tensor's name, instead of
+    loading as randomly initialised values. Shared bases are expected under `shared_prefix`.<key>.
+    """
+    expected: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+    bases: dict[str, tuple[int, int]] = {}
+    for name, layer in compressed_layers.items():
+        spec = LayerSpec.from_dict(layer)
+        for tensor, shape in spec.tensor_shapes().items():
+            expected[f"{name}.{tensor}"] = (shape, ("U8",) if tensor == "codes" else float_dtypes)
+        if spec.shared_basis is not None:
+            bases[spec.shared_basis] = spec.shared_basis_shape
+    for key, shape in bases.items():
+        expected[f"{shared_prefix}.{key}"] = (shape, float_dtypes)
+    for key, (shape, dtypes) in expected.items():
+        if key not in entries:
+            raise ValueError(f"the checkpoint lacks tensor {key} that its quantization_config requires")
+        info = entries[key][1]
+        if tuple(info["shape"]) != shape or info["dtype"] not in dtypes:
+            raise ValueError(f"checkpoint tensor {key} is {info['dtype']} {info['shape']}, expected one of {dtypes} "
+                             f"{list(shape)} from its quantization_config")
+    prefixes = tuple(f"{name}." for name in compressed_layers)
+    allowed = {f"{name}.bias" for name in compressed_layers}
+    unexpected = [k for k in entries if k.startswith(prefixes) and k not in expected and k not in allowed]
+    if unexpected:
+        raise ValueError(f"the checkpoint has tensors its quantization_config does not describe: {unexpected[:5]}")
+
+
+def check_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], compressed_layers: dict[str, dict] | None
+                     = None, shared_prefix: str = "") -> None:
+    """Everything checkable before loading, each header parsed once: the headers, the compressed tensors against
+    `compressed_layers` (when given), the tensor set against `model`, and the checksums."""
     files = [Path(f) for f in files]
-    check_tensor_set(model, read_checkpoint_headers(files))
-    verify_checksums(files)
+    for file in files:
+        if file.suffix != ".safetensors":
+            raise ValueError(f"swsc_hf loads compressed checkpoints from safetensors only, got {file.name}; "
+                             "re-save the model with save_pretrained (safe_serialization is the default)")
+    parsed = parse_checkpoint(files)
+    entries = checkpoint_entries(parsed)
+    if compressed_layers is not None:
+        check_layouts(entries, compressed_layers, shared_prefix)
+    check_tensor_set(model, entries)
+    verify_parsed_checksums(parsed)
 
 
 # ---- after loading ------------------------------------------------------------------------------------------------
@@ -253,118 +307,17 @@ def check_finite(name: str, module: nn.Module) -> None:
                              f"(or the compressed tables overflowed {param.dtype})")
 
 
-# ---- atomic save --------------------------------------------------------------------------------------------------
-_WEIGHTS_FILE = re.compile(r"(pytorch_)?model([.-][\w.-]*)?\.(safetensors|bin)(\.index\.json)?")
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Hard-link into `new` what `old` holds that the save did not write (a tokenizer saved there earlier, say).
-
-    Weight files are not carried: a stale shard or single-file checkpoint beside a new one could be loaded instead.
-    """
-    for entry in old.iterdir():
-        if (new / entry.name).exists() or _WEIGHTS_FILE.fullmatch(entry.name):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), new / entry.name)
-        else:
-            _link_or_copy(str(entry), str(new / entry.name))
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, names in os.walk(root):
-        for name in [*names, "."]:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Make `tmp` be `target`; an existing `target` is replaced in one step where the OS allows it."""
-    if not target.exists():
-        tmp.rename(target)
+def validate_codes(name: str, module: SWSCLinear) -> None:
+    """Every code must address an existing codeword (a corrupted checkpoint must not gather out of bounds)."""
+    spec = module.spec
+    if not spec.n_clusters or module.codes.device.type == "meta":
         return
-    if _exchange(tmp, target):
-        shutil.rmtree(tmp)  # now the previous checkpoint
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    target.rename(old)
-    try:
-        tmp.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, keep_other_files: bool = True) -> Iterator[Path]:
-    """Yield an empty sibling folder of `target`; on success it replaces `target`, on any error it is removed.
-
-    With `keep_other_files`, files already in `target` that the save did not write (other than weights) are kept;
-    without, `target` is replaced whole. A process killed during the save leaves `target` untouched and a
-    `.NAME.tmp-*` folder beside it.
-    """
-    target = Path(target).resolve()  # a symlinked folder keeps its link; "." gets a name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp.mkdir()  # unlike mkdtemp's 0700, this honours the umask, as a plain save_pretrained does
-    try:
-        if target.is_dir():
-            shutil.copymode(target, tmp)
-        yield tmp
-        if keep_other_files and target.is_dir():
-            _carry_over(target, tmp)
-        _fsync_tree(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_save_pretrained(model: nn.Module, *args, **kwargs):
-    """`save_pretrained` through `atomic_directory`: the folder holds the earlier checkpoint or the new one, whole.
-
-    Non-main processes, distributed (DCP) checkpoints and a path that is a file go straight to transformers.
-    """
-    save = type(model).save_pretrained
-    bound = inspect.signature(save).bind(model, *args, **kwargs)
-    bound.apply_defaults()
-    arguments = bound.arguments
-    target = Path(arguments["save_directory"])
-    if (arguments["distributed_checkpoint"] or target.is_file()
-            or not model.should_save_on_this_rank(arguments["is_main_process"])):
-        return save(*bound.args, **bound.kwargs)
-    if arguments["push_to_hub"]:  # transformers names the repo after the folder it is given
-        arguments["kwargs"].setdefault("repo_id", target.name)
-    with atomic_directory(target) as tmp:
-        arguments["save_directory"] = tmp
-        return save(*bound.args, **bound.kwargs)
-
-
-def install_atomic_save(model: nn.Module) -> None:
-    """Route `model.save_pretrained` (this instance only, if it has one) through `atomic_save_pretrained`."""
-    if not hasattr(type(model), "save_pretrained"):
-        return
-    # A partial of a module-level function (not a bound method) keeps the model picklable and deep-copyable.
-    model.save_pretrained = functools.partial(atomic_save_pretrained, model)
+    if spec.n_clusters == 2**spec.code_bits:
+        return  # every representable code is valid
+    step = 1 << 24
+    for start in range(0, spec.n_codes, step):
+        count = min(step, spec.n_codes - start)
+        top = int(unpack_codes(module.codes, spec.code_bits, count, start).max())
+        if top >= spec.n_clusters:
+            raise ValueError(f"checkpoint tensor {name}.codes holds code {top} but the codebook has only "
+                             f"{spec.n_clusters} entries: the checkpoint is corrupted")

@@ -1,0 +1,230 @@
+"""The compression schedule of a loaded model: which linears are compressed together, in what order, on what data.
+
+Data-free, every group is compressed on its own. Calibrated, decoder layers run in groups (`share_group_size`
+layers, 1 by default): the group's inputs are the outputs of the already-compressed earlier groups, each targeted
+linear gets the Gram matrix X^T X of its inputs, the group is compressed, and its compressed outputs feed the next
+group (GPTQ's sequential pass). Layers that share a basis (Basis Sharing) are compressed together within their group.
+With `bits=` and calibration, the layouts are first chosen by measured sensitivity (`allocation`).
+
+May import `config`, `core`, `data`, `allocation` and `model_ops`; it never marks a model compressed (the
+quantizer does), so the quantizer and the multi-process path can both use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import allocate, fisher_diagonals
+from .config import SWSCConfig
+from .core.basis_sharing import fit_separate_factors, fit_shared_basis, output_loss, shared_rank
+from .core.compress import CompressedWeight, compress_weight, to_weight
+from .core.spec import LayerSpec
+from .data import calibration_texts
+from .model_ops import install_compressed, set_shared_basis, shared_basis_key, target_linears
+
+logger = logging.getLogger(__name__)
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def compress_linears(model: nn.Module, config: SWSCConfig, tokenizer=None) -> None:
+    """Compress every targeted linear of `model` in place: calibrated when `config` has a dataset, else data-free."""
+    targets = target_linears(model, config.modules_to_not_convert)
+    if any(module.weight.device.type == "meta" for _, module in targets):
+        raise ValueError("some layers are offloaded (on the meta device); compress them on load instead: "
+                         "from_pretrained(..., quantization_config=SWSCConfig(...)) without a dataset")
+    names = [name for name, _ in targets]
+    if config.is_calibrated:
+        compress_calibrated(model, config, tokenizer or config.tokenizer, names)
+    else:
+        for group in tqdm(compression_groups(names, config), desc="swsc_hf: compressing", unit="group"):
+            compress_group(model, group, config)
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module name belongs to ("model.layers.3.mlp.up_proj" -> 3), None outside the stack."""
+    match = _LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+def compression_groups(names: list[str], config: SWSCConfig) -> list[list[str]]:
+    """Units compressed together: the same projection over `share_group_size` adjacent layers, else one linear."""
+    grouped: dict[tuple, list[str]] = defaultdict(list)
+    for name in names:
+        layer = layer_index(name)
+        if layer is not None and config.shares_basis(name):
+            grouped[(_LAYER_INDEX.sub(".*.", name, count=1), layer // config.share_group_size)].append(name)
+        else:
+            grouped[(name,)].append(name)
+    return list(grouped.values())
+
+
+def compress_group(model: nn.Module, names: list[str], config: SWSCConfig,
+                   hessians: dict[str, torch.Tensor] | None = None,
+                   allocation: dict[str, LayerSpec] | None = None) -> None:
+    """Compress `names` (one linear, or one projection over a group of layers sharing a basis) and swap them in.
+
+    `hessians` are the layers' input Grams (calibrated), `allocation` the layouts chosen for `bits=`.
+    """
+    weights = [model.get_submodule(name).weight.detach() for name in names]
+    specs = [config.layer_spec(name, *w.shape, allocation) for name, w in zip(names, weights, strict=True)]
+    grams = [hessians.get(name) if hessians else None for name in names]
+    if len(names) > 1 or config.shares_basis(names[0]):
+        results = _compress_shared(model, names, weights, specs, grams, config)
+    else:
+        results = [compress_weight(weights[0], specs[0], hessian=grams[0], **config.fit_options())]
+    for name, result in zip(names, results, strict=True):
+        install_compressed(model, name, result, config)
+
+
+def _compress_shared(model, names, weights, specs, grams, config: SWSCConfig) -> list[CompressedWeight]:
+    """Basis Sharing: each layer's codebook term, then one basis for the group's stacked residuals (or, with
+    `share_selection="loss"`, separate per-layer factors where they lose less at the same size)."""
+    outs = [w.shape[0] for w in weights]
+    in_features = weights[0].shape[1]
+    rank = shared_rank(outs, in_features, config.rank, config.parameter_ratio)
+    key = shared_basis_key(names[0], [layer_index(n) for n in names])
+    residuals, results = [], []
+    for weight, spec, gram in zip(weights, specs, grams, strict=True):
+        result = CompressedWeight(dataclasses.replace(spec, rank=rank, shared_basis=key))
+        residual = weight.float()
+        if spec.n_clusters:
+            fitted = compress_weight(weight, dataclasses.replace(spec, rank=0), hessian=gram, **config.fit_options())
+            result.codebook, result.codes, result.scales = fitted.codebook, fitted.codes, fitted.scales
+            residual = residual - to_weight(fitted.codebook_term(), spec)
+        residuals.append(residual)
+        results.append(result)
+    parts, basis = fit_shared_basis(residuals, grams, rank, seed=config.seed)
+    if config.share_selection == "loss":
+        separate = fit_separate_factors(residuals, grams, rank * (sum(outs) + in_features), config.seed)
+        shared_loss = sum(output_loss(r, a @ basis, g) for r, a, g in zip(residuals, parts, grams, strict=True))
+        separate_loss = sum(output_loss(r, a @ b, g) for r, (a, b), g in zip(residuals, separate, grams, strict=True))
+        logger.info("swsc_hf: %s: shared-basis loss %.4g, per-layer loss %.4g at equal parameters", key,
+                    shared_loss, separate_loss)
+        if separate_loss < shared_loss:
+            for result, (a, b) in zip(results, separate, strict=True):
+                result.spec = dataclasses.replace(result.spec, rank=a.shape[1], shared_basis=None)
+                result.lowrank_a, result.lowrank_b = a, b
+            return results
+    for result, part in zip(results, parts, strict=True):
+        result.lowrank_a, result.lowrank_b = part, basis
+    set_shared_basis(model, key, basis.to(weights[0].device, config.table_torch_dtype(weights[0].dtype)))
+    return results
+
+
+# ---- calibration ------------------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList with `num_hidden_layers` entries."""
+    count = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"could not find the {count} decoder layers of {type(model).__name__} for calibrated "
+                     "compression; compress data-free (no dataset) instead")
+
+
+def calibration_batches(config: SWSCConfig, tokenizer, device: torch.device) -> list[torch.Tensor]:
+    """`n_samples` windows of `seq_len` tokens, taken at seeded random offsets in the calibration text."""
+    if tokenizer is None:
+        raise ValueError("calibrated compression needs a tokenizer: pass SWSCConfig(tokenizer=...)")
+    text = "\n\n".join(calibration_texts(config.dataset))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() <= config.seq_len:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={config.seq_len}")
+    generator = torch.Generator().manual_seed(config.seed)
+    starts = torch.randint(0, ids.numel() - config.seq_len, (config.n_samples,), generator=generator)
+    return [ids[s : s + config.seq_len][None].to(device) for s in starts.tolist()]
+
+
+@torch.no_grad()
+def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[torch.Tensor]):
+    """The hidden states and keyword arguments each batch brings to the first decoder layer."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layers(layers, inputs):
+    """Run captured (hidden states, kwargs) pairs through `layers`; returns the outputs in the same form."""
+    outputs = []
+    for hidden, kwargs in inputs:
+        for layer in layers:
+            hidden = layer(hidden, **kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        outputs.append((hidden, kwargs))
+    return outputs
+
+
+@torch.no_grad()
+def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: list[str]) -> None:
+    """GPTQ-style sequential pass over the decoder layers on calibration data; other linears are compressed
+    data-free."""
+    device = next(model.parameters()).device
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    batches = calibration_batches(config, tokenizer, device)
+    allocation = None
+    if config.bits is not None:
+        with torch.enable_grad():
+            fisher = fisher_diagonals(model, names, batches)
+        allocation = allocate(model, names, config.bits, fisher, seed=config.seed)
+        del fisher
+    inputs = capture_first_layer_inputs(model, layers, batches)
+    step = config.share_group_size
+    handled: set[str] = set()
+    for first in tqdm(range(0, len(layers), step), desc="swsc_hf: calibrated compression", unit="layer"):
+        group_layers = list(range(first, min(first + step, len(layers))))
+        members = [n for n in names if n.startswith(prefix + ".") and layer_index(n) in group_layers]
+        hessians = collect_hessians(model, members, [layers[i] for i in group_layers], inputs)
+        for group in compression_groups(members, config):
+            compress_group(model, group, config, hessians, allocation)
+        handled.update(members)
+        inputs = run_layers([layers[i] for i in group_layers], inputs)
+    rest = [n for n in names if n not in handled]
+    for group in compression_groups(rest, config):  # linears outside the decoder stack: compressed data-free
+        compress_group(model, group, config, None, allocation)
+
+
+def collect_hessians(model, members, layers, inputs) -> dict[str, torch.Tensor]:
+    """Run the dense `layers` on `inputs`, accumulating X^T X of every member linear's inputs."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            gram = x.t() @ x
+            hessians[name] = hessians[name] + gram if name in hessians else gram
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in members]
+    try:
+        run_layers(layers, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
