@@ -6,6 +6,8 @@ import json
 import shutil
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from swsc_hf.cli import main
 
@@ -26,12 +28,23 @@ def tiny_with_tokenizer(tiny_dense_dir, tmp_path_factory):
     return path
 
 
+def swsc_4bit_bits(shapes: list[tuple[int, int]]) -> float:
+    """Stored bits per weight of the swsc-4bit preset, counted by hand: 4-bit codes, a float16 scale per row and
+    group of 128 values (rounded down to a divisor of the row: 64 for the tiny model's 64-wide rows) and a float16
+    codebook of 16 values per matrix."""
+    stored = sum(4 * o * i + 16 * o * (i // min(128, i)) + 16 * 16 for o, i in shapes)
+    return stored / sum(o * i for o, i in shapes)
+
+
 def test_compress_eval_report(tiny_with_tokenizer, tmp_path, capsys):
     out = tmp_path / "compressed"
-    assert main(["compress", str(tiny_with_tokenizer), str(out), "--n-clusters", "0.5", "--rank", "4",
-                 "--cluster-dim", "input"]) == 0
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--preset", "swsc-4bit"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["avg_bits"] < 16 and (out / "config.json").exists()
+    dense = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer)
+    shapes = [tuple(m.weight.shape) for name, m in dense.named_modules()
+              if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    assert len(shapes) == 14 and summary["avg_bits"] == pytest.approx(swsc_4bit_bits(shapes), rel=1e-12)
+    assert (out / "config.json").exists()
 
     text = tmp_path / "text.txt"
     text.write_text(" the of and a to in is was on for \n" * 200)

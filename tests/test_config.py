@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
-import swsc_hf  # noqa: F401
+import swsc_hf
 from swsc_hf import PRESETS, SWSCConfig
 from swsc_hf.core.spec import LayerSpec
 
@@ -78,11 +79,23 @@ def test_registered_with_transformers():
     assert AUTO_QUANTIZER_MAPPING["swsc"] is swsc_hf.SWSCQuantizer
 
 
-def test_config_json_carries_quantization_config(tmp_path):
-    from transformers import LlamaConfig
+def test_config_json_round_trips_the_whole_quantization_config(tmp_path):
+    """A compressed model's config.json holds every saved field, the layouts of all layers included (a shared basis
+    among them), exactly as the config has them, and reads back to the same config."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                         num_attention_heads=2))
+    config = SWSCConfig(n_clusters=8, segment_length=2, rank=2, scale_group_size=16, share_group_size=2,
+                        share_types=["q_proj"], seed=5, modules_to_not_convert=["lm_head"])
+    swsc_hf.compress_model(model, config)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
 
-    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
-    config.quantization_config = SWSCConfig(n_clusters=4, segment_length=1, rank=0)
-    config.save_pretrained(tmp_path)
-    loaded = AutoConfig.from_pretrained(tmp_path)
-    assert loaded.quantization_config["quant_method"] == "swsc"
+    layouts = {name: m.spec.to_dict() for name, m in model.named_modules() if isinstance(m, swsc_hf.SWSCLinear)}
+    assert len(layouts) == 14 and saved["compressed_layers"] == layouts
+    assert layouts["model.layers.1.self_attn.q_proj"]["shared_basis"] == "q_proj_0_1"
+    assert (saved["quant_method"], saved["format_version"]) == ("swsc", 1)
+    assert saved == json.loads(json.dumps(config.to_dict()))
+    assert set(saved) == set(SWSCConfig().to_dict())  # the saved fields, no run-time state
+    assert AutoConfig.from_pretrained(tmp_path).quantization_config == saved
+    assert SWSCConfig.from_dict(saved).to_dict() == saved

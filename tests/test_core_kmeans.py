@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -184,11 +182,9 @@ def test_kmeans_1d_matches_brute_force():
             torch.testing.assert_close(c[j], (ww[m] * values[m]).sum() / ww[m].sum(), rtol=1e-5, atol=1e-6)
 
 
-def test_kmeans_1d_large_fast_and_near_optimal():
+def test_kmeans_1d_large_near_optimal():
+    """5M values (its speed is measured in benchmarks/compression_time.py, not asserted here)."""
     values = torch.randn(5_000_000, generator=torch.Generator().manual_seed(13))
-    start = time.perf_counter()
     c, labels = kmeans_1d(values, 16)
-    elapsed = time.perf_counter() - start
     mse = float(((values - c[labels]) ** 2).mean())
     assert mse < 0.0096  # Lloyd-Max optimum for a unit Gaussian at 16 levels is 0.009497
-    assert elapsed < 15, f"kmeans_1d on 5M values took {elapsed:.1f} s"

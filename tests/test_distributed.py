@@ -74,7 +74,7 @@ def test_two_processes_write_the_single_process_checkpoint(source, tmp_path, one
     AutoModelForCausalLM.from_pretrained(tmp_path / "two")  # and it loads, validated
 
 
-def test_compression_is_deterministic(tiny_dense_dir, tmp_path, one_thread):
+def test_same_config_and_seed_write_byte_identical_checkpoints(tiny_dense_dir, tmp_path, one_thread):
     config = dict(n_clusters=12, segment_length=2, rank=3, scale_group_size=16, seed=7)
     for run in ("a", "b"):
         model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, dtype=torch.float32,

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import swsc_hf
 from swsc_hf import SWSCConfig, SWSCLinear, compression_report
+from swsc_hf.allocation import allocate, fisher_diagonals, spec_bits
 from swsc_hf.core.compress import compress_weight
 from swsc_hf.core.lowrank import low_rank
 from swsc_hf.core.spec import LayerSpec
@@ -147,13 +148,40 @@ def test_bits_target_data_free_stays_within_budget(tiny_dense_dir, input_ids, tm
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids).logits, logits)
 
 
-def test_bits_target_calibrated_spreads_bits_by_sensitivity(tiny_dense_dir, calibration):
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_dense_dir, quantization_config=SWSCConfig(bits=4.0, **calibration))
+SAME_SHAPE = [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "o_proj")]  # all 64 x 64
+
+
+@pytest.mark.parametrize("sensitive", SAME_SHAPE[:3])
+def test_allocation_gives_more_bits_to_the_layer_with_larger_sensitivity(tiny_dense_dir, sensitive):
+    """Four layers of one shape, one with a thousand-fold Fisher information: it alone gets the extra bits (and it
+    follows the Fisher, not the layer's place or name)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    fisher = {n: torch.full_like(model.get_submodule(n).weight, 1e-6) for n in SAME_SHAPE}
+    fisher[sensitive] = torch.full_like(fisher[sensitive], 1e-3)
+    layouts = allocate(model, SAME_SHAPE, 4.0, fisher)
+    bits = {name: spec_bits(spec) for name, spec in layouts.items()}
+    assert all(bits[sensitive] > bits[name] for name in SAME_SHAPE if name != sensitive), bits
+    assert sum(bits.values()) / len(bits) <= 4.0
+
+
+def test_bits_target_calibrated_follows_measured_sensitivity(tiny_dense_dir, calibration):
+    """With layer 1's o_proj zeroed, layer 1's v_proj cannot change the loss: its measured Fisher information is
+    zero, so `bits=` calibration leaves it the cheapest layout while the budget goes to layers that matter."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    torch.nn.init.zeros_(model.model.layers[1].self_attn.o_proj.weight)
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    config = SWSCConfig(bits=4.0, **calibration)
+    batches = swsc_hf.calibration_batches(config, calibration["tokenizer"], torch.device("cpu"))
+    fisher = fisher_diagonals(model, names, batches)
+    assert fisher[names[1]].abs().max() == 0 and fisher[names[0]].abs().max() > 0
+
+    swsc_hf.compress_model(model, config)
     report = compression_report(model)
     assert report.compressed_bits_per_weight <= 4.0
-    code_bits = {m.spec.code_bits for m in model.modules() if isinstance(m, SWSCLinear)}
-    assert len(code_bits) > 1  # not one uniform layout
+    code_bits = {name: m.spec.code_bits for name, m in model.named_modules() if isinstance(m, SWSCLinear)}
+    cheapest = min(code_bits.values())
+    assert code_bits[names[1]] == cheapest < max(code_bits.values())
+    assert code_bits[names[0]] > cheapest
 
 
 def test_share_selection_by_loss_shares_only_where_it_pays(tiny_dense_dir, input_ids, tmp_path):

@@ -30,7 +30,6 @@ from transformers.utils import logging as hf_logging
 from swsc_hf import SWSCConfig
 
 LAYER = "model.layers.0.mlp.up_proj"
-CASE_SECONDS = 10.0
 BAD_VALUES = ["x", -1, 0, 2.5, 10**12, None, True, [], {}, [1], {"a": 1}]
 NAMED = re.compile(r"model\.safetensors|model\.\w|lm_head|swsc_shared_bases|SWSCConfig\.|LayerSpec\.|"
                    r"quantization_config|compressed_layers|shard")
@@ -283,7 +282,6 @@ def test_corrupted_checkpoints_fail_cleanly(original, tmp_path):
           f"peak RSS growth {growth_mib:.0f} MiB")
     assert not findings, "\n".join(findings)
     assert outcomes["clean"] > 0.8 * sum(outcomes.values())
-    assert slowest < CASE_SECONDS
     assert growth_mib < 256  # no case allocated what a header or config declared
 
 
