@@ -1,10 +1,14 @@
 """The package's import graph, read from the source with `ast`: dependencies run one way (no cycle among swsc_hf
-modules, function-local imports included) and no module imports another module's private (underscore) name."""
+modules, function-local imports included) and no module imports another module's private (underscore) name. And
+the public API: the README, docs and examples use only names in `swsc_hf.__all__`, all listed in docs/api.md."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import swsc_hf
 
 PACKAGE = Path(__file__).resolve().parent.parent / "swsc_hf"
 
@@ -100,3 +104,51 @@ def test_no_module_imports_another_modules_private_name():
 def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+# ---- the public API -----------------------------------------------------------------------------------------------
+REPO = PACKAGE.parent
+
+
+def python_blocks(markdown: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown.read_text(encoding="utf-8"), flags=re.S)
+
+
+def swsc_uses(source: str) -> list[str]:
+    """Problems with the swsc_hf names a piece of user code uses: submodule imports, names outside `__all__`."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # a docs snippet with "..." placeholders: read its import lines only
+        tree = ast.parse("\n".join(line for line in source.splitlines() if line.startswith(("import ", "from "))))
+        problems = [f"uses swsc_hf.{name}" for name in re.findall(r"\bswsc_hf\.(\w+)", source)
+                    if name not in swsc_hf.__all__]
+    else:
+        problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("swsc_hf"):
+            if node.module != "swsc_hf":
+                problems.append(f"imports from {node.module}")
+            problems += [f"imports {a.name}" for a in node.names if a.name not in swsc_hf.__all__]
+        elif isinstance(node, ast.Import):
+            problems += [f"imports {a.name}" for a in node.names if a.name.startswith("swsc_hf.")]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "swsc_hf":
+            if node.attr not in swsc_hf.__all__ and node.attr != "__version__":
+                problems.append(f"uses swsc_hf.{node.attr}")
+    return problems
+
+
+def test_readme_docs_and_examples_use_only_the_public_api():
+    sources = {str(p.relative_to(REPO)): p.read_text(encoding="utf-8") for p in sorted(REPO.glob("examples/*.py"))}
+    for markdown in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for index, block in enumerate(python_blocks(markdown)):
+            sources[f"{markdown.relative_to(REPO)} block {index}"] = block
+    problems = [f"{where}: {problem}" for where, source in sources.items() for problem in swsc_uses(source)]
+    assert not problems, "\n".join(problems)
+    assert swsc_uses("from swsc_hf.pipeline import x\nswsc_hf.private_thing()") == [
+        "imports from swsc_hf.pipeline", "imports x", "uses swsc_hf.private_thing"]
+
+
+def test_api_doc_lists_every_public_name_once():
+    listed = re.findall(r"^- `(\w+)", (REPO / "docs" / "api.md").read_text(encoding="utf-8"), flags=re.M)
+    assert sorted(listed) == sorted(swsc_hf.__all__)
+    assert all(hasattr(swsc_hf, name) for name in swsc_hf.__all__)
