@@ -40,6 +40,7 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def swsc_config(model: nn.Module):
+    """The model's `SWSCConfig` (its quantization config); a clear error if the model is not compressed by swsc_hf."""
     config = getattr(model.config, "quantization_config", None)
     if getattr(config, "quant_method", None) != "swsc":
         raise ValueError("the model is not an swsc_hf compressed model (no quantization_config with quant_method "

@@ -131,11 +131,6 @@ def checkpoint_entries(parsed: list[ParsedFile]) -> dict[str, tuple[Path, dict]]
     return entries
 
 
-def read_checkpoint_headers(files: Iterable[str | os.PathLike]) -> dict[str, tuple[Path, dict]]:
-    """`checkpoint_entries` of `files`."""
-    return checkpoint_entries(parse_checkpoint(files))
-
-
 # ---- the checkpoint's tensors against the model -------------------------------------------------------------------
 def _ignored(patterns: Iterable[str] | None, key: str) -> bool:
     return any(re.search(pattern, key) for pattern in patterns or ())
