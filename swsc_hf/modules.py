@@ -6,12 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.compress import CompressedWeight, reconstruct_channels, to_weight
-from .core.packing import pack_codes, unpack_codes
+from .core.compress import CompressedWeight, to_weight
+from .core.packing import pack_codes
 from .core.spec import LayerSpec
-
-# The codebook term is rebuilt in tiles of at most this many weights, so a forward never holds a whole dense matrix.
-TILE_ELEMENTS = 1 << 22
+from .kernels import channel_tiles, codebook_matmul, dequantize_channels, unpacked_codes
 
 
 class SWSCLinear(nn.Module):
@@ -21,9 +19,9 @@ class SWSCLinear(nn.Module):
     bias keeps the model's dtype (`bias_dtype`).
 
     Not an `nn.Linear` on purpose: transformers re-initialises every nn.Linear weight and PEFT would treat it as
-    dense. Codes stay bit-packed in memory (a uint8 buffer) and are unpacked per tile in the forward. With one
-    representative per whole channel (the SWSC paper's layout, no scales) the forward never rebuilds the weight:
-    y = (x C^T)[..., idx] for output channels, or the inputs summed per cluster then multiplied by C for input ones.
+    dense. Codes stay bit-packed in memory (a uint8 buffer); the forward hands them to `swsc_hf.kernels`, whose
+    dispatch runs a look-up-table kernel that decodes codes in registers (few tokens) or rebuilds float32 tiles
+    for a GEMM (many tokens), and the reference torch path where no kernel applies.
     """
 
     def __init__(
@@ -88,28 +86,13 @@ class SWSCLinear(nn.Module):
     # ---- compute -------------------------------------------------------------------------------------------
     def unpacked_codes(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Codes of channels start:stop as (rows, segments) int64."""
-        spec = self.spec
-        stop = spec.channels if stop is None else stop
-        per = spec.segments_per_channel
-        flat = unpack_codes(self.codes, spec.code_bits, (stop - start) * per, start * per)
-        return flat.reshape(stop - start, per)
-
-    def channel_tile(self, start: int, stop: int) -> torch.Tensor:
-        """Channels start:stop of the codebook term (in the codebook's dtype)."""
-        scales = getattr(self, "scales", None)
-        return reconstruct_channels(self.spec, self.codebook, self.unpacked_codes(start, stop), scales, start)
-
-    def _tiles(self):
-        rows = max(1, TILE_ELEMENTS // self.spec.channel_length)
-        for start in range(0, self.spec.channels, rows):
-            stop = min(start + rows, self.spec.channels)
-            yield start, stop, self.channel_tile(start, stop)
+        return unpacked_codes(self.codes, self.spec, start, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         out = None
         if spec.n_clusters:
-            out = self._codebook_forward(x)
+            out = codebook_matmul(x, self.codes, self.codebook, getattr(self, "scales", None), spec)
         if spec.rank:
             low = F.linear(F.linear(x, self.basis.to(x.dtype)), self.lowrank_a.to(x.dtype))
             out = low if out is None else out + low
@@ -117,40 +100,20 @@ class SWSCLinear(nn.Module):
             out = out + self.bias.to(x.dtype)
         return out
 
-    def _codebook_forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.segments_per_channel == 1 and not spec.scale_groups and spec.n_codebooks == 1:
-            return self._whole_channel_forward(x)
-        if spec.cluster_dim == "output":
-            parts = [F.linear(x, tile.to(x.dtype)) for _, _, tile in self._tiles()]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        out = x.new_zeros(*x.shape[:-1], spec.out_features)
-        for start, stop, tile in self._tiles():  # tile = rows start:stop of W^T
-            out = out + x[..., start:stop] @ tile.to(x.dtype)
-        return out
-
-    def _whole_channel_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """SWSC's layout: one codebook of whole channels, so gather outputs (or sum inputs) per cluster."""
-        centroids = self.codebook[0, :, :].to(x.dtype)  # (k, channel_length)
-        idx = self.unpacked_codes()[:, 0]
-        if self.spec.cluster_dim == "output":
-            return F.linear(x, centroids)[..., idx]
-        summed = x.new_zeros(*x.shape[:-1], self.spec.n_clusters).index_add_(-1, idx, x)
-        return summed @ centroids
-
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         """The dense (out x in) weight this layer represents, in the model's dtype."""
         spec = self.spec
-        dtype = self.dense_dtype
-        weight = torch.zeros(spec.out_features, spec.in_features, dtype=torch.float32, device=self.codes.device
-                             if spec.n_clusters else self.lowrank_a.device)
+        device = self.codes.device if spec.n_clusters else self.lowrank_a.device
+        weight = torch.zeros(spec.out_features, spec.in_features, dtype=torch.float32, device=device)
         if spec.n_clusters:
-            channels = torch.cat([tile.float() for _, _, tile in self._tiles()])
+            scales = getattr(self, "scales", None)
+            channels = torch.cat([dequantize_channels(self.codes, self.codebook, scales, spec, start, stop)
+                                  for start, stop in channel_tiles(spec)])
             weight += to_weight(channels, spec)
         if spec.rank:
             weight += self.lowrank_a.float() @ self.basis.float().to(weight.device)
-        return weight.to(dtype)
+        return weight.to(self.dense_dtype)
 
     def extra_repr(self) -> str:
         spec = self.spec

@@ -1,0 +1,19 @@
+"""Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels."""
+
+from .cpu import cpu_isa, limit_cpu_isa, load_cpu_kernels
+from .dispatch import GEMV_MAX_TOKENS, choose_kernel, codebook_matmul, unsupported_reason
+from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul, unpacked_codes
+
+__all__ = [
+    "GEMV_MAX_TOKENS",
+    "channel_tiles",
+    "choose_kernel",
+    "codebook_matmul",
+    "cpu_isa",
+    "dequantize_channels",
+    "limit_cpu_isa",
+    "load_cpu_kernels",
+    "reference_codebook_matmul",
+    "unpacked_codes",
+    "unsupported_reason",
+]

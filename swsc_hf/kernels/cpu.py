@@ -1,0 +1,69 @@
+"""The compiled CPU kernels (csrc/codebook_cpu.cpp): built on first use with the system compiler and cached.
+
+`torch.utils.cpp_extension.load` compiles the source once per source hash and torch version into
+`$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) and later imports reuse it (about 10 s the first time).
+Without a working compiler, or with `SWSC_HF_KERNELS=0`, `load_cpu_kernels()` returns False after one logged warning
+and layers use the reference path. The instruction set (AVX-512F, AVX2+FMA or portable C++) is chosen at run time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCES = (Path(__file__).parent / "csrc" / "codebook_cpu.cpp", Path(__file__).parent / "csrc" / "codebook_simd.inc")
+ISA_NAMES = ("portable", "avx2", "avx512")
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def load_cpu_kernels() -> bool:
+    """Build (first time) and load the CPU kernels; False, with one warning, when they cannot be had."""
+    with _lock:
+        if "loaded" not in _state:
+            _state["loaded"] = _build()
+        return _state["loaded"]
+
+
+def _build() -> bool:
+    if os.environ.get("SWSC_HF_KERNELS", "1") == "0":
+        logger.info("swsc_hf: compiled kernels disabled by SWSC_HF_KERNELS=0; using the reference path")
+        return False
+    if hasattr(torch.ops, "swsc_hf_cpu") and hasattr(torch.ops.swsc_hf_cpu, "gemv"):
+        return True
+    try:
+        from torch.utils.cpp_extension import load
+
+        # The name carries a digest of the sources: torch's build cache does not see the included .inc file.
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
+        load(name=f"swsc_hf_cpu_{digest}", sources=[str(SOURCES[0])], extra_cflags=["-O3", "-fopenmp"],
+             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, no headers, a failed build: the reference path still works
+        logger.warning("swsc_hf: could not build the CPU kernels (%s: %s); compressed layers use the slower "
+                       "reference path", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return False
+    return True
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use here ("avx512", "avx2" or "portable")."""
+    if not load_cpu_kernels():
+        raise RuntimeError("swsc_hf CPU kernels are not available (see the warning logged when they were built)")
+    return ISA_NAMES[torch.ops.swsc_hf_cpu.isa()]
+
+
+def limit_cpu_isa(name: str) -> str:
+    """Use at most instruction set `name` ("avx512", "avx2", "portable"); returns the previous limit (for tests)."""
+    if name not in ISA_NAMES:
+        raise ValueError(f"isa must be one of {ISA_NAMES}, got {name!r}")
+    if not load_cpu_kernels():
+        raise RuntimeError("swsc_hf CPU kernels are not available")
+    return ISA_NAMES[torch.ops.swsc_hf_cpu.set_max_isa(ISA_NAMES.index(name))]

@@ -1,0 +1,466 @@
+// CPU kernels for codebook-compressed linear layers: y = x W'^T with W' = scales * codebook[codes].
+//
+// The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
+// channel are decoded in registers straight from the bit-packed code stream (a 64-bit load, per-lane variable
+// shifts, a mask), looked up in the codebook (a register permute for tables of <= 16/32 floats, a gather from an
+// L1-resident float table otherwise) and multiplied into the activations. Scales are applied once per group.
+//
+// Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
+// and W^T for "input". Channel c, column p holds codebook[c / rows_per_book][code(c, p / seg)][p % seg] times
+// scales[c][p / group]. Code n = c * (length / seg) + s occupies bits [n * bits, (n + 1) * bits) of the stream,
+// least significant bit first.
+//
+// Ops (namespace swsc_hf_cpu):
+//   gemv(x[B, length], ...)     -> [B, channels]   y[b, c] = sum_p M[c, p] x[b, p]
+//   gemv_t(u[B, channels], ...) -> [B, length]     z[b, p] = sum_c M[c, p] u[b, c]
+//   dequant(..., start, stop)   -> [stop - start, length] float32 rows of M
+// All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
+// Instruction sets are chosen at run time (AVX-512F, AVX2+FMA, portable C++); set_max_isa caps the choice (tests).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int64_t detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kPortable;
+}
+
+std::atomic<int64_t> max_isa{kAvx512};
+
+int64_t active_isa() {
+  static const int64_t detected = detect_isa();
+  return std::min(detected, max_isa.load());
+}
+
+struct Layout {
+  int64_t channels, length, n_clusters, seg, bits, group, rows_per_book;
+  int64_t segs;         // codes per channel
+  int64_t book_stride;  // floats per padded codebook in the float table
+};
+
+Layout parse_layout(at::IntArrayRef v) {
+  TORCH_CHECK(v.size() == 7, "swsc_hf_cpu: layout needs 7 ints, got ", v.size());
+  Layout l{v[0], v[1], v[2], v[3], v[4], v[5], v[6], 0, 0};
+  TORCH_CHECK(l.channels > 0 && l.length > 0, "swsc_hf_cpu: empty layout");
+  TORCH_CHECK(l.seg == 1 || l.seg == 2 || l.seg == 4 || l.seg == 8, "swsc_hf_cpu: segment_length must be 1, 2, 4 or 8");
+  TORCH_CHECK(l.length % l.seg == 0, "swsc_hf_cpu: segment_length must divide the channel length");
+  TORCH_CHECK(l.bits >= 1 && l.bits <= 8, "swsc_hf_cpu: code bits must be in [1, 8]");
+  TORCH_CHECK(l.n_clusters >= 1 && l.n_clusters <= (int64_t(1) << l.bits), "swsc_hf_cpu: n_clusters out of range");
+  TORCH_CHECK(l.group == 0 || (l.group % 16 == 0 && l.length % l.group == 0),
+              "swsc_hf_cpu: scale groups must be a multiple of 16 dividing the channel length");
+  TORCH_CHECK(l.rows_per_book >= 1, "swsc_hf_cpu: rows_per_book must be >= 1");
+  l.segs = l.length / l.seg;
+  // Room for every representable code (a corrupt code reads a zero, never past the table) and at least 32 floats,
+  // so register permutes can load whole vectors.
+  l.book_stride = std::max<int64_t>((int64_t(1) << l.bits) * l.seg, 32);
+  return l;
+}
+
+// The codebooks as float32, each padded to book_stride floats.
+std::vector<float> float_tables(const at::Tensor& codebook, const Layout& l) {
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  TORCH_CHECK(codebook.dim() == 3 && codebook.size(0) == n_books && codebook.size(1) == l.n_clusters &&
+                  codebook.size(2) == l.seg,
+              "swsc_hf_cpu: codebook shape ", codebook.sizes(), " does not match the layout");
+  auto books = codebook.to(at::kFloat).contiguous();
+  std::vector<float> out(n_books * l.book_stride, 0.0f);
+  const float* src = books.data_ptr<float>();
+  for (int64_t b = 0; b < n_books; ++b)
+    std::memcpy(out.data() + b * l.book_stride, src + b * l.n_clusters * l.seg, sizeof(float) * l.n_clusters * l.seg);
+  return out;
+}
+
+struct Operands {
+  Layout l;
+  const uint8_t* codes;
+  int64_t code_bytes;
+  std::vector<float> tables;
+  at::Tensor scales_f;  // float32 (channels, groups) or undefined
+  const float* scales;
+  int64_t n_groups;
+
+  const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
+  float scale(int64_t c, int64_t p) const { return scales ? scales[c * n_groups + p / l.group] : 1.0f; }
+};
+
+Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
+                       at::IntArrayRef layout) {
+  Operands o{parse_layout(layout), nullptr, 0, {}, {}, nullptr, 0};
+  const Layout& l = o.l;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(),
+              "swsc_hf_cpu: codes must be a contiguous 1-D uint8 tensor");
+  TORCH_CHECK(codes.numel() * 8 >= l.channels * l.segs * l.bits, "swsc_hf_cpu: code stream too short");
+  o.codes = codes.data_ptr<uint8_t>();
+  o.code_bytes = codes.numel();
+  o.tables = float_tables(codebook, l);
+  if (l.group) {
+    TORCH_CHECK(scales.has_value() && scales->dim() == 2 && scales->size(0) == l.channels &&
+                    scales->size(1) == l.length / l.group,
+                "swsc_hf_cpu: scales must be (channels, length / group)");
+    o.scales_f = scales->to(at::kFloat).contiguous();
+    o.scales = o.scales_f.data_ptr<float>();
+    o.n_groups = l.length / l.group;
+  } else {
+    TORCH_CHECK(!scales.has_value() || !scales->defined(), "swsc_hf_cpu: scales given for a layout without groups");
+  }
+  return o;
+}
+
+// 64 bits of the stream from byte `byte` on (zeros past its end).
+inline uint64_t load_word(const Operands& o, int64_t byte) {
+  uint64_t w = 0;
+  if (byte + 8 <= o.code_bytes) {
+    std::memcpy(&w, o.codes + byte, 8);
+  } else if (byte < o.code_bytes) {
+    std::memcpy(&w, o.codes + byte, o.code_bytes - byte);
+  }
+  return w;
+}
+
+// The `count` (<= 8) codes starting at code index n, as one word: code i is (word >> (i * bits)) & mask.
+// 8 codes of <= 7 bits plus a shift of <= 7 fit in 64 bits; 8-bit codes always start on a byte.
+inline uint64_t code_word(const Operands& o, int64_t n) {
+  const int64_t bit = n * o.l.bits;
+  return load_word(o, bit >> 3) >> (bit & 7);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Every kernel works on a range of rows (gemv, dequant: channels; gemv_t: blocks of kColumnBlock columns) so that
+// at::parallel_for (torch's thread pool and thread count) splits the work; the SIMD bodies carry target attributes
+// and are called, never inlined, from the portable dispatcher.
+constexpr int64_t kBatchBlock = 4;     // activation rows sharing one decoded weight vector
+constexpr int64_t kColumnBlock = 256;  // gemv_t: columns one thread accumulates
+
+// Portable implementation (also the fallback on CPUs without AVX2).
+inline float element(const Operands& o, int64_t c, int64_t p) {
+  const Layout& l = o.l;
+  const uint64_t code = code_word(o, c * l.segs + p / l.seg) & ((uint64_t(1) << l.bits) - 1);
+  return o.table(c)[code * l.seg + p % l.seg] * o.scale(c, p);
+}
+
+void gemv_portable(const Operands& o, const float* x, int64_t B, float* y, int64_t c0, int64_t c1) {
+  const Layout& l = o.l;
+  std::vector<float> row(l.length);
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t p = 0; p < l.length; ++p) row[p] = element(o, c, p);
+    for (int64_t b = 0; b < B; ++b) {
+      float acc = 0.0f;
+      const float* xb = x + b * l.length;
+      for (int64_t p = 0; p < l.length; ++p) acc += row[p] * xb[p];
+      y[b * l.channels + c] = acc;
+    }
+  }
+}
+
+void gemv_t_portable(const Operands& o, const float* u, int64_t B, float* z, int64_t k0, int64_t k1) {
+  const Layout& l = o.l;
+  const int64_t p0 = k0 * kColumnBlock, p1 = std::min(k1 * kColumnBlock, l.length);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = p0; p < p1; ++p) z[b * l.length + p] = 0.0f;
+  for (int64_t c = 0; c < l.channels; ++c)
+    for (int64_t p = p0; p < p1; ++p) {
+      const float w = element(o, c, p);
+      for (int64_t b = 0; b < B; ++b) z[b * l.length + p] += w * u[b * l.channels + c];
+    }
+}
+
+void dequant_portable(const Operands& o, int64_t start, float* out, int64_t c0, int64_t c1) {
+  const Layout& l = o.l;
+  for (int64_t c = c0; c < c1; ++c)
+    for (int64_t p = 0; p < l.length; ++p) out[(c - start) * l.length + p] = element(o, c, p);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SIMD kernels: codebook_simd.inc is compiled once per instruction set, each time inside a namespace whose `Simd`
+// says how that set loads, multiplies and decodes. A vector of W lanes holds values p .. p + W - 1 of one channel;
+// lane i needs code j = i / seg, which starts at bit s0 + j * bits of the 16 bytes loaded from the chunk's first
+// code byte (s0 < 8 is that code's bit offset in its byte). A byte shuffle copies the two bytes holding each lane's
+// code into the lane (shift + bits <= 15), a per-lane shift and a mask extract it, and the look-up is a register
+// permute (tables of <= 16 or 32 floats) or a gather from the L1-resident float table.
+
+// Per-lane byte indices (for a 128-bit byte shuffle, the chunk's 16 bytes broadcast to every 128-bit lane) and
+// shifts for each s0.
+struct LanePatterns {
+  alignas(64) int8_t bytes[8][64];
+  alignas(64) int32_t shifts[8][16];
+  alignas(64) int32_t elem[16];
+
+  LanePatterns(int lanes, int64_t bits, int64_t seg) {
+    std::memset(bytes, -128, sizeof(bytes));
+    std::memset(shifts, 0, sizeof(shifts));
+    for (int s0 = 0; s0 < 8; ++s0)
+      for (int i = 0; i < lanes; ++i) {
+        const int64_t bit = s0 + (i / seg) * bits;
+        const int first = int(bit >> 3);
+        bytes[s0][i * 4] = int8_t(first);
+        if (first + 1 <= 15) bytes[s0][i * 4 + 1] = int8_t(first + 1);
+        shifts[s0][i] = int32_t(bit & 7);
+      }
+    for (int i = 0; i < 16; ++i) elem[i] = int32_t(i % seg);
+  }
+};
+
+// The 16 stream bytes from byte `byte` on; near the end of the stream a zero-padded copy in `spill`.
+inline const uint8_t* stream_bytes(const Operands& o, int64_t byte, uint8_t* spill) {
+  if (byte + 16 <= o.code_bytes) return o.codes + byte;
+  std::memset(spill, 0, 16);
+  if (byte < o.code_bytes) std::memcpy(spill, o.codes + byte, o.code_bytes - byte);
+  return spill;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw")
+namespace avx512 {
+
+struct Simd {
+  using V = __m512;
+  static constexpr int W = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V set1(float v) { return _mm512_set1_ps(v); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static __mmask16 mask(int64_t remaining) {
+    return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
+  }
+  static V load(const float* p, int64_t remaining) { return _mm512_maskz_loadu_ps(mask(remaining), p); }
+  static V load_full(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v, int64_t remaining) { _mm512_mask_storeu_ps(p, mask(remaining), v); }
+  static void store_full(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+
+  // Primitives of the hoisted fast path (see codebook_simd.inc: gemv_rows_fast).
+  using I = __m512i;
+  static I load_i(const void* p) { return _mm512_load_si512(p); }
+  static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+  static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
+    const I raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(raw, bytes), shifts), mask);
+  }
+  static I element_index(I codes, I seg, I elem) { return _mm512_add_epi32(_mm512_mullo_epi32(codes, seg), elem); }
+  // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather.
+  template <int KIND>
+  static V lookup(I idx, V lo, V hi, const float* table) {
+    if constexpr (KIND == 0) return _mm512_permutexvar_ps(idx, lo);
+    else if constexpr (KIND == 1) return _mm512_permutex2var_ps(lo, idx, hi);
+    else return _mm512_i32gather_ps(idx, table, 4);
+  }
+  static int lookup_kind(int64_t table_floats) { return table_floats <= 16 ? 0 : table_floats <= 32 ? 1 : 2; }
+
+  struct Decoder {
+    const Operands& o;
+    const LanePatterns pat;
+    __m512i code_mask, elem, seg;
+    int64_t table_floats;  // floats a codebook spans for every representable code
+    alignas(16) mutable uint8_t spill[16];
+
+    explicit Decoder(const Operands& ops) : o(ops), pat(16, ops.l.bits, ops.l.seg) {
+      code_mask = _mm512_set1_epi32((1 << o.l.bits) - 1);
+      elem = _mm512_load_si512(pat.elem);
+      seg = _mm512_set1_epi32(int32_t(o.l.seg));
+      table_floats = (int64_t(1) << o.l.bits) * o.l.seg;
+    }
+
+    // The W values whose first code starts at stream bit `bit`, unscaled.
+    V decode(int64_t bit, const float* table) const {
+      const int s0 = int(bit & 7);
+      const uint8_t* src = stream_bytes(o, bit >> 3, spill);
+      const __m512i raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      const __m512i two = _mm512_shuffle_epi8(raw, _mm512_load_si512(pat.bytes[s0]));
+      __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(two, _mm512_load_si512(pat.shifts[s0])), code_mask);
+      if (o.l.seg > 1) idx = _mm512_add_epi32(_mm512_mullo_epi32(idx, seg), elem);
+      if (table_floats <= 16) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(table));
+      if (table_floats <= 32) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
+      return _mm512_i32gather_ps(idx, table, 4);
+    }
+  };
+};
+
+#include "codebook_simd.inc"
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+
+struct Simd {
+  using V = __m256;
+  static constexpr int W = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V set1(float v) { return _mm256_set1_ps(v); }
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static __m256i mask(int64_t remaining) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(remaining, 8))),
+                              _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+  }
+  static V load(const float* p, int64_t remaining) {
+    return remaining >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(remaining));
+  }
+  static V load_full(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v, int64_t remaining) {
+    if (remaining >= 8) _mm256_storeu_ps(p, v);
+    else _mm256_maskstore_ps(p, mask(remaining), v);
+  }
+  static void store_full(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static float sum(V v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+
+  using I = __m256i;
+  static I load_i(const void* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
+  static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
+    const I raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, bytes), shifts), mask);
+  }
+  static I element_index(I codes, I seg, I elem) { return _mm256_add_epi32(_mm256_mullo_epi32(codes, seg), elem); }
+  template <int KIND>
+  static V lookup(I idx, V lo, V hi, const float* table) {
+    if constexpr (KIND == 0) return _mm256_permutevar8x32_ps(lo, idx);
+    else if constexpr (KIND == 1)
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    else return _mm256_i32gather_ps(table, idx, 4);
+  }
+  static int lookup_kind(int64_t table_floats) { return table_floats <= 8 ? 0 : table_floats <= 16 ? 1 : 2; }
+
+  struct Decoder {
+    const Operands& o;
+    const LanePatterns pat;
+    __m256i code_mask, elem, seg;
+    int64_t table_floats;
+    alignas(16) mutable uint8_t spill[16];
+
+    explicit Decoder(const Operands& ops) : o(ops), pat(8, ops.l.bits, ops.l.seg) {
+      code_mask = _mm256_set1_epi32((1 << o.l.bits) - 1);
+      elem = _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.elem));
+      seg = _mm256_set1_epi32(int32_t(o.l.seg));
+      table_floats = (int64_t(1) << o.l.bits) * o.l.seg;
+    }
+
+    V decode(int64_t bit, const float* table) const {
+      const int s0 = int(bit & 7);
+      const uint8_t* src = stream_bytes(o, bit >> 3, spill);
+      const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      const __m256i two = _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.bytes[s0])));
+      __m256i idx = _mm256_and_si256(
+          _mm256_srlv_epi32(two, _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.shifts[s0]))), code_mask);
+      if (o.l.seg > 1) idx = _mm256_add_epi32(_mm256_mullo_epi32(idx, seg), elem);
+      if (table_floats <= 8) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
+      if (table_floats <= 16)  // bit 3 of the index, moved to the sign bit, picks the upper half
+        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx),
+                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx),
+                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+      return _mm256_i32gather_ps(table, idx, 4);
+    }
+  };
+};
+
+#include "codebook_simd.inc"
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+// ---------------------------------------------------------------------------------------------------------------
+// Ops: pick the instruction set once per call and split rows over torch's threads.
+at::Tensor float_rows(const at::Tensor& t, int64_t width, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "swsc_hf_cpu: ", name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == width, "swsc_hf_cpu: ", name, " must be (rows, ", width, "), got ",
+              t.sizes());
+  return t.to(at::kFloat).contiguous();
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
+  const Operands o = make_operands(codes, codebook, scales, layout);
+  const at::Tensor xf = float_rows(x, o.l.length, "x");
+  at::Tensor y = at::empty({xf.size(0), o.l.channels}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t B = xf.size(0), isa = active_isa();
+  at::parallel_for(0, o.l.channels, 16, [&](int64_t c0, int64_t c1) {
+    if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
+    else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
+    else gemv_portable(o, xp, B, yp, c0, c1);
+  });
+  return y;
+}
+
+at::Tensor gemv_t(const at::Tensor& u, const at::Tensor& codes, const at::Tensor& codebook,
+                  const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
+  const Operands o = make_operands(codes, codebook, scales, layout);
+  const at::Tensor uf = float_rows(u, o.l.channels, "u");
+  at::Tensor z = at::empty({uf.size(0), o.l.length}, uf.options());
+  const float* up = uf.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  const int64_t B = uf.size(0), isa = active_isa();
+  at::parallel_for(0, (o.l.length + kColumnBlock - 1) / kColumnBlock, 1, [&](int64_t k0, int64_t k1) {
+    if (isa == kAvx512) avx512::gemv_t(o, up, B, zp, k0, k1);
+    else if (isa == kAvx2) avx2::gemv_t(o, up, B, zp, k0, k1);
+    else gemv_t_portable(o, up, B, zp, k0, k1);
+  });
+  return z;
+}
+
+at::Tensor dequant(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
+                   at::IntArrayRef layout, int64_t start, int64_t stop) {
+  const Operands o = make_operands(codes, codebook, scales, layout);
+  TORCH_CHECK(0 <= start && start <= stop && stop <= o.l.channels, "swsc_hf_cpu: bad channel range");
+  at::Tensor out = at::empty({stop - start, o.l.length}, at::TensorOptions().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  const int64_t isa = active_isa();
+  at::parallel_for(start, stop, 16, [&](int64_t c0, int64_t c1) {
+    if (isa == kAvx512) avx512::dequant(o, start, op, c0, c1);
+    else if (isa == kAvx2) avx2::dequant(o, start, op, c0, c1);
+    else dequant_portable(o, start, op, c0, c1);
+  });
+  return out;
+}
+
+int64_t set_max_isa(int64_t level) {
+  TORCH_CHECK(level >= kPortable && level <= kAvx512, "swsc_hf_cpu: isa level must be 0, 1 or 2");
+  return max_isa.exchange(level);
+}
+
+int64_t isa() { return active_isa(); }
+
+}  // namespace
+
+TORCH_LIBRARY(swsc_hf_cpu, m) {
+  m.def("gemv(Tensor x, Tensor codes, Tensor codebook, Tensor? scales, int[] layout) -> Tensor");
+  m.def("gemv_t(Tensor u, Tensor codes, Tensor codebook, Tensor? scales, int[] layout) -> Tensor");
+  m.def("dequant(Tensor codes, Tensor codebook, Tensor? scales, int[] layout, int start, int stop) -> Tensor");
+  m.def("set_max_isa(int level) -> int");
+  m.def("isa() -> int");
+}
+
+TORCH_LIBRARY_IMPL(swsc_hf_cpu, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("gemv_t", &gemv_t);
+  m.impl("dequant", &dequant);
+}
+
+TORCH_LIBRARY_IMPL(swsc_hf_cpu, CompositeExplicitAutograd, m) {
+  m.impl("set_max_isa", &set_max_isa);
+  m.impl("isa", &isa);
+}

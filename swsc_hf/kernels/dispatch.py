@@ -1,0 +1,174 @@
+"""One dispatch point for the compressed matmul: picks the implementation per layout, device and token count.
+
+- `cpu_gemv`: the compiled look-up-table GEMV (few tokens, CPU): reads only packed codes, tables and scales.
+- `cpu_dequant_gemm`: many tokens on CPU: the compiled kernel rebuilds float32 tiles, a BLAS GEMM multiplies.
+- `reference`: plain torch (any device, any layout, differentiable in the tables); also the fallback, with one
+  logged reason per layout, when a layout is outside what the kernels cover or they could not be built.
+
+The compiled path is the custom op `swsc_hf::codebook_matmul` (with a fake implementation for torch.compile,
+torch.export and meta tensors, and an autograd formula whose input gradient runs the transposed kernel), so graphs
+keep it whole. Outside compilation and autograd the kernel is called directly, which costs less per call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ..core.spec import LayerSpec
+from .cpu import load_cpu_kernels
+from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul
+
+logger = logging.getLogger(__name__)
+
+# Up to this many tokens per call the GEMV kernel beats rebuilding tiles for a GEMM (measured: benchmarks/kernels.py).
+GEMV_MAX_TOKENS = 8
+SEGMENT_LENGTHS = (1, 2, 4, 8)
+_reported: set[str] = set()
+
+
+def layout_key(spec: LayerSpec) -> tuple[int, ...]:
+    """The codebook term of `spec` as ints (the custom op's `layout` argument)."""
+    group = spec.scale_group_size if spec.scale_groups else 0
+    return (spec.out_features, spec.in_features, spec.n_clusters, spec.segment_length,
+            int(spec.cluster_dim == "input"), group, spec.rows_per_codebook)
+
+
+@functools.lru_cache(maxsize=4096)
+def spec_from_key(key: tuple[int, ...]) -> LayerSpec:
+    out_f, in_f, k, seg, is_input, group, rows = key
+    return LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim="input" if is_input else "output",
+                     scale_group_size=group, rows_per_codebook=rows)
+
+
+def unsupported_reason(spec: LayerSpec) -> str | None:
+    """Why the compiled kernels cannot run this layout's codebook term, or None when they can."""
+    if not spec.n_clusters:
+        return "no codebook term"
+    if spec.segment_length not in SEGMENT_LENGTHS:
+        return f"segment_length={spec.segment_length} (kernels cover {SEGMENT_LENGTHS})"
+    if spec.code_bits > 8:
+        return f"{spec.code_bits}-bit codes (kernels cover up to 8 bits, 256 codewords)"
+    if spec.scale_groups and spec.scale_group_size % 16:
+        return f"scale_group_size={spec.scale_group_size} (kernels need a multiple of 16)"
+    return None
+
+
+def _kernel_layout(spec: LayerSpec) -> list[int]:
+    return [spec.channels, spec.channel_length, spec.n_clusters, spec.segment_length, spec.code_bits,
+            spec.scale_group_size if spec.scale_groups else 0, spec.channels_per_codebook]
+
+
+def choose_kernel(spec: LayerSpec, device: torch.device, n_tokens: int) -> str:
+    """"cpu_gemv", "cpu_dequant_gemm" or "reference" for this layout, device and number of tokens."""
+    reason = unsupported_reason(spec)
+    if reason is None and device.type != "cpu":
+        reason = f"no compiled kernel for {device.type} yet"
+    if reason is None and not load_cpu_kernels():
+        reason = "the CPU kernels could not be built"
+    if reason is not None:
+        key = f"{layout_key(spec)}:{reason}"
+        if key not in _reported:
+            _reported.add(key)
+            logger.info("swsc_hf: reference path for layout %s: %s", spec.to_dict(), reason)
+        return "reference"
+    return "cpu_gemv" if n_tokens <= GEMV_MAX_TOKENS else "cpu_dequant_gemm"
+
+
+def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, transposed: bool) -> torch.Tensor:
+    """x2 (tokens, features) times W_c^T (or W_c when `transposed`, the input gradient) with the CPU kernels."""
+    ops = torch.ops.swsc_hf_cpu
+    layout = _kernel_layout(spec)
+    # x W^T is the channel GEMV when the channels are W's rows; otherwise (and for the gradient) the transposed one.
+    over_channels = (spec.cluster_dim == "output") != transposed
+    if x2.shape[0] <= GEMV_MAX_TOKENS:
+        return ops.gemv(x2, codes, codebook, scales, layout) if over_channels else ops.gemv_t(x2, codes, codebook,
+                                                                                               scales, layout)
+    xf = x2.float()
+    parts, out = [], None
+    for a, b in channel_tiles(spec):
+        tile = ops.dequant(codes, codebook, scales, layout, a, b)  # rows a:b of the channel matrix M
+        if over_channels:  # M's rows are the outputs: y[:, a:b] = x M[a:b]^T
+            parts.append(F.linear(xf, tile))
+        else:  # M's rows are the inputs: y += x[:, a:b] M[a:b]
+            out = torch.addmm(out, xf[:, a:b], tile) if out is not None else xf[:, a:b] @ tile
+    if over_channels:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return out
+
+
+def _run(x, codes, codebook, scales, layout: list[int], transposed: bool) -> torch.Tensor:
+    spec = spec_from_key(tuple(layout))
+    features = spec.out_features if transposed else spec.in_features
+    x2 = x.reshape(-1, features)
+    if choose_kernel(spec, x.device, x2.shape[0]) == "reference":
+        if transposed:
+            tiles = [dequantize_channels(codes, codebook, scales, spec, a, b) for a, b in channel_tiles(spec)]
+            weight = torch.cat(tiles)
+            weight = weight if spec.cluster_dim == "output" else weight.t()
+            y = x2.float() @ weight
+        else:
+            y = reference_codebook_matmul(x2, codes, codebook, scales, spec)
+    else:
+        y = _compiled_matmul(x2, codes, codebook, scales, spec, transposed)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+
+@torch.library.custom_op("swsc_hf::codebook_matmul", mutates_args=())
+def codebook_matmul_op(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
+                       layout: list[int]) -> torch.Tensor:
+    """x W_c^T for the codebook term described by `layout` (see `layout_key`)."""
+    return _run(x, codes, codebook, scales, layout, transposed=False)
+
+
+@torch.library.custom_op("swsc_hf::codebook_matmul_t", mutates_args=())
+def codebook_matmul_t_op(g: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
+                         layout: list[int]) -> torch.Tensor:
+    """g W_c (the gradient of x W_c^T with respect to x)."""
+    return _run(g, codes, codebook, scales, layout, transposed=True)
+
+
+@codebook_matmul_op.register_fake
+def _(x, codes, codebook, scales, layout):
+    return x.new_empty(*x.shape[:-1], layout[0])
+
+
+@codebook_matmul_t_op.register_fake
+def _(g, codes, codebook, scales, layout):
+    return g.new_empty(*g.shape[:-1], layout[1])
+
+
+def _setup_context(ctx, inputs, output):
+    _, codes, codebook, scales, layout = inputs
+    ctx.save_for_backward(codes, codebook, scales)
+    ctx.layout = layout
+
+
+def _backward(ctx, grad):
+    codes, codebook, scales = ctx.saved_tensors
+    return codebook_matmul_t_op(grad, codes, codebook, scales, ctx.layout), None, None, None, None
+
+
+codebook_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def codebook_matmul(
+    x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec
+) -> torch.Tensor:
+    """x W_c^T for the codebook term W_c = scales * codebook[codes] of `spec`, in x's dtype.
+
+    Trainable tables (codebook or scales requiring grad, with grad enabled) and SWSC's whole-channel layout take
+    the reference path; everything else goes through the kernel `choose_kernel` picks.
+    """
+    whole_channel = spec.segments_per_channel == 1 and not spec.scale_groups and spec.n_codebooks == 1
+    trainable = codebook.requires_grad or (scales is not None and scales.requires_grad)
+    trains_tables = torch.is_grad_enabled() and trainable
+    if whole_channel or trains_tables:
+        return reference_codebook_matmul(x, codes, codebook, scales, spec)
+    layout = list(layout_key(spec))
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
+        return codebook_matmul_op(x, codes, codebook, scales, layout)
+    return _run(x, codes, codebook, scales, layout, transposed=False)

@@ -1,0 +1,75 @@
+"""Reference codebook matmul in plain torch: the numerics every compiled kernel is tested against.
+
+It rebuilds the channel matrix in float32 tiles from the packed codes (`scales * codebook[codes]`) and multiplies.
+It runs on any device, for every `LayerSpec`, and is differentiable with respect to the activations, the codebook
+and the scales (table distillation and centroid training use it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..core.compress import reconstruct_channels
+from ..core.packing import unpack_codes
+from ..core.spec import LayerSpec
+
+# Channels are rebuilt in tiles of at most this many weights, so no call holds a whole dense matrix.
+TILE_ELEMENTS = 1 << 22
+
+
+def unpacked_codes(codes: torch.Tensor, spec: LayerSpec, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Codes of channels start:stop as (rows, segments) int64."""
+    stop = spec.channels if stop is None else stop
+    per = spec.segments_per_channel
+    return unpack_codes(codes, spec.code_bits, (stop - start) * per, start * per).reshape(stop - start, per)
+
+
+def dequantize_channels(
+    codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec,
+    start: int = 0, stop: int | None = None,
+) -> torch.Tensor:
+    """Channels start:stop of the codebook term, float32 (rows, channel_length)."""
+    stop = spec.channels if stop is None else stop
+    channel_scales = None if scales is None else scales.float()
+    channel_codes = unpacked_codes(codes, spec, start, stop)
+    return reconstruct_channels(spec, codebook.float(), channel_codes, channel_scales, start)
+
+
+def channel_tiles(spec: LayerSpec) -> Iterator[tuple[int, int]]:
+    """(start, stop) channel ranges of at most TILE_ELEMENTS weights each."""
+    rows = max(1, TILE_ELEMENTS // spec.channel_length)
+    for start in range(0, spec.channels, rows):
+        yield start, min(start + rows, spec.channels)
+
+
+def reference_codebook_matmul(
+    x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec
+) -> torch.Tensor:
+    """x W_c^T for the codebook term W_c of `spec`, in x's dtype (float32 accumulation of float32 tiles)."""
+    if spec.segments_per_channel == 1 and not spec.scale_groups and spec.n_codebooks == 1:
+        return _whole_channel_matmul(x, codes, codebook, spec)
+    xf = x.float()
+    if spec.cluster_dim == "output":
+        tiles = (dequantize_channels(codes, codebook, scales, spec, a, b) for a, b in channel_tiles(spec))
+        parts = [F.linear(xf, tile) for tile in tiles]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    else:  # channels are input columns: a tile is rows a:b of W^T
+        out = xf.new_zeros(*x.shape[:-1], spec.out_features)
+        for a, b in channel_tiles(spec):
+            out = out + xf[..., a:b] @ dequantize_channels(codes, codebook, scales, spec, a, b)
+    return out.to(x.dtype)
+
+
+def _whole_channel_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, spec: LayerSpec
+                          ) -> torch.Tensor:
+    """SWSC's layout (one representative per whole channel): gather outputs, or sum inputs per cluster; W is never
+    rebuilt."""
+    centroids = codebook[0].to(x.dtype)  # (k, channel_length)
+    idx = unpacked_codes(codes, spec)[:, 0]
+    if spec.cluster_dim == "output":
+        return F.linear(x, centroids)[..., idx]
+    summed = x.new_zeros(*x.shape[:-1], spec.n_clusters).index_add_(-1, idx, x)
+    return summed @ centroids

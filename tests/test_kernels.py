@@ -1,0 +1,199 @@
+"""Compressed matmul kernels against a brute-force oracle: every layout, instruction set, token count and dtype."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from swsc_hf import SWSCLinear
+from swsc_hf.core.packing import pack_codes
+from swsc_hf.core.spec import LayerSpec
+from swsc_hf.kernels import (
+    GEMV_MAX_TOKENS,
+    choose_kernel,
+    codebook_matmul,
+    cpu_isa,
+    limit_cpu_isa,
+    load_cpu_kernels,
+    reference_codebook_matmul,
+    unsupported_reason,
+)
+
+pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels could not be built here")
+
+ISAS = ["avx512", "avx2", "portable"]
+# (out, in, n_clusters, segment_length, cluster_dim, scale_group_size, rows_per_codebook): the presets' and the
+# `bits=` ladder's layouts (2-8 bit scalar tables, 2- and 4-dim vectors, scales per group), odd sizes, tails.
+LAYOUTS = [
+    (48, 96, 16, 1, "output", 32, 0),     # swsc-4bit
+    (40, 96, 64, 2, "output", 32, 0),     # swsc-3bit
+    (48, 64, 256, 4, "output", 16, 0),    # swsc-2bit
+    (37, 80, 4, 1, "output", 16, 0),      # 2-bit scalar, odd rows
+    (32, 48, 8, 1, "input", 16, 0),       # 3-bit, input channels
+    (50, 96, 32, 1, "output", 48, 0),     # 5-bit: two-register table
+    (24, 64, 64, 1, "output", 64, 0),     # 6-bit: gather
+    (24, 64, 200, 1, "output", 0, 0),     # 8-bit codes, K not a power of two, no scales
+    (29, 70, 16, 2, "output", 0, 0),      # channel length not a multiple of 16: masked tail
+    (40, 40, 16, 4, "input", 0, 7),       # one codebook per 7 channels
+    (64, 32, 128, 8, "output", 16, 16),   # 8-dim vectors, codebook per 16 rows
+    (31, 45, 5, 1, "input", 0, 0),        # 3-bit codes straddling bytes, odd everything
+]
+
+
+def make_layer_tensors(spec: LayerSpec, seed: int = 0, dtype: torch.dtype = torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(spec.n_codebooks, spec.n_clusters, spec.segment_length, generator=g).to(dtype)
+    codes = torch.randint(0, spec.n_clusters, (spec.channels, spec.segments_per_channel), generator=g)
+    scales = None
+    if spec.scale_groups:
+        scales = (torch.rand(spec.channels, spec.scale_groups, generator=g) + 0.5).to(dtype)
+    return codes, pack_codes(codes, spec.code_bits), codebook, scales
+
+
+def oracle_weight(spec: LayerSpec, codes, codebook, scales) -> torch.Tensor:
+    """W (out x in) in float64, element by element from the definition."""
+    m = torch.empty(spec.channels, spec.channel_length, dtype=torch.float64)
+    for c in range(spec.channels):
+        for p in range(spec.channel_length):
+            value = float(codebook[c // spec.channels_per_codebook, codes[c, p // spec.segment_length],
+                                   p % spec.segment_length])
+            if scales is not None:
+                value *= float(scales[c, p // spec.scale_group_size])
+            m[c, p] = value
+    return m if spec.cluster_dim == "output" else m.t()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = limit_cpu_isa(request.param)
+    yield request.param
+    limit_cpu_isa(previous)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "-".join(map(str, t)))
+def test_kernels_equal_oracle_on_every_layout(layout, isa):
+    out_f, in_f, k, seg, dim, group, rows = layout
+    spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
+                     rows_per_codebook=rows)
+    assert unsupported_reason(spec) is None
+    codes, packed, codebook, scales = make_layer_tensors(spec)
+    weight = oracle_weight(spec, codes, codebook, scales)
+    g = torch.Generator().manual_seed(1)
+    for tokens in (1, 2, 3, 5, GEMV_MAX_TOKENS, GEMV_MAX_TOKENS + 1, 33):
+        assert choose_kernel(spec, torch.device("cpu"), tokens) == (
+            "cpu_gemv" if tokens <= GEMV_MAX_TOKENS else "cpu_dequant_gemm")
+        x = torch.randn(tokens, in_f, generator=g)
+        with torch.no_grad():
+            got = codebook_matmul(x, packed, codebook, scales, spec)
+        expected = (x.double() @ weight.t()).float()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+        # the input gradient runs the transposed kernel
+        xg = x.clone().requires_grad_(True)
+        grad_out = torch.randn(tokens, out_f, generator=g)
+        codebook_matmul(xg, packed, codebook, scales, spec).backward(grad_out)
+        expected_grad = (grad_out.double() @ weight).float()
+        torch.testing.assert_close(xg.grad, expected_grad, rtol=1e-5, atol=1e-5 * float(expected_grad.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_with_bias_and_low_rank_matches_reference_path(dtype):
+    spec = LayerSpec(96, 64, n_clusters=16, segment_length=1, scale_group_size=32, rank=4)
+    layer = SWSCLinear(spec, bias=True, dtype=torch.float16, bias_dtype=torch.float32)
+    codes, packed, codebook, scales = make_layer_tensors(spec, seed=3)
+    with torch.no_grad():
+        layer.codes = packed
+        layer.codebook.copy_(codebook)
+        layer.scales.copy_(scales)
+        layer.lowrank_a.normal_()
+        layer.lowrank_b.normal_()
+        layer.bias.normal_()
+    for shape in ((1, 1, 64), (2, 3, 64), (1, 40, 64)):
+        x = torch.randn(*shape).to(dtype)
+        with torch.no_grad():
+            got = layer(x)
+            expected = x.float() @ layer.dequantize().t() + layer.bias
+        assert got.dtype == dtype and got.shape == (*shape[:-1], 96)
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_compile_sees_one_op_without_graph_breaks():
+    spec = LayerSpec(48, 64, n_clusters=16, segment_length=1, scale_group_size=32)
+    _, packed, codebook, scales = make_layer_tensors(spec)
+    compiled = torch.compile(lambda x: codebook_matmul(x, packed, codebook, scales, spec) * 2, fullgraph=True,
+                             backend="aot_eager")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), 2 * reference_codebook_matmul(x, packed, codebook, scales, spec))
+    meta = torch.ops.swsc_hf.codebook_matmul(torch.empty(5, 64, device="meta"), packed.to("meta"),
+                                             codebook.to("meta"), scales.to("meta"), [48, 64, 16, 1, 0, 32, 0])
+    assert meta.shape == (5, 48) and meta.device.type == "meta"
+
+
+def test_unsupported_layout_falls_back_to_reference_with_a_reason(caplog):
+    spec = LayerSpec(30, 48, n_clusters=16, segment_length=3, scale_group_size=24)  # 3-dim vectors
+    assert "segment_length=3" in unsupported_reason(spec)
+    codes, packed, codebook, scales = make_layer_tensors(spec)
+    x = torch.randn(2, 48)
+    with caplog.at_level(logging.INFO, logger="swsc_hf.kernels.dispatch"), torch.no_grad():
+        got = codebook_matmul(x, packed, codebook, scales, spec)
+    assert any("segment_length=3" in r.getMessage() for r in caplog.records)
+    expected = (x.double() @ oracle_weight(spec, codes, codebook, scales).t()).float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_tables_take_the_differentiable_reference_path():
+    spec = LayerSpec(32, 32, n_clusters=4, segment_length=1, scale_group_size=16)
+    _, packed, codebook, scales = make_layer_tensors(spec, dtype=torch.float32)
+    codebook.requires_grad_(True)
+    codebook_matmul(torch.randn(3, 32), packed, codebook, scales, spec).sum().backward()
+    assert codebook.grad is not None and codebook.grad.abs().sum() > 0
+
+
+def test_isa_detection_and_limits():
+    assert cpu_isa() in ISAS
+    previous = limit_cpu_isa("portable")
+    try:
+        assert cpu_isa() == "portable"
+    finally:
+        limit_cpu_isa(previous)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        limit_cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("env", [{"SWSC_HF_KERNELS": "0"}, {"CXX": "/nonexistent/c++"}],
+                         ids=["disabled", "no-compiler"])
+def test_without_kernels_layers_still_run_on_the_reference_path(tmp_path, env):
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "from swsc_hf.kernels import codebook_matmul, load_cpu_kernels, reference_codebook_matmul\n"
+        "from swsc_hf.core.spec import LayerSpec\n"
+        "from swsc_hf.core.packing import pack_codes\n"
+        "spec = LayerSpec(16, 32, n_clusters=4, segment_length=1)\n"
+        "packed = pack_codes(torch.randint(0, 4, (16, 32)), 2)\n"
+        "book = torch.randn(1, 4, 1)\n"
+        "x = torch.randn(2, 32)\n"
+        "assert torch.equal(codebook_matmul(x, packed, book, None, spec), "
+        "reference_codebook_matmul(x, packed, book, None, spec))\n"
+        "print('loaded', load_cpu_kernels())\n"
+    )
+    run_env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), **env}
+    result = subprocess.run([sys.executable, "-c", script], env=run_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "loaded False" in result.stdout
+    assert "reference path" in result.stderr
+
+
+def test_layouts_cover_every_preset_and_ladder_width():
+    from swsc_hf.allocation import ladder
+
+    for out_f, in_f in itertools.product((576, 1536), (576, 1536)):
+        for spec in ladder(out_f, in_f):
+            assert unsupported_reason(spec) is None, spec
