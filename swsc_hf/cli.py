@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .atomic_save import save_atomically
+from .atomic_save import check_output_folder, save_atomically
 from .bundled import as_dense, smollm2_gguf
 from .config import SWSCConfig
 from .data import join_rows, rows_from_lines
@@ -73,6 +73,7 @@ def _config_from_args(args):
 
 
 def cmd_compress(args) -> int:
+    check_output_folder(args.out, args.src, overwrite=args.overwrite)  # before any work: never lose a user's files
     config = _config_from_args(args)
     dtype = getattr(torch, args.dtype)
     if args.num_processes < 1:
@@ -168,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compress = sub.add_parser("compress", help="compress a model and save an swsc_hf checkpoint")
     _add_compression_args(compress)
-    compress.add_argument("out", help="output folder (written atomically)")
+    compress.add_argument("out", help="output folder (written atomically): new, empty, or an swsc_hf checkpoint")
+    compress.add_argument("--overwrite", action="store_true",
+                          help="write into a non-empty OUT that is not an swsc_hf checkpoint (its other files kept)")
     compress.add_argument("--device-map", help='"cpu", "auto", or a JSON dict')
     compress.add_argument("--num-processes", type=int, default=1,
                           help="split the layers among N local processes (data-free compression; also works under "

@@ -3,7 +3,11 @@ leaves the earlier checkpoint loading exactly as before; a successful one replac
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,7 +22,8 @@ from huggingface_hub.utils import close_session
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from swsc_hf import SWSCConfig
+import swsc_hf.atomic_save as atomic_save
+from swsc_hf import SWSCConfig, atomic_directory
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +128,91 @@ def test_save_with_push_to_hub_names_the_repo_after_the_folder(model, tmp_path, 
     finally:
         close_session()
         hub.stop()
+
+
+# ---- folders an atomic swap cannot replace: a safe in-place write instead, never a hang -----------------------------
+@pytest.fixture
+def no_hang():
+    """Fail (instead of hanging the test run) if the body blocks for 60 s, e.g. by opening a FIFO."""
+    def alarm(signum, frame):
+        raise TimeoutError("the save blocked")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def write_checkpoint(folder: Path, text: str) -> None:
+    (folder / "model.safetensors").write_text(text)
+    (folder / "config.json").write_text("{}")
+
+
+def test_special_files_in_the_folder_never_hang_and_are_kept(tmp_path, no_hang):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe")
+    (folder / "dangling").symlink_to(tmp_path / "nowhere")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(folder / "sock"))
+        with atomic_directory(folder) as tmp:
+            write_checkpoint(tmp, "new")
+    assert (folder / "model.safetensors").read_text() == "new"
+    assert stat.S_ISFIFO(os.lstat(folder / "pipe").st_mode) and stat.S_ISSOCK(os.lstat(folder / "sock").st_mode)
+    assert os.path.islink(folder / "dangling") and not leftovers(folder)
+    assert not [p for p in folder.iterdir() if p.name.startswith(".swsc-tmp-")]
+
+
+def test_dangling_symlink_in_the_folder_is_carried_by_the_swap(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "dangling").symlink_to(tmp_path / "nowhere")
+    with atomic_directory(folder) as tmp:
+        write_checkpoint(tmp, "new")
+    assert os.readlink(folder / "dangling") == str(tmp_path / "nowhere") and not leftovers(folder)
+
+
+def test_mount_point_or_read_only_parent_is_written_in_place(model, tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+    (folder / "model-00001-of-00002.safetensors").write_text("stale shard")
+    real_ismount, real_access = os.path.ismount, os.access
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == folder or real_ismount(p))
+    with caplog.at_level("WARNING", logger="swsc_hf.atomic_save"):
+        model.save_pretrained(folder)
+    assert "mount point" in caplog.text and not leftovers(folder)
+    assert (folder / "notes.txt").read_text() == "kept" and not (folder / "model-00001-of-00002.safetensors").exists()
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(folder)), logits(model))
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+    monkeypatch.setattr(os.path, "ismount", real_ismount)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path and real_access(p, mode, **kw))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="swsc_hf.atomic_save"), atomic_directory(folder) as tmp:
+        write_checkpoint(tmp, "new")
+    assert "not writable" in caplog.text and (folder / "model.safetensors").read_text() == "new"
+
+
+def test_a_swap_refused_by_the_os_falls_back_to_renames(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("kept")
+
+    def busy(tmp, target):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(target))
+
+    monkeypatch.setattr(atomic_save, "_swap_in", busy)
+    with caplog.at_level("WARNING", logger="swsc_hf.atomic_save"), atomic_directory(folder) as tmp:
+        write_checkpoint(tmp, "new")
+    assert "busy" in caplog.text and (folder / "model.safetensors").read_text() == "new"
+    assert (folder / "notes.txt").read_text() == "kept" and not leftovers(folder)
+
+
+def test_a_file_is_never_replaced_by_a_folder(tmp_path):
+    file = tmp_path / "out"
+    file.write_text("mine")
+    with pytest.raises(ValueError, match="is not a folder"), atomic_directory(file):
+        pass
+    assert file.read_text() == "mine" and not leftovers(file)

@@ -57,13 +57,46 @@ def test_compress_eval_report(tiny_with_tokenizer, tmp_path, capsys):
     assert len(report["layers"]) == 14
 
 
-def test_compress_replaces_an_existing_output_atomically(tiny_with_tokenizer, tmp_path):
+def test_compress_replaces_an_existing_checkpoint_atomically_and_keeps_other_files(tiny_with_tokenizer, tmp_path):
     out = tmp_path / "compressed"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
     assert main(["compress", str(tiny_with_tokenizer), str(out), "--bits", "4"]) == 0
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--bits", "3"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
+    assert not (out / "model-00001-of-00002.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_compress_refuses_outputs_that_would_lose_files_before_compressing(tiny_with_tokenizer, tmp_path, capsys,
+                                                                          monkeypatch):
+    monkeypatch.setattr("swsc_hf.cli.load_source", lambda *a, **k: pytest.fail("compression started"))
+    source = tmp_path / "project" / "src"
+    shutil.copytree(tiny_with_tokenizer, source)
+    (tmp_path / "project" / "notes.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "data.csv").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = [(source, "is the source model"), (tmp_path / "project", "contains the source model"),
+             (tmp_path, "contains the source model"), (tmp_path / "file", "is not a folder"),
+             (tmp_path / "other", "not empty")]
+    for out, message in cases:
+        assert main(["compress", str(source), str(out), "--bits", "4"]) == 2, out
+        assert message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "project")
+    assert main(["compress", str(tiny_with_tokenizer), ".", "--bits", "4"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_compress_overwrite_keeps_the_files_it_does_not_write(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--bits", "4", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").exists()
 
 
 def test_bad_arguments_give_a_clear_error(tiny_with_tokenizer, tmp_path, capsys):
