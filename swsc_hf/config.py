@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -45,6 +46,15 @@ SHARE_SELECTIONS = ("types", "loss")
 BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
 DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
+# Bounds that keep a config from a stranger from costing minutes before it fails (a 70B dense model has 560 linears;
+# the largest mixture-of-experts models about 70 000 expert matrices).
+MAX_COMPRESSED_LAYERS = 1 << 17
+MAX_SAMPLES, MAX_SEQ_LEN, MAX_KMEANS_ITERS = 1 << 16, 1 << 20, 10_000
+
+
+def _is_int(value: Any, low: int, high: int | None = None) -> bool:
+    """An int (not a bool) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value and (high is None or value <= high)
 
 
 class SWSCConfig(QuantizationConfigMixin):
@@ -128,8 +138,11 @@ class SWSCConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         self.quant_method = "swsc"
-        if preset is not None and preset not in PRESETS:
+        if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
             raise ValueError(f"SWSCConfig.preset={preset!r} is unknown; use one of {sorted(PRESETS)}")
+        if isinstance(compressed_layers, dict) and len(compressed_layers) > MAX_COMPRESSED_LAYERS:
+            raise ValueError(f"SWSCConfig.compressed_layers lists {len(compressed_layers)} layers, more than the "
+                             f"{MAX_COMPRESSED_LAYERS} any supported model has: the config is corrupted")
         optional_none = ("segment_length", "parameter_ratio")  # None is a meaningful value for these two
         given = {
             k: v for k, v in locals().items()
@@ -182,24 +195,24 @@ class SWSCConfig(QuantizationConfigMixin):
                 fail(field, "use a list of module names")
         if not isinstance(self.compressed_layers, dict):
             fail("compressed_layers", "use a dict of layer name -> layout, as swsc_hf writes it")
-        if self.preset is not None and self.preset not in PRESETS:
+        if self.preset is not None and (not isinstance(self.preset, str) or self.preset not in PRESETS):
             fail("preset", f"use one of {sorted(PRESETS)}")
         if self.bits is None:
             self._validate_layout(fail)
         elif isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not 1.5 <= self.bits <= 16:
             fail("bits", "use a number of bits per weight between 1.5 and 16")
-        if isinstance(self.kmeans_iters, bool) or not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
-            fail("kmeans_iters", "use an int >= 1")
-        if not isinstance(self.seed, int):
-            fail("seed", "use an int")
+        if not _is_int(self.kmeans_iters, 1, MAX_KMEANS_ITERS):
+            fail("kmeans_iters", f"use an int from 1 to {MAX_KMEANS_ITERS}")
+        if not _is_int(self.seed, 0, 2**63 - 1):
+            fail("seed", "use an int from 0 to 2**63 - 1")
         if self.parameter_ratio is not None and (isinstance(self.parameter_ratio, bool) or not isinstance(
                 self.parameter_ratio, (int, float)) or not 0 < self.parameter_ratio <= 1):
             fail("parameter_ratio", "use None or a float in (0, 1] (fraction of parameters kept)")
-        if not isinstance(self.share_group_size, int) or self.share_group_size < 1:
+        if not _is_int(self.share_group_size, 1):
             fail("share_group_size", "use an int >= 1 (layers sharing one basis)")
-        for field in ("n_samples", "seq_len"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                fail(field, "use an int >= 1")
+        for field, high in (("n_samples", MAX_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
+            if not _is_int(getattr(self, field), 1, high):
+                fail(field, f"use an int from 1 to {high}")
         if self.dataset is not None and not isinstance(self.dataset, (str, list)):
             fail("dataset", 'use a list of strings, a path to a text file, or "wikitext2"')
         for name, layer in self.compressed_layers.items():
@@ -210,15 +223,16 @@ class SWSCConfig(QuantizationConfigMixin):
 
     def _validate_layout(self, fail) -> None:
         n = self.n_clusters
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or n < 0 or (isinstance(n, float) and n > 1):
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0 or (
+                isinstance(n, float) and n > 1):
             fail("n_clusters", "use an int >= 1 (clusters per codebook), a float in (0, 1] (fraction of channels), "
                  "or 0 (no codebook term)")
-        if self.segment_length is not None and (not isinstance(self.segment_length, int) or self.segment_length < 1):
+        if self.segment_length is not None and not _is_int(self.segment_length, 1):
             fail("segment_length", "use None (a whole channel) or an int >= 1")
         for field in ("rank", "rows_per_codebook"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+            if not _is_int(getattr(self, field), 0):
                 fail(field, "use an int >= 0")
-        if not isinstance(self.scale_group_size, int) or self.scale_group_size < -1:
+        if not _is_int(self.scale_group_size, -1):
             fail("scale_group_size", "use 0 (no scales), -1 (one per channel) or a group size >= 1")
         if self.method == "basis_sharing" and self.parameter_ratio is None and not self.rank:
             fail("parameter_ratio", "basis_sharing needs parameter_ratio (or rank) to size the shared basis")
