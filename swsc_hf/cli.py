@@ -1,16 +1,19 @@
-"""`swsc-hf`: compress, evaluate, report and publish models from the command line."""
+"""The commands of `swsc-hf` (compress, eval, report, push). Arguments are parsed by `swsc_hf_cli`, the entry point
+outside this package, so that `--help` never imports torch; this module runs the parsed command (`run`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from swsc_hf_cli import BUNDLED
 
 from .atomic_save import check_output_folder, save_atomically
 from .bundled import as_dense, smollm2_gguf
@@ -22,12 +25,26 @@ from .hub import push_compressed
 from .quantizer import compress_model
 from .report import compression_report
 
-BUNDLED = "bundled:smollm2"
 logger = logging.getLogger("swsc_hf")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def _number(text: str) -> int | float:
-    return float(text) if any(c in text for c in ".eE") else int(text)
+def _dtype(text: str) -> torch.dtype | str:
+    """`--dtype`: "auto" (the source checkpoint's dtype: `from_pretrained(dtype="auto")`) or a torch dtype."""
+    return text if text == "auto" else getattr(torch, text)
+
+
+def _check_source(src: str) -> None:
+    """A source that is not a folder fails here with what is wrong, before transformers calls it a bad Hub id."""
+    path = Path(src).expanduser()
+    if src == BUNDLED or path.is_dir():
+        return
+    if path.exists():
+        raise FileNotFoundError(f"{src} is a file; give the folder that holds the model (and --gguf-file NAME for a "
+                                "GGUF file)")
+    looks_local = src.startswith((".", "/", "~")) or src.endswith("/") or not HUB_ID.match(src)
+    if looks_local or (path.parent != Path(".") and path.parent.is_dir()):  # "out/x" with a folder "out" here
+        raise FileNotFoundError(f"no such folder: {src}")
 
 
 def _device_map(text: str | None):
@@ -45,6 +62,7 @@ def load_source(src: str, gguf_file: str | None, *, dtype: torch.dtype, quantiza
     GGUF models are dequantized by transformers' own GGUF loader, then compressed after loading (its loader and
     ours are both quantizer hooks, so they cannot run in one `from_pretrained`).
     """
+    _check_source(src)
     if src == BUNDLED:
         src, gguf_file = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(src, **({"gguf_file": gguf_file} if gguf_file else {}))
@@ -75,7 +93,7 @@ def _config_from_args(args):
 def cmd_compress(args) -> int:
     check_output_folder(args.out, args.src, overwrite=args.overwrite)  # before any work: never lose a user's files
     config = _config_from_args(args)
-    dtype = getattr(torch, args.dtype)
+    dtype = _dtype(args.dtype)
     if args.num_processes < 1:
         raise ValueError(f"--num-processes {args.num_processes} is invalid: use 1 or more")
     split = args.num_processes > 1 or is_distributed()
@@ -86,6 +104,9 @@ def cmd_compress(args) -> int:
         return launch(args.num_processes, cmd_compress, args)
     start = time.perf_counter()
     if split:
+        if dtype == "auto":
+            _check_source(args.src)
+            dtype = _source_dtype(args.src)
         model, tokenizer = compress_source(args.src, config, dtype=dtype)
         if model is None:  # not rank 0: its layers went to rank 0, which writes the checkpoint
             return 0
@@ -96,16 +117,25 @@ def cmd_compress(args) -> int:
     save_atomically(model, tokenizer, args.out)
     report = compression_report(model)
     logger.info("%s", report)
-    print(json.dumps({"out": str(args.out), "seconds": round(seconds, 1),
-                      "avg_bits": report.compressed_bits_per_weight,
-                      "model_bits": report.model_bits_per_weight,
-                      "stored_mib": report.model_stored_bytes / 2**20,
-                      "dense_mib": report.model_dense_bytes / 2**20}))
+    if args.json:
+        print(json.dumps({"out": str(args.out), "seconds": round(seconds, 1),
+                          "avg_bits": report.compressed_bits_per_weight,
+                          "model_bits": report.model_bits_per_weight,
+                          "stored_mib": report.model_stored_bytes / 2**20,
+                          "dense_mib": report.model_dense_bytes / 2**20}))
+    else:
+        print(f"compressed {args.src} in {seconds:.1f} s, saved to {args.out}\n{report.summary()}")
     return 0
 
 
+def _source_dtype(src: str) -> torch.dtype:
+    """The dtype a safetensors source was saved in (float32 when its config does not say)."""
+    dtype = getattr(AutoConfig.from_pretrained(src), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def cmd_eval(args) -> int:
-    model, tokenizer = load_source(args.model, args.gguf_file, dtype=getattr(torch, args.dtype),
+    model, tokenizer = load_source(args.model, args.gguf_file, dtype=_dtype(args.dtype),
                                    device_map=_device_map(args.device_map))
     text = None
     if args.data:
@@ -124,7 +154,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    model, _ = load_source(args.model, None, dtype=getattr(torch, args.dtype))
+    _check_source(args.model)
+    if args.model == BUNDLED:
+        model, _ = load_source(args.model, None, dtype=_dtype(args.dtype))
+    else:  # no tokenizer: the report never uses one
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=_dtype(args.dtype))
     report = compression_report(model)
     print(json.dumps(report.to_dict()) if args.json else report)
     return 0
@@ -132,7 +166,7 @@ def cmd_report(args) -> int:
 
 def cmd_push(args) -> int:
     config = _config_from_args(args)
-    model, tokenizer = load_source(args.src, args.gguf_file, dtype=getattr(torch, args.dtype),
+    model, tokenizer = load_source(args.src, args.gguf_file, dtype=_dtype(args.dtype),
                                    quantization_config=config)
     metrics = None
     if args.evaluate_tokens:
@@ -145,74 +179,25 @@ def cmd_push(args) -> int:
     return 0
 
 
-def _add_compression_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help=f"model folder, Hub id, folder with a GGUF file, or {BUNDLED}")
-    parser.add_argument("--gguf-file", help="GGUF file name inside SRC")
-    parser.add_argument("--preset", help="named setting (see swsc_hf.PRESETS)")
-    parser.add_argument("--bits", type=float, help="target average bits per compressed weight")
-    parser.add_argument("--n-clusters", type=_number, help="codewords per codebook (int) or fraction of channels")
-    parser.add_argument("--segment-length", type=int, help="values per codeword; 0 = whole channel (SWSC paper)")
-    parser.add_argument("--rank", type=int, help="rank of the low-rank error compensation")
-    parser.add_argument("--cluster-dim", choices=["output", "input"])
-    parser.add_argument("--scale-group-size", type=int, help="values per scale; 0 none, -1 one per channel")
-    parser.add_argument("--table-dtype", choices=["float16", "bfloat16", "float32", "auto"])
-    parser.add_argument("--calibration", help='calibration text file or "wikitext2" (enables data-aware mode)')
-    parser.add_argument("--n-samples", type=int, help="calibration sequences")
-    parser.add_argument("--calibration-seq-len", type=int, help="calibration sequence length")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "report": cmd_report, "push": cmd_push}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swsc-hf", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    compress = sub.add_parser("compress", help="compress a model and save an swsc_hf checkpoint")
-    _add_compression_args(compress)
-    compress.add_argument("out", help="output folder (written atomically): new, empty, or an swsc_hf checkpoint")
-    compress.add_argument("--overwrite", action="store_true",
-                          help="write into a non-empty OUT that is not an swsc_hf checkpoint (its other files kept)")
-    compress.add_argument("--device-map", help='"cpu", "auto", or a JSON dict')
-    compress.add_argument("--num-processes", type=int, default=1,
-                          help="split the layers among N local processes (data-free compression; also works under "
-                               "torchrun / accelerate launch)")
-    compress.set_defaults(func=cmd_compress)
-
-    evaluate = sub.add_parser("eval", help="WikiText-2-style perplexity of a (compressed) model")
-    evaluate.add_argument("model", help=f"model folder, Hub id, or {BUNDLED}")
-    evaluate.add_argument("--gguf-file")
-    evaluate.add_argument("--data", help="raw text file (default: WikiText-2 raw test)")
-    evaluate.add_argument("--max-tokens", type=int)
-    evaluate.add_argument("--seq-len", type=int, default=2048)
-    evaluate.add_argument("--device-map")
-    evaluate.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.set_defaults(func=cmd_eval)
-
-    report = sub.add_parser("report", help="stored bytes and bits per weight of a compressed model")
-    report.add_argument("model")
-    report.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    report.add_argument("--json", action="store_true")
-    report.set_defaults(func=cmd_report)
-
-    push = sub.add_parser("push", help="compress a model and publish it with a model card on the Hub")
-    _add_compression_args(push)
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--evaluate-tokens", type=int, help="measure perplexity on this many test tokens for the card")
-    push.add_argument("--eval-seq-len", type=int, default=2048)
-    push.set_defaults(func=cmd_push)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """Run a command parsed by `swsc_hf_cli.build_parser` with `args.threads` compute threads."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as err:
         print(f"swsc-hf: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`swsc-hf ARGS` in this process (the console script runs `swsc_hf_cli.main`, which parses before importing)."""
+    from swsc_hf_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ class SWSCLinear(nn.Module):
     bias keeps the model's dtype (`bias_dtype`).
 
     Not an `nn.Linear` on purpose: transformers re-initialises every nn.Linear weight and PEFT would treat it as
-    dense. Codes stay bit-packed in memory (a uint8 buffer); the forward hands them to `swsc_hf.kernels`, whose
-    dispatch runs a look-up-table kernel that decodes codes in registers (few tokens) or rebuilds float32 tiles
-    for a GEMM (many tokens), and the reference torch path where no kernel applies.
+    dense. Codes stay bit-packed in memory (a frozen uint8 parameter, so offloading moves them like the tables);
+    the forward hands them to `swsc_hf.kernels`, whose dispatch runs a look-up-table kernel that decodes codes in
+    registers (few tokens) or rebuilds float32 tiles for a GEMM (many tokens), and the reference torch path where
+    no kernel applies.
     """
 
     def __init__(
@@ -39,11 +40,8 @@ class SWSCLinear(nn.Module):
         self.out_features = spec.out_features
         self.shared_basis_module: nn.Module | None = None
         for name, shape in spec.tensor_shapes().items():
-            if name == "codes":
-                self.register_buffer("codes", torch.zeros(shape, dtype=torch.uint8, device=device))
-            else:
-                tensor = torch.zeros(shape, dtype=dtype, device=device)
-                self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+            tensor = torch.zeros(shape, dtype=torch.uint8 if name == "codes" else dtype, device=device)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         bias_dtype = bias_dtype or dtype
         self.dense_dtype = bias_dtype or torch.get_default_dtype()
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=bias_dtype, device=device)) if bias else None
@@ -69,10 +67,15 @@ class SWSCLinear(nn.Module):
     def load_compressed(self, compressed: CompressedWeight, dtype: torch.dtype) -> None:
         """Install fitted terms (replacing the placeholders)."""
         for name, tensor in self.stored_tensors(compressed, dtype).items():
-            if name == "codes":
-                self.codes = tensor
-            else:
-                setattr(self, name, nn.Parameter(tensor, requires_grad=False))
+            setattr(self, name, nn.Parameter(tensor, requires_grad=False))
+
+    def __setattr__(self, name: str, value) -> None:
+        # `codes` is a frozen uint8 parameter (not a buffer) so that disk/CPU offload moves it with the tables by
+        # default (accelerate keeps buffers resident unless `offload_buffers=True`); a plain tensor assigned to it is
+        # wrapped, as a buffer assignment would have been accepted.
+        if name == "codes" and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        super().__setattr__(name, value)
 
     @property
     def basis(self) -> torch.Tensor | None:

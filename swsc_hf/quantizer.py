@@ -16,6 +16,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from .compression import compress_linears
 from .config import SWSCConfig
 from .hub import install_model_card
+from .load_guard import guard_tensors, ignore_patterns
 from .loading import SWSCQuantize
 from .model_ops import (
     SHARED_BASES_ATTR,
@@ -66,6 +67,8 @@ class SWSCQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             replace_with_shells(model, config, placeholder=False)
+            model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
+                                                         | ignore_patterns(config.compressed_layers))
             if checkpoint_files:
                 check_checkpoint(model, checkpoint_files, config.compressed_layers, f"{SHARED_BASES_ATTR}.bases")
         elif not config.compresses_after_load:
@@ -85,13 +88,14 @@ class SWSCQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         return dequantize_model(model, dtype=dtype)
 
-    def get_state_dict_and_metadata(self, model) -> tuple[None, dict[str, str]]:
-        """Before saving: the layouts of the layers as they are now, and a CRC32 of every tensor, checked on load."""
+    def get_state_dict_and_metadata(self, model) -> tuple[dict, dict[str, str]]:
+        """Before saving: the layouts of the layers as they are now, a CRC32 of every tensor, checked on load, and
+        the load guard's empty tensors (so a load without `import swsc_hf` raises instead of loading garbage)."""
         record_layouts(model, self.quantization_config)
         saved = getattr(model.config, "quantization_config", None)
         if isinstance(saved, SWSCConfig) and saved is not self.quantization_config:
             record_layouts(model, saved)
-        return None, checksum_metadata(model)
+        return {**model.state_dict(), **guard_tensors(model)}, checksum_metadata(model)
 
     def is_serializable(self, **kwargs: Any) -> bool:
         return True

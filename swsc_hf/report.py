@@ -54,17 +54,27 @@ class CompressionReport:
             row["bits_per_weight"] = layer.bits_per_weight
         return out
 
+    def summary(self) -> str:
+        """A short human summary (two lines, or one for a dense model) without the per-layer table."""
+        if not self.layers:
+            return (f"dense (no compressed layers): {self.model_weights:,} parameters, "
+                    f"{self.model_stored_bytes / 2**20:.2f} MiB")
+        errors = [layer.relative_error for layer in self.layers if layer.relative_error is not None]
+        error = f", mean relative weight error {sum(errors) / len(errors):.4f}" if errors else ""
+        return (f"{len(self.layers)} compressed layers: {self.compressed_bits_per_weight:.3f} bits/weight "
+                f"({self.compressed_stored_bytes / 2**20:.2f} MiB stored vs {self.compressed_dense_bytes / 2**20:.2f} "
+                f"MiB dense){error}\nwhole model: {self.model_bits_per_weight:.3f} bits/parameter "
+                f"({self.model_stored_bytes / 2**20:.2f} MiB vs {self.model_dense_bytes / 2**20:.2f} MiB dense)")
+
     def __str__(self) -> str:
+        """The per-layer table, then `summary()` (a dense model: the summary alone)."""
+        if not self.layers:
+            return self.summary()
         lines = [f"{'layer':60s} {'bits/w':>7s} {'stored KiB':>11s} {'rel err':>8s}"]
         for layer in self.layers:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.4f}"
             lines.append(f"{layer.name:60s} {layer.bits_per_weight:7.3f} {layer.stored_bytes / 1024:11.1f} {err:>8s}")
-        lines.append(
-            f"compressed layers: {self.compressed_bits_per_weight:.3f} bits/weight "
-            f"({self.compressed_stored_bytes / 2**20:.2f} MiB stored vs {self.compressed_dense_bytes / 2**20:.2f} "
-            f"MiB dense); whole model: {self.model_bits_per_weight:.3f} bits/parameter "
-            f"({self.model_stored_bytes / 2**20:.2f} MiB vs {self.model_dense_bytes / 2**20:.2f} MiB)"
-        )
+        lines.append(self.summary())
         return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ def table_holders(model: nn.Module) -> list[nn.Module]:
 
 
 def _tables(holder: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in holder.named_parameters(recurse=False) if n != "bias"]
+    return [(n, p) for n, p in holder.named_parameters(recurse=False) if n not in ("bias", "codes")]
 
 
 def prepare_for_training(

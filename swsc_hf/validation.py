@@ -13,7 +13,7 @@ finiteness and code-range checks, which run on the loaded tensors.
 * `check_checkpoint`: all of the above, each file's header parsed once.
 * `validate_codes`, `check_finite`: after loading, every code addresses a codeword and no table holds NaN or Inf.
 
-May import `core` and `modules` only (and transformers' loader utilities).
+May import `core`, `modules` and `load_guard` only (and transformers' loader utilities).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 
 from .core.packing import unpack_codes
 from .core.spec import LayerSpec
+from .load_guard import is_guard
 from .modules import SWSCLinear
 
 # Bytes per element of every safetensors dtype swsc_hf accepts.
@@ -271,7 +272,8 @@ def check_layouts(entries: dict[str, tuple[Path, dict]], compressed_layers: dict
                              f"{list(shape)} from its quantization_config")
     prefixes = tuple(f"{name}." for name in compressed_layers)
     allowed = {f"{name}.bias" for name in compressed_layers}
-    unexpected = [k for k in entries if k.startswith(prefixes) and k not in expected and k not in allowed]
+    unexpected = [k for k in entries if k.startswith(prefixes) and k not in expected and k not in allowed
+                  and not is_guard(k, entries[k][1]["shape"], compressed_layers)]
     if unexpected:
         raise ValueError(f"the checkpoint has tensors its quantization_config does not describe: {unexpected[:5]}")
 

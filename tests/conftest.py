@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny random Llama saved as a dense checkpoint."""
+"""Shared fixtures: a tiny random Llama saved as a dense checkpoint (alone and with a small tokenizer)."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -22,6 +24,22 @@ def tiny_dense_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-dense")
     model.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tiny_dense_dir, tmp_path_factory):
+    """The tiny Llama plus a small word-level tokenizer saved beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the of and a to in is was on for as with by at from".split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path_factory.mktemp("tiny-tok")
+    shutil.copytree(tiny_dense_dir, path, dirs_exist_ok=True)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    return path
 
 
 @pytest.fixture

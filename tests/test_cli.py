@@ -12,22 +12,6 @@ from transformers import AutoModelForCausalLM
 from swsc_hf.cli import main
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(tiny_dense_dir, tmp_path_factory):
-    """The tiny Llama plus a small word-level tokenizer saved beside it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = "the of and a to in is was on for as with by at from".split()
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path_factory.mktemp("tiny-tok")
-    shutil.copytree(tiny_dense_dir, path, dirs_exist_ok=True)
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
-    return path
-
-
 def swsc_4bit_bits(shapes: list[tuple[int, int]]) -> float:
     """Stored bits per weight of the swsc-4bit preset, counted by hand: 4-bit codes, a float16 scale per row and
     group of 128 values (rounded down to a divisor of the row: 64 for the tiny model's 64-wide rows) and a float16
@@ -38,7 +22,7 @@ def swsc_4bit_bits(shapes: list[tuple[int, int]]) -> float:
 
 def test_compress_eval_report(tiny_with_tokenizer, tmp_path, capsys):
     out = tmp_path / "compressed"
-    assert main(["compress", str(tiny_with_tokenizer), str(out), "--preset", "swsc-4bit"]) == 0
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--preset", "swsc-4bit", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     dense = AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer)
     shapes = [tuple(m.weight.shape) for name, m in dense.named_modules()
