@@ -11,6 +11,7 @@ stored bit. Layers whose compression hurts the loss most get more bits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -46,27 +47,41 @@ def uniform_choice(out_features: int, in_features: int, bits: float) -> LayerSpe
     return fitting[-1] if fitting else candidates[0]
 
 
-def fisher_diagonals(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """E[g^2] of the language-model loss for the weight of every named linear (dense model, calibration batches)."""
-    modules = {name: model.get_submodule(name) for name in names}
-    saved = {name: m.weight.requires_grad for name, m in modules.items()}
+# A matrix to size: the parameter holding it and the view of that parameter (or of its gradient) that is the
+# (out, in) matrix, e.g. one expert's slice of a fused 3-D expert weight, or a Conv1D's transposed weight.
+MatrixViews = dict[str, tuple[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]]
+
+
+def linear_views(model: nn.Module, names: list[str]) -> MatrixViews:
+    """The views of plain linears: each module's `weight` as it is."""
+    return {name: (model.get_submodule(name).weight, lambda t: t) for name in names}
+
+
+def fisher_diagonals(model: nn.Module, names: list[str], batches: list[torch.Tensor],
+                     views: MatrixViews | None = None) -> dict[str, torch.Tensor]:
+    """E[g^2] of the language-model loss for every named matrix (dense model, calibration batches); `views` says
+    where each matrix lives (default: the `weight` of the linear of that name)."""
+    views = views or linear_views(model, names)
+    params = {id(param): param for param, _ in views.values()}
+    saved = {key: param.requires_grad for key, param in params.items()}
     others = [p for p in model.parameters() if p.requires_grad]
     for p in others:
         p.requires_grad_(False)
-    for m in modules.values():
-        m.weight.requires_grad_(True)
-    fisher = {name: torch.zeros_like(m.weight, dtype=torch.float32) for name, m in modules.items()}
+    for param in params.values():
+        param.requires_grad_(True)
+    fisher = {name: torch.zeros_like(view(param), dtype=torch.float32) for name, (param, view) in views.items()}
     try:
         for batch in tqdm(batches, desc="swsc_hf: measuring sensitivity", unit="seq"):
             model.zero_grad(set_to_none=True)
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             loss.backward()
-            for name, m in modules.items():
-                fisher[name] += m.weight.grad.float().square()
+            for name, (param, view) in views.items():
+                if param.grad is not None:  # an expert no token was routed to has no gradient
+                    fisher[name] += view(param.grad).float().square()
     finally:
         model.zero_grad(set_to_none=True)
-        for name, m in modules.items():
-            m.weight.requires_grad_(saved[name])
+        for key, param in params.items():
+            param.requires_grad_(saved[key])
         for p in others:
             p.requires_grad_(True)
     return {name: f / len(batches) for name, f in fisher.items()}
@@ -74,18 +89,21 @@ def fisher_diagonals(model: nn.Module, names: list[str], batches: list[torch.Ten
 
 @torch.no_grad()
 def allocate(model: nn.Module, names: list[str], bits: float, fisher: dict[str, torch.Tensor],
-             seed: int = 0) -> dict[str, LayerSpec]:
+             seed: int = 0, views: MatrixViews | None = None) -> dict[str, LayerSpec]:
     """Per-layer layouts whose weighted average stays within `bits`, upgrading the most sensitive layers first."""
+    views = views or linear_views(model, names)
+    names = list(views)
     costs: dict[str, list[tuple[LayerSpec, float, float]]] = {}
     for name in tqdm(names, desc="swsc_hf: sizing layers", unit="layer"):
-        weight = model.get_submodule(name).weight.detach().float()
+        param, view = views[name]
+        weight = view(param.detach()).float()
         options = []
         for spec in ladder(*weight.shape, near=bits):
             error = weight - compress_weight(weight, spec, seed=seed, kmeans_iters=8).dense()
             loss = 0.5 * float((fisher[name] * error.square()).sum())
             options.append((spec, spec_bits(spec) * weight.numel(), loss))
         costs[name] = options
-    budget = bits * sum(model.get_submodule(n).weight.numel() for n in names)
+    budget = bits * sum(view(param).numel() for param, view in views.values())
     level = dict.fromkeys(names, 0)
     spent = sum(costs[n][0][1] for n in names)
     if spent > budget:

@@ -21,13 +21,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .allocation import allocate, fisher_diagonals
+from .allocation import MatrixViews, allocate, fisher_diagonals
 from .config import SWSCConfig
 from .core.basis_sharing import fit_separate_factors, fit_shared_basis, output_loss, shared_rank
 from .core.compress import CompressedWeight, compress_weight, to_weight
 from .core.spec import LayerSpec
 from .data import calibration_texts
-from .model_ops import install_compressed, set_shared_basis, shared_basis_key, target_linears
+from .experts import (
+    MIN_EXPERT_TOKENS,
+    expert_gram_hook,
+    expert_layer_name,
+    expert_matrix,
+    expert_projections,
+    is_fused_experts,
+)
+from .model_ops import (
+    dense_weight,
+    experts_specs,
+    find_targets,
+    install_compressed,
+    install_compressed_experts,
+    is_conv1d,
+    set_shared_basis,
+    shared_basis_key,
+)
 
 logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -35,11 +52,12 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 def compress_linears(model: nn.Module, config: SWSCConfig, tokenizer=None) -> None:
     """Compress every targeted linear of `model` in place: calibrated when `config` has a dataset, else data-free."""
-    targets = target_linears(model, config.modules_to_not_convert)
-    if any(module.weight.device.type == "meta" for _, module in targets):
+    targets = find_targets(model, config.modules_to_not_convert)
+    modules = targets.linears + targets.experts
+    if any(p.device.type == "meta" for _, module in modules for p in module.parameters(recurse=False)):
         raise ValueError("some layers are offloaded (on the meta device); compress them on load instead: "
                          "from_pretrained(..., quantization_config=SWSCConfig(...)) without a dataset")
-    names = [name for name, _ in targets]
+    names = [name for name, _ in modules]
     if config.is_calibrated:
         compress_calibrated(model, config, tokenizer or config.tokenizer, names)
     else:
@@ -70,9 +88,17 @@ def compress_group(model: nn.Module, names: list[str], config: SWSCConfig,
                    allocation: dict[str, LayerSpec] | None = None) -> None:
     """Compress `names` (one linear, or one projection over a group of layers sharing a basis) and swap them in.
 
-    `hessians` are the layers' input Grams (calibrated), `allocation` the layouts chosen for `bits=`.
+    `hessians` are the layers' input Grams (calibrated), `allocation` the layouts chosen for `bits=`. A fused
+    experts module is compressed one expert matrix at a time (`compress_experts`).
     """
-    weights = [model.get_submodule(name).weight.detach() for name in names]
+    if len(names) == 1 and is_fused_experts(model.get_submodule(names[0])):
+        compress_experts(model, names[0], config, hessians, allocation)
+        return
+    weights = [dense_weight(model.get_submodule(name)).detach() for name in names]
+    for name, weight in zip(names, weights, strict=True):
+        if weight.is_floating_point() and not torch.isfinite(weight).all():
+            raise ValueError(f"swsc_hf could not compress {name}: its weight contains NaN or Inf values; compress "
+                             "a finite checkpoint")
     specs = [config.layer_spec(name, *w.shape, allocation) for name, w in zip(names, weights, strict=True)]
     grams = [hessians.get(name) if hessians else None for name in names]
     if len(names) > 1 or config.shares_basis(names[0]):
@@ -81,6 +107,42 @@ def compress_group(model: nn.Module, names: list[str], config: SWSCConfig,
         results = [compress_weight(weights[0], specs[0], hessian=grams[0], **config.fit_options())]
     for name, result in zip(names, results, strict=True):
         install_compressed(model, name, result, config)
+
+
+def compress_experts(model: nn.Module, name: str, config: SWSCConfig,
+                     hessians: dict[str, torch.Tensor] | None = None,
+                     allocation: dict[str, LayerSpec] | None = None) -> None:
+    """Compress every expert matrix of the fused experts module `name` with its own layout (and its own Gram of
+    the tokens routed to it, where it has one) and swap in an `SWSCExperts`."""
+    experts = model.get_submodule(name)
+    specs = experts_specs(name, experts, config, allocation)
+    compressed = {}
+    for projection, layer_specs in specs.items():
+        stacked = experts._parameters[projection].detach()
+        compressed[projection] = [
+            compress_weight(expert_matrix(stacked, index, experts.is_transposed), spec,
+                            hessian=(hessians or {}).get(expert_layer_name(name, projection, index)),
+                            **config.fit_options())
+            for index, spec in enumerate(layer_specs)
+        ]
+    install_compressed_experts(model, name, compressed, config)
+
+
+def matrix_views(model: nn.Module, names: list[str]) -> MatrixViews:
+    """Where each compressed matrix of `names` lives: a linear's weight (transposed for a Conv1D), or one expert's
+    slice of a fused experts weight (under the expert layer's name)."""
+    views: MatrixViews = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if not is_fused_experts(module):
+            views[name] = (module.weight, (lambda t: t.t()) if is_conv1d(module) else (lambda t: t))
+            continue
+        for projection in expert_projections(module):
+            for index in range(module.num_experts):
+                views[expert_layer_name(name, projection, index)] = (
+                    module._parameters[projection],
+                    lambda t, i=index, m=module: expert_matrix(t, i, m.is_transposed))
+    return views
 
 
 def _compress_shared(model, names, weights, specs, grams, config: SWSCConfig) -> list[CompressedWeight]:
@@ -189,9 +251,10 @@ def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: 
     batches = calibration_batches(config, tokenizer, device)
     allocation = None
     if config.bits is not None:
+        views = matrix_views(model, names)
         with torch.enable_grad():
-            fisher = fisher_diagonals(model, names, batches)
-        allocation = allocate(model, names, config.bits, fisher, seed=config.seed)
+            fisher = fisher_diagonals(model, names, batches, views)
+        allocation = allocate(model, names, config.bits, fisher, seed=config.seed, views=views)
         del fisher
     inputs = capture_first_layer_inputs(model, layers, batches)
     step = config.share_group_size
@@ -210,8 +273,13 @@ def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: 
 
 
 def collect_hessians(model, members, layers, inputs) -> dict[str, torch.Tensor]:
-    """Run the dense `layers` on `inputs`, accumulating X^T X of every member linear's inputs."""
+    """Run the dense `layers` on `inputs`, accumulating X^T X of every member linear's inputs, and of every expert's
+    routed tokens for fused experts (an expert that saw fewer than `MIN_EXPERT_TOKENS` tokens gets none: it is
+    compressed data-free)."""
     hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    experts = [name for name in members if is_fused_experts(model.get_submodule(name))]
+    members = [name for name in members if name not in experts]
 
     def make_hook(name):
         def hook(_module, args):
@@ -222,9 +290,17 @@ def collect_hessians(model, members, layers, inputs) -> dict[str, torch.Tensor]:
         return hook
 
     handles = [model.get_submodule(name).register_forward_pre_hook(make_hook(name)) for name in members]
+    handles += [model.get_submodule(name).register_forward_hook(
+        expert_gram_hook(model.get_submodule(name), hessians, counts, name), with_kwargs=True) for name in experts]
     try:
         run_layers(layers, inputs)
     finally:
         for handle in handles:
             handle.remove()
+    scarce = sorted(name for name, count in counts.items() if count < MIN_EXPERT_TOKENS)
+    if scarce:
+        logger.info("swsc_hf: %d expert matrices saw fewer than %d calibration tokens and are compressed data-free: "
+                    "%s", len(scarce), MIN_EXPERT_TOKENS, ", ".join(scarce[:4]))
+    for name in scarce:
+        del hessians[name]
     return hessians

@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .compression import compress_group, compression_groups
 from .config import SWSCConfig
 from .hub import install_model_card
-from .model_ops import SHARED_BASES_ATTR, swap_module, target_linears
+from .model_ops import SHARED_BASES_ATTR, find_targets, is_conv1d, swap_module
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,12 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
             torch.cuda.set_device(device)
         skeleton = _skeleton(path, dtype)
-        targets = target_linears(skeleton, config.modules_to_not_convert)
+        found = find_targets(skeleton, config.modules_to_not_convert)
+        unsupported = [name for name, _ in found.experts] + [name for name, m in found.linears if is_conv1d(m)]
+        if unsupported:
+            raise ValueError(f"multi-process compression handles nn.Linear layers only, not {unsupported[:3]} "
+                             "(mixture-of-experts or Conv1D); run it in one process")
+        targets = found.linears
         groups = compression_groups([name for name, _ in targets], config)
         sizes = [sum(skeleton.get_submodule(name).weight.numel() for name in group) for group in groups]
         owners = assign_groups(sizes, world_size)

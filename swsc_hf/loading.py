@@ -1,6 +1,6 @@
 """The compress-on-load step: a transformers `ConversionOps` that compresses each dense weight as it arrives.
 
-May import `config`, `core`, `modules` and `model_ops`; the quantizer hands it to the loader.
+May import `config`, `core`, `modules`, `experts` and `model_ops`; the quantizer hands it to the loader.
 """
 
 from __future__ import annotations
@@ -9,12 +9,14 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .core.compress import compress_weight
+from .experts import COMPRESSED, SWSCExperts, expert_matrix
 from .model_ops import relative_error
 from .modules import SWSCLinear
 
 
 class SWSCQuantize(ConversionOps):
-    """Compress one dense weight as it arrives from the checkpoint, on the device the loader put it on."""
+    """Compress one dense weight as it arrives from the checkpoint, on the device the loader put it on: a linear's
+    (transposed for a `Conv1D`), or a fused experts weight, one expert at a time."""
 
     def __init__(self, hf_quantizer) -> None:
         self.hf_quantizer = hf_quantizer
@@ -23,15 +25,31 @@ class SWSCQuantize(ConversionOps):
         (value,) = input_dict.values()
         weight = value[0] if isinstance(value, list) else value
         module_name = full_layer_name.rsplit(".", 1)[0]
-        module, _ = get_module_from_name(model, full_layer_name)
+        module, tensor_name = get_module_from_name(model, full_layer_name)
         config = self.hf_quantizer.quantization_config
-        try:
-            compressed = compress_weight(weight, module.spec, **config.fit_options())
-        except ValueError as err:  # the loader would re-raise it as a generic error after the load report
-            raise ValueError(f"swsc_hf could not compress {full_layer_name}: {err}") from err
-        module.relative_error = relative_error(weight, compressed)
-        del module.weight
+        dtype = config.table_torch_dtype(weight.dtype)
+        if isinstance(module, SWSCExperts):
+            out = {}
+            for index, layer in enumerate(module.layers(tensor_name)):
+                matrix = expert_matrix(weight, index, module.is_transposed)
+                tensors = _compress(layer, matrix, f"{full_layer_name}[{index}]", config, dtype)
+                out.update({f"{module_name}.{COMPRESSED}.{tensor_name}.{index}.{name}": tensor
+                            for name, tensor in tensors.items()})
+            delattr(module, tensor_name)
+        else:
+            matrix = weight.t() if getattr(module, "from_conv1d", False) else weight
+            out = {f"{module_name}.{name}": tensor
+                   for name, tensor in _compress(module, matrix, full_layer_name, config, dtype).items()}
+            del module.weight
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
-        tensors = SWSCLinear.stored_tensors(compressed, config.table_torch_dtype(weight.dtype))
-        return {f"{module_name}.{name}": tensor for name, tensor in tensors.items()}
+        return out
+
+
+def _compress(layer: SWSCLinear, weight, name: str, config, dtype) -> dict:
+    try:
+        compressed = compress_weight(weight, layer.spec, **config.fit_options())
+    except ValueError as err:  # the loader would re-raise it as a generic error after the load report
+        raise ValueError(f"swsc_hf could not compress {name}: {err}") from err
+    layer.relative_error = relative_error(weight, compressed)
+    return SWSCLinear.stored_tensors(compressed, dtype)

@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 
 from .atomic_save import install_atomic_save
 from .config import SWSCConfig
 from .core.compress import CompressedWeight
 from .core.spec import LayerSpec
+from .experts import (
+    SWSCExperts,
+    expert_layer_name,
+    expert_matrix,
+    expert_projections,
+    expert_shape,
+    is_fused_experts,
+)
 from .modules import SWSCLinear
 from .validation import check_finite, validate_codes
 
@@ -36,13 +46,118 @@ class SWSCSharedBases(nn.Module):
 
 
 # ---- finding and swapping layers ----------------------------------------------------------------------------------
-def target_linears(model: nn.Module, modules_to_not_convert: list[str]) -> list[tuple[str, nn.Linear]]:
-    """The nn.Linear modules compression replaces: every one not matched by `modules_to_not_convert`."""
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and should_convert_module(name, modules_to_not_convert)
-    ]
+ROUTER = "router of a mixture-of-experts block (kept dense: small and decides every token's experts)"
+NOT_CONVERTED = "modules_to_not_convert"
+EMBEDDING = "embedding (kept dense)"
+KEPT_DENSE_BY_DESIGN = (ROUTER, NOT_CONVERTED, EMBEDDING)
+# nn.Linear subclasses whose own forward computes exactly x W^T + b (checked by reading them), so they are converted
+LINEAR_EQUIVALENT = {"transformers.models.falcon.modeling_falcon.FalconLinear"}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass
+class Targets:
+    """What compression replaces: `linears` (exact `nn.Linear`, plain subclasses and transformers' `Conv1D`),
+    `experts` (fused mixture-of-experts modules), and the linears it refuses to touch, `skipped` (name -> reason)."""
+
+    linears: list[tuple[str, nn.Module]] = field(default_factory=list)
+    experts: list[tuple[str, nn.Module]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def find_targets(model: nn.Module, modules_to_not_convert: list[str]) -> Targets:
+    """Every layer compression replaces, and every linear it skips with the reason.
+
+    Only layers whose forward is a plain y = x W^T + b are converted: `nn.Linear` and subclasses that keep its
+    forward, and `Conv1D` (the transposed linear of GPT-2). An `nn.Linear` subclass with its own forward would lose
+    its behaviour, and `nn.MultiheadAttention` reads `out_proj.weight` directly: both are skipped.
+    """
+    targets = Targets()
+    parents = {id(child): module for module in model.modules() for child in module.children()}
+    for name, module in model.named_modules():
+        if isinstance(module, (SWSCLinear, SWSCExperts)) or not should_convert_module(name, modules_to_not_convert):
+            continue
+        if is_fused_experts(module):
+            targets.experts.append((name, module))
+        elif isinstance(module, Conv1D) and type(module).forward is Conv1D.forward:
+            targets.linears.append((name, module))
+        elif isinstance(module, nn.Linear):
+            if isinstance(parents.get(id(module)), nn.MultiheadAttention):
+                targets.skipped[name] = "projection of nn.MultiheadAttention, which reads its weight directly"
+            elif type(module).forward is not nn.Linear.forward and _qualname(type(module)) not in LINEAR_EQUIVALENT:
+                targets.skipped[name] = f"{type(module).__name__} subclasses nn.Linear with its own forward"
+            else:
+                targets.linears.append((name, module))
+    if targets.skipped:
+        logger.warning("swsc_hf left %d linear layers dense that it cannot replace safely: %s", len(targets.skipped),
+                       "; ".join(f"{n} ({why})" for n, why in list(targets.skipped.items())[:5]))
+    return targets
+
+
+def target_linears(model: nn.Module, modules_to_not_convert: list[str]) -> list[tuple[str, nn.Module]]:
+    """The linear layers compression replaces (see `find_targets`; fused experts not included)."""
+    return find_targets(model, modules_to_not_convert).linears
+
+
+def target_shapes(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, tuple[int, int]]:
+    """(out, in) of every matrix compression targets, in model order: each linear (a `Conv1D` transposed) and each
+    expert's matrices of fused experts, under the names their layouts are recorded by."""
+    targets = find_targets(model, modules_to_not_convert)
+    experts = dict(targets.experts)
+    linears = dict(targets.linears)
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, _ in model.named_modules():
+        if name in linears:
+            shapes[name] = tuple(dense_weight(linears[name]).shape)
+        elif name in experts:
+            module = experts[name]
+            for projection in expert_projections(module):
+                for index in range(module.num_experts):
+                    shapes[expert_layer_name(name, projection, index)] = expert_shape(module, projection)
+    return shapes
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is transformers' `Conv1D` (GPT-2's linear, its weight stored (in, out))."""
+    return isinstance(module, Conv1D)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear layer (`Conv1D` stores it transposed)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def dense_matrices_left(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, tuple[int, str]]:
+    """Every weight matrix (floating, 2-D or more) that is not compressed: name -> (weights, reason)."""
+    targets = find_targets(model, modules_to_not_convert)
+    pending = {name for name, _ in targets.linears + targets.experts}
+    left: dict[str, tuple[int, str]] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (SWSCLinear, SWSCExperts)) or module_name.endswith(SHARED_BASES_ATTR):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.is_floating_point() or param.dim() < 2:
+                continue
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if not should_convert_module(module_name, modules_to_not_convert):
+                reason = NOT_CONVERTED
+            elif isinstance(module, nn.Embedding):
+                reason = EMBEDDING
+            elif module_name in targets.skipped:
+                reason = targets.skipped[module_name]
+            elif module_name in pending:
+                reason = "not compressed yet"
+            elif module_name.rsplit(".", 1)[-1] in ("gate", "router") and any(
+                    is_fused_experts(m) or isinstance(m, SWSCExperts) or isinstance(m, nn.ModuleList)
+                    for m in model.get_submodule(module_name.rsplit(".", 1)[0]).children()):
+                reason = ROUTER
+            else:
+                reason = f"{type(module).__name__}.{param_name} is not a layer type swsc_hf compresses"
+            left[name] = (param.numel(), reason)
+    return left
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -68,9 +183,10 @@ def relative_error(dense: torch.Tensor, compressed: CompressedWeight) -> float:
 def install_compressed(model: nn.Module, name: str, compressed: CompressedWeight, config: SWSCConfig) -> SWSCLinear:
     """Replace the dense linear `name` by an `SWSCLinear` holding `compressed` (its bias kept); returns the layer."""
     dense = model.get_submodule(name)
-    weight = dense.weight.detach()
+    weight = dense_weight(dense).detach()
     layer = new_layer(compressed.spec, config, bias=dense.bias is not None, dense_dtype=weight.dtype,
                       device=weight.device)
+    layer.from_conv1d = isinstance(dense, Conv1D)
     if dense.bias is not None:
         layer.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
     if compressed.spec.shared_basis is not None:
@@ -79,6 +195,26 @@ def install_compressed(model: nn.Module, name: str, compressed: CompressedWeight
     layer.relative_error = relative_error(weight, compressed)
     swap_module(model, name, layer)
     return layer
+
+
+def install_compressed_experts(model: nn.Module, name: str, compressed: dict[str, list[CompressedWeight]],
+                               config: SWSCConfig) -> SWSCExperts:
+    """Replace the fused experts module `name` by an `SWSCExperts` holding `compressed` (per projection, per
+    expert); expert biases and norms are kept. Returns the new module."""
+    experts = model.get_submodule(name)
+    stacked = {projection: experts._parameters[projection].detach() for projection in compressed}
+    dense_dtype = next(iter(stacked.values())).dtype
+    table_dtype = config.table_torch_dtype(dense_dtype)
+    specs = {projection: [fitted.spec for fitted in layers] for projection, layers in compressed.items()}
+    module = SWSCExperts(experts, specs, dtype=table_dtype, dense_dtype=dense_dtype,
+                         device=next(iter(stacked.values())).device)
+    for projection, layers in compressed.items():
+        for index, (layer, fitted) in enumerate(zip(module.layers(projection), layers, strict=True)):
+            layer.load_compressed(fitted, table_dtype)
+            layer.relative_error = relative_error(expert_matrix(stacked[projection], index, module.is_transposed),
+                                                  fitted)
+    swap_module(model, name, module)
+    return module
 
 
 def replace_with_shells(model: nn.Module, config: SWSCConfig, *, placeholder: bool) -> list[str]:
@@ -90,20 +226,29 @@ def replace_with_shells(model: nn.Module, config: SWSCConfig, *, placeholder: bo
     """
     replaced = []
     bases: dict[str, tuple[int, int]] = {}
-    for name, linear in target_linears(model, config.modules_to_not_convert):
+    targets = find_targets(model, config.modules_to_not_convert)
+    for name, linear in targets.linears:
         if not placeholder and name not in config.compressed_layers:
             continue
-        spec = config.layer_spec(name, linear.out_features, linear.in_features)
+        spec = config.layer_spec(name, *dense_weight(linear).shape)
         dtype = linear.weight.dtype
         with torch.device("meta"):
             shell = new_layer(spec, config, bias=linear.bias is not None, dense_dtype=dtype)
-            if placeholder:
-                shell.weight = nn.Parameter(torch.empty(spec.out_features, spec.in_features, dtype=dtype),
-                                            requires_grad=False)
+            if placeholder:  # the checkpoint's shape: (in, out) for a Conv1D
+                shell.weight = nn.Parameter(torch.empty(linear.weight.shape, dtype=dtype), requires_grad=False)
+        shell.from_conv1d = isinstance(linear, Conv1D)
         if spec.shared_basis is not None:
             bases[spec.shared_basis] = spec.shared_basis_shape
         swap_module(model, name, shell)
         replaced.append(name)
+    for name, experts in targets.experts:
+        layers = experts_shell(model, name, experts, config, placeholder=placeholder)
+        replaced.extend(layers)
+    for name in {name.rsplit(".", 1)[0] for name in replaced if "." in name}:
+        parent = model.get_submodule(name)
+        if not any(True for _ in parent.parameters(recurse=False)) and not any(True for _ in parent.buffers(False)):
+            # nothing of its own to initialise; its _init_weights may reach for a child's `weight` (GPT-2's c_proj)
+            parent._is_hf_initialized = True
     unknown = set(config.compressed_layers) - set(replaced)
     if not placeholder and unknown:
         raise ValueError(f"quantization_config lists compressed layers the model does not have as nn.Linear: "
@@ -112,8 +257,45 @@ def replace_with_shells(model: nn.Module, config: SWSCConfig, *, placeholder: bo
         with torch.device("meta"):
             setattr(model, SHARED_BASES_ATTR, SWSCSharedBases(bases, dtype=config.table_torch_dtype(model.dtype)))
     if not replaced:
-        logger.warning("swsc_hf found no nn.Linear to compress; check modules_to_not_convert")
+        logger.warning("swsc_hf found no linear layer or experts to compress; check modules_to_not_convert")
     return replaced
+
+
+def experts_specs(name: str, experts: nn.Module, config: SWSCConfig,
+                  allocation: dict[str, LayerSpec] | None = None) -> dict[str, list[LayerSpec]]:
+    """The layout of every expert matrix of the fused experts module `name`, per projection."""
+    return {
+        projection: [config.layer_spec(expert_layer_name(name, projection, index),
+                                       *expert_shape(experts, projection), allocation)
+                     for index in range(experts.num_experts)]
+        for projection in expert_projections(experts)
+    }
+
+
+def experts_shell(model: nn.Module, name: str, experts: nn.Module, config: SWSCConfig, *,
+                  placeholder: bool) -> list[str]:
+    """Swap a fused experts module for an empty `SWSCExperts` (before weights load); returns its layers' names.
+
+    For compress-on-load the shell keeps each 3-D weight as a placeholder the quantize op consumes; loading a
+    checkpoint, the experts are replaced only if `config.compressed_layers` lists them.
+    """
+    specs = experts_specs(name, experts, config)
+    names = [expert_layer_name(name, projection, index) for projection, layer_specs in specs.items()
+             for index in range(len(layer_specs))]
+    if not placeholder and not any(layer in config.compressed_layers for layer in names):
+        return []
+    if any(spec.shared_basis is not None for layer_specs in specs.values() for spec in layer_specs):
+        raise ValueError(f"{name}: expert layers cannot share a basis; drop share_types for experts")
+    dtype = experts._parameters[expert_projections(experts)[0]].dtype
+    placeholders = {projection: experts._parameters[projection].shape for projection in specs}
+    with torch.device("meta"):
+        shell = SWSCExperts(experts, specs, dtype=config.table_torch_dtype(dtype), dense_dtype=dtype)
+        if placeholder:
+            for projection, shape in placeholders.items():
+                shell.register_parameter(projection, nn.Parameter(torch.empty(shape, dtype=dtype),
+                                                                  requires_grad=False))
+    swap_module(model, name, shell)
+    return names
 
 
 # ---- shared bases -------------------------------------------------------------------------------------------------
@@ -172,6 +354,11 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
     """After loading or compressing: record layouts, freeze compressed tensors, link shared bases, check codes and
     values, and make `save_pretrained` atomic."""
     for name, module in model.named_modules():
+        if isinstance(module, SWSCExperts):
+            waiting = [p for p in module.projections if p in module._parameters]
+            if waiting:
+                raise RuntimeError(f"{name}.{waiting[0]} never arrived from the checkpoint, so the experts were not "
+                                   "compressed")
         if not isinstance(module, SWSCLinear):
             continue
         if "weight" in module._parameters:
@@ -181,6 +368,11 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
         validate_codes(name, module)
         check_finite(name, module)
     record_layouts(model, config)
+    missed = {name: reason for name, (_, reason) in dense_matrices_left(model, config.modules_to_not_convert).items()
+              if reason not in KEPT_DENSE_BY_DESIGN}
+    if missed:
+        logger.warning("swsc_hf left %d weight matrices dense that it does not compress: %s", len(missed),
+                       "; ".join(f"{n} ({why})" for n, why in list(missed.items())[:8]))
     link_shared_bases(model)
     holder = getattr(model, SHARED_BASES_ATTR, None)
     if holder is not None:
@@ -201,13 +393,29 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.d
 
 
 @torch.no_grad()
+def dense_layer(layer: SWSCLinear, dtype: torch.dtype | None = None) -> nn.Module:
+    """The dense layer an `SWSCLinear` stands for: an nn.Linear, or a `Conv1D` where it replaced one."""
+    if not getattr(layer, "from_conv1d", False):
+        return dense_linear(layer.dequantize(), layer.bias, dtype)
+    weight = layer.dequantize()
+    conv = Conv1D(weight.shape[0], weight.shape[1]).to(device=weight.device, dtype=dtype or weight.dtype)
+    conv.weight.copy_(weight.t())
+    if layer.bias is not None:
+        conv.bias.copy_(layer.bias)
+    return conv
+
+
+@torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Replace every `SWSCLinear` with an nn.Linear holding its dense weight (for `model.dequantize()`)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     for name, module in list(model.named_modules()):
+        if isinstance(module, SWSCExperts):
+            swap_module(model, name, module.dense_experts(dtype))
+    for name, module in list(model.named_modules()):
         if isinstance(module, SWSCLinear):
-            swap_module(model, name, dense_linear(module.dequantize(), module.bias, dtype))
+            swap_module(model, name, dense_layer(module, dtype))
     if hasattr(model, SHARED_BASES_ATTR):
         delattr(model, SHARED_BASES_ATTR)
     return model

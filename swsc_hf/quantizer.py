@@ -15,6 +15,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .compression import compress_linears
 from .config import SWSCConfig
+from .experts import SWSCExperts
 from .hub import install_model_card
 from .load_guard import guard_tensors, ignore_patterns
 from .loading import SWSCQuantize
@@ -54,13 +55,16 @@ class SWSCQuantizer(HfQuantizer):
         if self.pre_quantized:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
+        if isinstance(module, SWSCExperts):
+            return tensor_name in module.projections
         return isinstance(module, SWSCLinear) and tensor_name == "weight"
 
     def param_element_size(self, model, param_name: str, param) -> float:
         """The dense placeholder costs what its compressed form will, so device_map sizing is right."""
         if self.param_needs_quantization(model, param_name):
-            module, _ = get_module_from_name(model, param_name)
-            return module.spec.stored_bytes(param.element_size()) / param.numel()
+            module, tensor_name = get_module_from_name(model, param_name)
+            layers = module.layers(tensor_name) if isinstance(module, SWSCExperts) else [module]
+            return sum(layer.spec.stored_bytes(param.element_size()) for layer in layers) / param.numel()
         return param.element_size()
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any) -> None:

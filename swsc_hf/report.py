@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .model_ops import SHARED_BASES_ATTR
+from .config import DEFAULT_NOT_CONVERT
+from .model_ops import KEPT_DENSE_BY_DESIGN, SHARED_BASES_ATTR, dense_matrices_left
 from .modules import SWSCLinear
 
 
@@ -35,6 +36,20 @@ class CompressionReport:
     model_stored_bytes: int = 0
     model_dense_bytes: int = 0
     model_weights: int = 0
+    # every weight matrix left dense: name -> (weights, reason); embeddings, the head, routers and
+    # `modules_to_not_convert` are kept dense by design, anything else is a layer swsc_hf could not compress
+    left_dense: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def uncompressed(self) -> dict[str, str]:
+        """The weight matrices left dense that are not dense by design (name -> reason): what compression missed."""
+        return {name: reason for name, (_, reason) in self.left_dense.items() if reason not in KEPT_DENSE_BY_DESIGN}
+
+    @property
+    def compressed_fraction(self) -> float:
+        """Compressed weights / weights of all matrices that are not dense by design (1.0: nothing missed)."""
+        missed = sum(count for name, (count, _) in self.left_dense.items() if name in self.uncompressed)
+        return self.compressed_weights / max(self.compressed_weights + missed, 1)
 
     @property
     def compressed_bits_per_weight(self) -> float:
@@ -49,6 +64,7 @@ class CompressionReport:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["compressed_bits_per_weight"] = self.compressed_bits_per_weight
+        out["compressed_fraction"] = self.compressed_fraction
         out["model_bits_per_weight"] = self.model_bits_per_weight
         for layer, row in zip(self.layers, out["layers"], strict=True):
             row["bits_per_weight"] = layer.bits_per_weight
@@ -75,6 +91,9 @@ class CompressionReport:
             err = "-" if layer.relative_error is None else f"{layer.relative_error:.4f}"
             lines.append(f"{layer.name:60s} {layer.bits_per_weight:7.3f} {layer.stored_bytes / 1024:11.1f} {err:>8s}")
         lines.append(self.summary())
+        if self.uncompressed:
+            lines.append(f"left dense ({100 * (1 - self.compressed_fraction):.1f}% of the weights swsc_hf could "
+                         f"compress): " + "; ".join(f"{n} ({why})" for n, why in self.uncompressed.items()))
         return "\n".join(lines)
 
 
@@ -114,4 +133,9 @@ def compression_report(model: nn.Module) -> CompressionReport:
     report.model_stored_bytes = report.compressed_stored_bytes + other_bytes
     report.model_dense_bytes = report.compressed_dense_bytes + other_bytes
     report.model_weights = report.compressed_weights + sum(t.numel() for t in other)
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    not_convert = getattr(config, "modules_to_not_convert", None)
+    if isinstance(config, dict):
+        not_convert = config.get("modules_to_not_convert")
+    report.left_dense = dense_matrices_left(model, DEFAULT_NOT_CONVERT if not_convert is None else not_convert)
     return report

@@ -155,7 +155,8 @@ def check_tensor_set(model: nn.Module, entries: dict[str, tuple[Path, dict]]) ->
         if target not in expected and key in expected:
             target, pattern = rename_source_key(key, [], [], prefix, expected)
         if target not in expected:
-            if not _ignored(getattr(model, "_keys_to_ignore_on_load_unexpected", None), key):
+            ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+            if not (_ignored(ignore, key) or _ignored(ignore, target)):  # checkpoint or model name (renamed)
                 unexpected.append(key)
             continue
         found.add(target)
@@ -246,6 +247,18 @@ def verify_parsed_checksums(parsed: list[ParsedFile], workers: int = 4) -> int:
 
 
 # ---- the compressed tensors against their recorded layouts ---------------------------------------------------------
+def model_named_entries(model: nn.Module, entries: dict[str, tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
+    """The checkpoint's entries under the model's module names: `save_pretrained` writes transformers' legacy names
+    (e.g. Mixtral's `block_sparse_moe` for `mlp`), which its renaming rules map back on load."""
+    renamings = [t for t in get_model_conversion_mapping(model, None, None) if isinstance(t, WeightRenaming)]
+    if not renamings:
+        return entries
+    prefix = getattr(model, "base_model_prefix", None)
+    expected = model.state_dict()
+    return {(key if key in expected else rename_source_key(key, renamings, [], prefix, expected)[0]): entry
+            for key, entry in entries.items()}
+
+
 def check_layouts(entries: dict[str, tuple[Path, dict]], compressed_layers: dict[str, dict], shared_prefix: str,
                   float_dtypes: tuple[str, ...] = ("F16", "BF16", "F32")) -> None:
     """Check every compressed tensor of the checkpoint against the layouts in its config, before loading.
@@ -290,7 +303,7 @@ def check_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], compr
     parsed = parse_checkpoint(files)
     entries = checkpoint_entries(parsed)
     if compressed_layers is not None:
-        check_layouts(entries, compressed_layers, shared_prefix)
+        check_layouts(model_named_entries(model, entries), compressed_layers, shared_prefix)
     check_tensor_set(model, entries)
     verify_parsed_checksums(parsed)
 
