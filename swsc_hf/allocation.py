@@ -46,6 +46,37 @@ def uniform_choice(out_features: int, in_features: int, bits: float) -> LayerSpe
     fitting = [spec for spec in candidates if spec_bits(spec) <= bits + 1e-9]
     return fitting[-1] if fitting else candidates[0]
 
+def fill_budget(shapes: dict[str, tuple[int, int]], bits: float) -> dict[str, LayerSpec]:
+    """Data-free `bits=`: layouts (from shapes alone) whose weighted average comes as close to `bits` as the ladder
+    allows without exceeding it.
+
+    Every layer starts at the richest layout that fits `bits` on its own (`uniform_choice`: 4-bit codes with their
+    scales cost 4.13 bits, so `bits=4` alone gives 3.13), then layers are upgraded one ladder step at a time, in
+    model order (earlier layers first), while the total stays within the budget; passes repeat until no upgrade
+    fits. The order is a fixed, unmeasured choice: without data there is no sensitivity to rank the layers by
+    (calibrated `bits=` ranks them by Fisher information, `allocate`).
+    """
+    ladders = {name: ladder(out, inp) for name, (out, inp) in shapes.items()}
+    level = {name: ladders[name].index(uniform_choice(*shapes[name], bits)) for name in shapes}
+    sizes = {name: out * inp for name, (out, inp) in shapes.items()}
+    budget = bits * sum(sizes.values())
+    spent = sum(spec_bits(ladders[name][level[name]]) * sizes[name] for name in shapes)
+    upgraded = True
+    while upgraded:
+        upgraded = False
+        for name in shapes:
+            options, now = ladders[name], level[name]
+            if now + 1 < len(options):
+                extra = (spec_bits(options[now + 1]) - spec_bits(options[now])) * sizes[name]
+                if spent + extra <= budget + 1e-6:
+                    level[name] += 1
+                    spent += extra
+                    upgraded = True
+    if shapes:
+        logger.info("swsc_hf: bits=%g data-free: layouts average %.4f bits per weight", bits,
+                    spent / sum(sizes.values()))
+    return {name: ladders[name][level[name]] for name in shapes}
+
 
 # A matrix to size: the parameter holding it and the view of that parameter (or of its gradient) that is the
 # (out, in) matrix, e.g. one expert's slice of a fused 3-D expert weight, or a Conv1D's transposed weight.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .allocation import uniform_choice
+from .allocation import fill_budget, uniform_choice
 from .core.spec import CLUSTER_DIMS, LayerSpec, fitting_scale_group, rank_for_ratio
 
 FORMAT_VERSION = 1
@@ -273,6 +273,14 @@ class SWSCConfig(QuantizationConfigMixin):
             cluster_dim=self.cluster_dim, rank=min(rank, out_features, in_features),
             scale_group_size=group if n else 0, rows_per_codebook=self.rows_per_codebook,
         )
+
+    def plan_bits(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """Data-free `bits=`: resolve the layouts of the layers `shapes` (name -> (out, in)) together so their average
+        fills the budget (`allocation.fill_budget`), recorded in `compressed_layers` before compression. No-op for
+        other configs, calibrated `bits=` (sized by measured sensitivity) or a config that already has layouts."""
+        if self.bits is None or self.is_calibrated or self.compressed_layers or not shapes:
+            return
+        self.compressed_layers = {name: spec.to_dict() for name, spec in fill_budget(shapes, self.bits).items()}
 
     def table_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype compressed tables are stored in for a model of `model_dtype`."""

@@ -164,6 +164,7 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
             raise ValueError(f"multi-process compression handles nn.Linear layers only, not {unsupported[:3]} "
                              "(mixture-of-experts or Conv1D); run it in one process")
         targets = found.linears
+        config.plan_bits({name: (m.out_features, m.in_features) for name, m in targets})  # as one process does
         groups = compression_groups([name for name, _ in targets], config)
         sizes = [sum(skeleton.get_submodule(name).weight.numel() for name in group) for group in groups]
         owners = assign_groups(sizes, world_size)

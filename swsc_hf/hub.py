@@ -267,10 +267,30 @@ def _upload_with_card(
     return getattr(type(model), _UPLOAD_HOOK)(model, working_dir, repo_id, *args, **kwargs)
 
 
+def _is_swsc_card(readme: Path) -> bool:
+    try:
+        return "swsc_hf" in (ModelCard.load(readme).data.get("tags") or [])
+    except Exception:  # noqa: BLE001 - an unreadable README is the user's: leave it alone
+        return False
+
+
+def _save_with_card(model: PreTrainedModel, save, *args, **kwargs):
+    """`save_pretrained`, then the swsc_hf card as README.md beside the checkpoint (as `push_to_hub` uploads it);
+    a README.md that is not an swsc_hf card (the user's own) is left as it is."""
+    result = save(*args, **kwargs)
+    directory = kwargs.get("save_directory", args[0] if args else None)
+    if directory is not None and Path(directory).is_dir() and getattr(model, "is_quantized", False):
+        readme = Path(directory) / "README.md"
+        if not readme.exists() or _is_swsc_card(readme):
+            build_model_card(model, **getattr(model, CARD_KWARGS_ATTR, {})).save(readme)
+    return result
+
+
 def install_model_card(
     model: PreTrainedModel, *, base_model: str | None = None, metrics: dict[str, Any] | None = None
 ) -> None:
-    """Make `model.push_to_hub(...)` (and `save_pretrained(..., push_to_hub=True)`) upload the swsc_hf card.
+    """Make `model.push_to_hub(...)` (and `save_pretrained(..., push_to_hub=True)`) upload the swsc_hf card, and
+    `model.save_pretrained(folder)` write it as `folder/README.md`.
 
     The card is built at upload time, so it describes the model as pushed. Calling again updates `base_model` /
     `metrics` (None keeps the previous value). After `model.dequantize()` the hook steps aside (generic card).
@@ -287,6 +307,9 @@ def install_model_card(
     setattr(model, CARD_KWARGS_ATTR, card_kwargs)
     # A partial of a module-level function (not a bound method) keeps the model picklable and deep-copyable.
     setattr(model, _UPLOAD_HOOK, functools.partial(_upload_with_card, model))
+    save = getattr(model, "save_pretrained", None)
+    if save is not None and getattr(save, "func", None) is not _save_with_card:  # a local card on every save too
+        model.save_pretrained = functools.partial(_save_with_card, model, save)
 
 
 def push_compressed(

@@ -5,8 +5,9 @@ plain `get_peft_model(model, LoraConfig(target_modules=[...]))` wraps compressed
 `PeftModel.from_pretrained(base, adapter_path)` finds them too (PEFT's per-config `_register_custom_module` is not
 saved with the adapter, a dispatcher needs no config). The compressed tables stay frozen and compressed; the
 forward is PEFT's: base(x) + lora_B(lora_A(dropout(x))) * scaling. Only LoRA has such a hook in PEFT: IA3, OFT,
-VeRA, ... reject layers that are not nn.Linear, and `target_modules="all-linear"` finds no compressed layer (name
-the projections instead).
+VeRA, ... reject layers that are not nn.Linear. `register_with_peft` also makes `target_modules="all-linear"`
+include the compressed layers, and `peft.prepare_model_for_kbit_training` run `prepare_for_training` on an swsc_hf
+model (instead of upcasting its tables).
 
 Merging: PEFT's `merge_and_unload()` merges exactly into the compressed low-rank term
 (lowrank_a' = [lowrank_a | s * lora_B], lowrank_b' = [lowrank_b; lora_A]: the rank grows by r); `merge_and_unload`
@@ -27,7 +28,7 @@ from torch import nn
 
 from .model_ops import dense_linear, dequantize_model, record_layouts, swap_module
 from .modules import SWSCLinear
-from .table_training import finish_training, is_peft_model, model_dtype, swsc_config
+from .table_training import finish_training, is_peft_model, model_dtype, prepare_for_training, swsc_config
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,62 @@ def register_with_peft() -> bool:
 
     dispatch_swsc_or_default.swsc_hf = True
     lora_model.dispatch_default = dispatch_swsc_or_default
+    _patch_all_linear()
+    _patch_prepare_model_for_kbit_training()
     return True
+
+
+def _patch_all_linear() -> None:
+    """`target_modules="all-linear"` collects only nn.Linear/Conv1D (the compressed layers are neither): PEFT's
+    helper (looked up at call time by `BaseTuner.inject_adapter`) is wrapped to add every `SWSCLinear` too, the
+    output embedding excepted, as it does for linears."""
+    import peft.tuners.tuners_utils as tuners_utils
+
+    original = tuners_utils._maybe_include_all_linear_layers
+    if getattr(original, "swsc_hf", False):
+        return
+
+    def include_compressed_layers(peft_config: Any, model: nn.Module) -> Any:
+        target = getattr(peft_config, "target_modules", None)
+        wanted = isinstance(target, str) and target.lower() == "all-linear"
+        peft_config = original(peft_config, model)
+        if wanted:
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            compressed = {name for name, m in model.named_modules() if isinstance(m, SWSCLinear) and m is not head}
+            peft_config.target_modules = set(peft_config.target_modules or ()) | compressed
+        return peft_config
+
+    include_compressed_layers.swsc_hf = True
+    tuners_utils._maybe_include_all_linear_layers = include_compressed_layers
+
+
+def _patch_prepare_model_for_kbit_training() -> None:
+    """`peft.prepare_model_for_kbit_training` does not know quant_method "swsc": it would cast the compressed float16
+    tables to float32 (double their memory) and enable neither activation checkpointing nor input gradients. On an
+    swsc_hf model the wrapper runs `prepare_for_training` instead (what PEFT does for the methods it knows, tables
+    kept in their stored dtype) and says so; other models go to PEFT's own. Names bound before `import swsc_hf`
+    (`from peft import prepare_model_for_kbit_training` earlier) keep PEFT's function."""
+    import peft
+    import peft.utils
+    import peft.utils.other
+
+    original = peft.utils.other.prepare_model_for_kbit_training
+    if getattr(original, "swsc_hf", False):
+        return
+
+    def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                        *args: Any, **kwargs: Any) -> nn.Module:
+        if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) != "swsc":
+            return original(model, use_gradient_checkpointing, *args, **kwargs)
+        logger.warning("peft.prepare_model_for_kbit_training on an swsc_hf model runs "
+                       "swsc_hf.prepare_for_training: compressed tables keep their stored dtype")
+        return prepare_for_training(model, gradient_checkpointing=use_gradient_checkpointing)
+
+    prepare_model_for_kbit_training.swsc_hf = True
+    prepare_model_for_kbit_training.__doc__ = original.__doc__
+    for module in (peft, peft.utils, peft.utils.other):
+        if getattr(module, "prepare_model_for_kbit_training", None) is original:
+            module.prepare_model_for_kbit_training = prepare_model_for_kbit_training
 
 
 # ---- low-rank term surgery (merge / unmerge) ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from .experts import (
     expert_shape,
     is_fused_experts,
 )
-from .modules import SWSCLinear
+from .modules import KeepsTableDtype, SWSCLinear
 from .validation import check_finite, validate_codes
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 SHARED_BASES_ATTR = "swsc_shared_bases"
 
 
-class SWSCSharedBases(nn.Module):
+class SWSCSharedBases(KeepsTableDtype, nn.Module):
     """Input-side low-rank factors shared by groups of layers (Basis Sharing), stored once in the checkpoint."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], dtype: torch.dtype | None = None) -> None:

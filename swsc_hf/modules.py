@@ -12,7 +12,26 @@ from .core.spec import LayerSpec
 from .kernels import channel_tiles, codebook_matmul, dequantize_channels, unpacked_codes
 
 
-class SWSCLinear(nn.Module):
+class KeepsTableDtype:
+    """Mixin for modules holding compressed tables: dtype casts of the model (`.to(dtype)`, `.half()`, `.float()`,
+    `.bfloat16()`) change the dense parts (biases, and what `dense_dtype` says dequantization returns) but leave every
+    other float parameter (the tables) in the dtype it is stored in. The forward casts tables to the input's dtype, so
+    a cast model runs in the new dtype without rounding its tables again (float16 tables cast to bfloat16 would lose
+    three mantissa bits). Device moves apply to everything."""
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {name: p.dtype for name, p in self.named_parameters() if p.is_floating_point()
+                and not name.endswith("bias")}
+        result = super()._apply(fn, recurse)
+        for name, param in self.named_parameters():
+            if name in kept and param.dtype != kept[name]:
+                param.data = param.data.to(kept[name])
+        if isinstance(getattr(self, "dense_dtype", None), torch.dtype):  # what fn does to a dense tensor's dtype
+            self.dense_dtype = fn(torch.empty(0, dtype=self.dense_dtype, device="cpu")).dtype
+        return result
+
+
+class SWSCLinear(KeepsTableDtype, nn.Module):
     """y = x W'^T + b with W' = scales * codebook[codes] + lowrank_a @ lowrank_b.
 
     Float tables are kept in `dtype` (the stored table dtype) and cast to the input's dtype in the forward; the

@@ -6,10 +6,12 @@ May import everything below it: `config`, `modules`, `model_ops`, `loading`, `co
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
@@ -26,6 +28,7 @@ from .model_ops import (
     mark_compressed,
     record_layouts,
     replace_with_shells,
+    target_linears,
 )
 from .modules import SWSCLinear
 from .validation import check_checkpoint, checksum_metadata
@@ -76,6 +79,7 @@ class SWSCQuantizer(HfQuantizer):
             if checkpoint_files:
                 check_checkpoint(model, checkpoint_files, config.compressed_layers, f"{SHARED_BASES_ATTR}.bases")
         elif not config.compresses_after_load:
+            config.plan_bits(linear_shapes(model, config))
             replace_with_shells(model, config, placeholder=True)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
@@ -85,6 +89,7 @@ class SWSCQuantizer(HfQuantizer):
         else:
             finalize_compressed_model(model, config)
         install_model_card(model, base_model=None if self.pre_quantized else model.config._name_or_path)
+        allow_dtype_casts(model)
 
     def get_quantize_ops(self) -> SWSCQuantize:
         return SWSCQuantize(self)
@@ -118,12 +123,31 @@ class SWSCQuantizer(HfQuantizer):
         return True
 
 
+def allow_dtype_casts(model: nn.Module) -> None:
+    """transformers refuses `.half()` and `.float()` on every quantized model yet allows `.to(dtype)`; on an swsc_hf
+    model all of them cast the dense parts and keep the compressed tables as stored (`KeepsTableDtype`), so this
+    instance gets torch's own `half`/`float` back."""
+    if isinstance(model, PreTrainedModel):
+        # Partials of module-level functions (not bound methods) keep the model picklable and deep-copyable.
+        model.half = functools.partial(nn.Module.half, model)
+        model.float = functools.partial(nn.Module.float, model)
+
+
+def linear_shapes(model: nn.Module, config: SWSCConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every nn.Linear compression targets, in model order (what data-free `bits=` plans over)."""
+    return {name: (module.out_features, module.in_features)
+            for name, module in target_linears(model, config.modules_to_not_convert) if isinstance(module, nn.Linear)}
+
+
 def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.Module:
     """Compress `model` in place as `config` says and make it saveable/reloadable as an swsc_hf checkpoint.
 
     `tokenizer` (else `config.tokenizer`) is needed for calibrated compression only.
     """
+    config.plan_bits(linear_shapes(model, config))
     compress_linears(model, config, tokenizer)
     mark_compressed(model, config, SWSCQuantizer(config, pre_quantized=True))
     finalize_compressed_model(model, config)
+    install_model_card(model)
+    allow_dtype_casts(model)
     return model

@@ -261,11 +261,11 @@ def test_trainer_accepts_peft_and_centroid_models(compressed, batch, tmp_path):
 
 
 def test_peft_prepare_model_for_kbit_training_runs_on_compressed_model(batch):
-    """PEFT's helper runs, but not knowing "swsc" it only freezes everything and casts the float16 tables to float32
-    (as for any unquantized model); it enables neither activation checkpointing nor input gradients."""
+    """PEFT's helper does not know "swsc" (it would cast the float16 tables to float32 and enable no activation
+    checkpointing): `import swsc_hf` makes it run `prepare_for_training` on swsc_hf models instead."""
     model = peft.prepare_model_for_kbit_training(tiny_model(table_dtype="float16"))
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.model.layers[0].self_attn.q_proj.codebook.dtype == torch.float32
-    assert not model.is_activation_checkpointing
+    assert model.model.layers[0].self_attn.q_proj.codebook.dtype == torch.float16
+    assert model.is_activation_checkpointing
     losses = train(lora(model), batch, steps=3)
     assert losses[-1] < losses[0]

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from swsc_hf import SWSCConfig, SWSCLinear, compress_model
+from swsc_hf import SWSCConfig, SWSCLinear, compress_model, compression_report
 
 GUARD_HINT = "pip install swsc-hf, then import swsc_hf"
 
@@ -175,3 +175,90 @@ def test_cli_compress_keeps_source_dtype_and_prints_a_summary(tiny_with_tokenize
         assert handle.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
     assert main(["compress", str(source), str(tmp_path / "out"), "--bits", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["avg_bits"] <= 4
+
+
+# ---- 5. numbers and habits that do not mislead ----------------------------------------------------------------------
+def _compressed(**config) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    settings = {**dict(n_clusters=16, segment_length=1, rank=2), **config}
+    return compress_model(LlamaForCausalLM(tiny_llama_config()), SWSCConfig(**settings))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_data_free_bits_fill_the_budget(tiny_dense_dir, bits):
+    """bits=4 alone fits only 3-bit codes (4-bit codes with their scales cost 4.13 bits): layers are upgraded until
+    the average is as close to the budget as the ladder allows, never above it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=SWSCConfig(bits=bits))
+    assert bits - 0.05 <= compression_report(model).compressed_bits_per_weight <= bits
+    again = compress_model(LlamaForCausalLM(tiny_llama_config()), SWSCConfig(bits=bits))
+    assert again.config.quantization_config.compressed_layers == model.config.quantization_config.compressed_layers
+
+
+def test_num_parameters_counts_packed_codes():
+    model = _compressed()
+    names = {name for name, _ in model.named_parameters()}
+    assert "model.layers.0.mlp.up_proj.codes" in names
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_dtype_casts_are_consistent_and_keep_tables(input_ids):
+    model = _compressed()
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.codebook.dtype == torch.float16
+    model.half()
+    assert model.model.embed_tokens.weight.dtype == torch.float16 and layer.codebook.dtype == torch.float16
+    model.to(torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16 and layer.codebook.dtype == torch.float16
+    assert layer.dequantize().dtype == torch.bfloat16 and torch.isfinite(model(input_ids).logits).all()
+    model.float()
+    assert model.model.embed_tokens.weight.dtype == torch.float32 and layer.codebook.dtype == torch.float16
+    assert layer.codes.dtype == torch.uint8
+
+
+def test_save_pretrained_writes_a_model_card_but_keeps_the_users(tmp_path):
+    model = _compressed()
+    model.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "swsc_hf" in card and "bits" in card
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "README.md").write_text("my notes")
+    model.save_pretrained(tmp_path / "b")
+    assert (tmp_path / "b" / "README.md").read_text() == "my notes"
+
+
+def test_prepare_model_for_kbit_training_keeps_tables(caplog):
+    from peft import prepare_model_for_kbit_training
+
+    model = _compressed()
+    model.half()
+    prepare_model_for_kbit_training(model)
+    assert model.model.layers[0].self_attn.q_proj.codebook.dtype == torch.float16
+    assert model.model.norm.weight.dtype == torch.float32 and model.is_activation_checkpointing
+    assert "prepare_for_training" in caplog.text
+
+
+def test_all_linear_targets_compressed_layers(input_ids):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_compressed(), LoraConfig(target_modules="all-linear", r=4))
+    wrapped = {name.split(".")[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A")
+               and isinstance(m.get_base_layer(), SWSCLinear)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not hasattr(peft_model.base_model.model.lm_head, "lora_A")
+    assert torch.isfinite(peft_model(input_ids).logits).all()
+
+
+def test_peft_own_merge_then_save_reloads(input_ids, tmp_path):
+    """docs/finetuning.md: saving after PEFT's own merge_and_unload() reloads (save records the merged layouts)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_compressed(table_dtype="float32"), LoraConfig(target_modules=["q_proj"], r=4))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.model.layers[0].self_attn.q_proj.spec.rank == 2 + 4
+    assert torch.equal(reloaded(input_ids).logits, merged(input_ids).logits)
