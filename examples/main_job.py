@@ -1,7 +1,10 @@
 """The main job: compress the bundled SmolLM2-135M, evaluate before and after, save, reload, generate.
 
     python examples/main_job.py --out out/smollm2-swsc [--preset swsc-4bit] [--windows 4] [--data-free]
-                                [--distill-steps 64]
+                                [--distill-steps 64] [--per-layer]
+
+It prints a short summary (bits per weight, sizes, perplexities); --per-layer adds the table of every compressed
+layer (210 lines for SmolLM2-135M).
 
 Perplexity is WikiText-2 raw test (the usual "\\n\\n" join), non-overlapping windows of --seq-len tokens over the
 first --windows windows. Calibration text is the WikiText-2 validation split, never the test split.
@@ -21,7 +24,7 @@ import swsc_hf
 from swsc_hf import calibration_batches, distill_tables, load_smollm2, perplexity, save_atomically
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/smollm2-swsc")
     parser.add_argument("--preset", default="swsc-4bit")
@@ -31,7 +34,12 @@ def main() -> None:
     parser.add_argument("--distill-steps", type=int, default=0,
                         help="after compression, distill codebooks and scales toward the dense model for this many "
                              "steps on the calibration windows (distill_tables; 64 is what docs/results.md used)")
-    args = parser.parse_args()
+    parser.add_argument("--per-layer", action="store_true", help="print every compressed layer's bits and error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.manual_seed(0)
     max_tokens = args.windows * args.seq_len
 
@@ -51,7 +59,7 @@ def main() -> None:
         del teacher
     seconds = time.perf_counter() - start
     report = swsc_hf.compression_report(model)
-    print(report)
+    print(report if args.per_layer else report.summary())
     compressed = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=max_tokens)
     print(f"compressed perplexity: {compressed.perplexity:.3f} at {report.compressed_bits_per_weight:.3f} bits/weight "
           f"(compressed in {seconds:.0f} s)")

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from swsc_hf_cli import BUNDLED
+from swsc_hf_cli import main as parse_and_run
 
 from .atomic_save import check_output_folder, save_atomically
 from .bundled import as_dense, smollm2_gguf
@@ -195,9 +196,7 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`swsc-hf ARGS` in this process (the console script runs `swsc_hf_cli.main`, which parses before importing)."""
-    from swsc_hf_cli import main as cli_main
-
-    return cli_main(argv)
+    return parse_and_run(argv)
 
 
 if __name__ == "__main__":

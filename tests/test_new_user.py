@@ -262,3 +262,19 @@ def test_peft_own_merge_then_save_reloads(input_ids, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert reloaded.model.layers[0].self_attn.q_proj.spec.rank == 2 + 4
     assert torch.equal(reloaded(input_ids).logits, merged(input_ids).logits)
+
+
+# ---- 6. the main job prints a summary ---------------------------------------------------------------------------
+def test_main_job_prints_a_summary_unless_per_layer(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "main_job.py"
+    spec = importlib.util.spec_from_file_location("main_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert not job.build_parser().parse_args([]).per_layer and job.build_parser().parse_args(["--per-layer"]).per_layer
+    report = compression_report(_compressed())
+    summary = report.summary()
+    assert len(summary.splitlines()) == 2 and "14 compressed layers" in summary and "bits/weight" in summary
+    assert len(str(report).splitlines()) == 1 + 14 + 2
