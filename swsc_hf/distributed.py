@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-import socket
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from huggingface_hub import snapshot_download
 from safetensors import safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 from safetensors.torch import save_file
 from torch import nn
 from torch.multiprocessing import ProcessExitedException, spawn
@@ -38,6 +40,7 @@ from .hub import install_model_card
 from .model_ops import SHARED_BASES_ATTR, find_targets, is_conv1d, swap_module
 
 logger = logging.getLogger(__name__)
+RENDEZVOUS_FILE = "SWSC_HF_RENDEZVOUS_FILE"  # set by `launch`: local ranks meet through this file, not a TCP store
 
 
 def is_distributed() -> bool:
@@ -147,10 +150,7 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
         raise ValueError("calibrated compression runs layer after layer on the outputs of the compressed earlier "
                          "layers and cannot be split among processes; run it in one process")
     path = _resolve(src)
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-    joined = not dist.is_initialized()
-    if joined:
-        dist.init_process_group(backend)
+    joined = join_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:
         rank, world_size = dist.get_rank(), dist.get_world_size()
         device = torch.device("cpu")
@@ -172,9 +172,7 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
         logger.info("swsc_hf rank %d/%d: compressing %d of %d groups on %s", rank, world_size, len(mine),
                     len(groups), device)
         part = compress_groups(skeleton, _weight_files(path), config, mine, dtype=dtype, device=device)
-        parts = [None] * world_size if rank == 0 else None
-        cpu_group = dist.new_group(backend="gloo")
-        dist.gather_object(part, parts, dst=0, group=cpu_group)
+        parts = gather_parts(part, dist.new_group(backend="gloo"))
     finally:
         if joined:
             dist.destroy_process_group()
@@ -195,15 +193,65 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
     return model, tokenizer
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def join_process_group(backend: str) -> bool:
+    """Join the process group the environment describes unless already in one; True if this call joined it.
+
+    Processes started by `launch` meet through a file (no TCP store listening on any interface); under torchrun or
+    accelerate the usual MASTER_ADDR/MASTER_PORT store is used.
+    """
+    if dist.is_initialized():
+        return False
+    store_file = os.environ.get(RENDEZVOUS_FILE)
+    if store_file:
+        world_size = int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=dist.FileStore(store_file, world_size), rank=int(os.environ["RANK"]),
+                                world_size=world_size)
+    else:
+        dist.init_process_group(backend)
+    return True
 
 
-def _child(rank: int, world_size: int, port: int, func, args) -> None:
+def _pack(part: tuple[dict[str, torch.Tensor], dict[str, dict]]) -> torch.Tensor:
+    """A rank's compressed tensors and layouts as safetensors bytes (the layouts as JSON metadata): data, no pickle."""
+    tensors, layouts = part
+    raw = save_bytes(tensors, metadata={"layouts": json.dumps(layouts)})
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _unpack(blob: torch.Tensor, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    raw = blob.numpy().tobytes()
+    try:
+        (length,) = struct.unpack("<Q", raw[:8])
+        layouts = json.loads(json.loads(raw[8 : 8 + length])["__metadata__"]["layouts"])
+        return load_bytes(raw), layouts
+    except (ValueError, KeyError, TypeError, struct.error) as err:
+        raise ValueError(f"rank {rank} sent a corrupted share of the compressed tensors: {err}") from None
+
+
+def gather_parts(part, group) -> list | None:
+    """Gather every rank's (tensors, layouts) on rank 0 as tensors (safetensors bytes) over `group` (gloo), never
+    as pickles (`gather_object` would unpickle whatever a peer sends); None on the other ranks."""
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    blob = _pack(part)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world_size)] if rank == 0 else None
+    dist.gather(torch.tensor([blob.numel()], dtype=torch.int64), sizes, dst=0, group=group)
+    if rank != 0:
+        dist.send(blob, 0, group=group)
+        return None
+    parts = [part]
+    for source in range(1, world_size):
+        buffer = torch.empty(int(sizes[source]), dtype=torch.uint8)
+        dist.recv(buffer, source, group=group)
+        parts.append(_unpack(buffer, source))
+    return parts
+
+
+def _child(rank: int, world_size: int, store_file: str, func, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(
-        world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="0", **{RENDEZVOUS_FILE: store_file})
+    if sys.platform.startswith("linux"):  # gloo's and NCCL's own connections over loopback only
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     if "OMP_NUM_THREADS" not in os.environ:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
@@ -217,8 +265,10 @@ def _child(rank: int, world_size: int, port: int, func, args) -> None:
 
 def launch(num_processes: int, func, args) -> int:
     """Run `func(args)` in `num_processes` local processes joined in one process group; returns an exit status."""
-    try:
-        spawn(_child, args=(num_processes, _free_port(), func, args), nprocs=num_processes, join=True)
-    except ProcessExitedException as err:
-        return err.exit_code or 1
+    with tempfile.TemporaryDirectory(prefix="swsc-rendezvous-") as folder:
+        try:
+            spawn(_child, args=(num_processes, os.path.join(folder, "store"), func, args), nprocs=num_processes,
+                  join=True)
+        except ProcessExitedException as err:
+            return err.exit_code or 1
     return 0

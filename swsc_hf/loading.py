@@ -5,6 +5,7 @@ May import `config`, `core`, `modules`, `experts` and `model_ops`; the quantizer
 
 from __future__ import annotations
 
+import torch
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
@@ -49,7 +50,19 @@ class SWSCQuantize(ConversionOps):
 def _compress(layer: SWSCLinear, weight, name: str, config, dtype) -> dict:
     try:
         compressed = compress_weight(weight, layer.spec, **config.fit_options())
-    except ValueError as err:  # the loader would re-raise it as a generic error after the load report
-        raise ValueError(f"swsc_hf could not compress {name}: {err}") from err
+    except ValueError as err:
+        # Raised here, the loader would only report "issues during automatic conversion", naming no layer: record
+        # it, store zeros, and let the quantizer raise it by name once loading is done (`raise_compress_errors`).
+        layer.compress_error = f"swsc_hf could not compress {name}: {err}"
+        return {key: torch.zeros(shape, dtype=torch.uint8 if key == "codes" else dtype, device=weight.device)
+                for key, shape in layer.spec.tensor_shapes().items()}
     layer.relative_error = relative_error(weight, compressed)
     return SWSCLinear.stored_tensors(compressed, dtype)
+
+
+def raise_compress_errors(model) -> None:
+    """Raise (as a ValueError naming the layer) what `SWSCQuantize` could not compress during loading."""
+    failed = [module.compress_error for module in model.modules() if getattr(module, "compress_error", None)]
+    if failed:
+        more = f" (and {len(failed) - 1} more layers)" if len(failed) > 1 else ""
+        raise ValueError(failed[0] + more)

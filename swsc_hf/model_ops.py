@@ -227,9 +227,12 @@ def replace_with_shells(model: nn.Module, config: SWSCConfig, *, placeholder: bo
     replaced = []
     bases: dict[str, tuple[int, int]] = {}
     targets = find_targets(model, config.modules_to_not_convert)
+    tied = tied_weight_names(model)
     for name, linear in targets.linears:
         if not placeholder and name not in config.compressed_layers:
             continue
+        if placeholder and f"{name}.weight" in tied:
+            continue  # a tied weight (lm_head) never arrives under its own name: compressed after loading instead
         spec = config.layer_spec(name, *dense_weight(linear).shape)
         dtype = linear.weight.dtype
         with torch.device("meta"):
@@ -350,6 +353,27 @@ def mark_compressed(model: nn.Module, config: SWSCConfig, quantizer) -> None:
     model.quantization_method = "swsc"
 
 
+def tied_weight_names(model: nn.Module) -> set[str]:
+    """Names of the weights transformers ties to another tensor (e.g. `lm_head.weight` to the embeddings)."""
+    return set(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def untie_compressed(model: nn.Module) -> None:
+    """A compressed layer stores no `weight`, so it cannot share one: where a compressed layer's weight was tied
+    (a compressed head of a model with tied embeddings), drop the tie. The other tensor stays dense, and the config
+    says `tie_word_embeddings=False`, so a saved checkpoint reloads without tying them again."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    compressed = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, SWSCLinear)}
+    untied = {key for key, source in tied.items() if key in compressed or source in compressed}
+    if not untied:
+        return
+    model.all_tied_weights_keys = {key: source for key, source in tied.items() if key not in untied}
+    for config in (model.config, model.config.get_text_config(decoder=True)):
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    logger.info("swsc_hf: untied %s (compressed) from the dense tensor it shared", sorted(untied))
+
+
 def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
     """After loading or compressing: record layouts, freeze compressed tensors, link shared bases, check codes and
     values, and make `save_pretrained` atomic."""
@@ -368,6 +392,7 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
         validate_codes(name, module)
         check_finite(name, module)
     record_layouts(model, config)
+    untie_compressed(model)
     missed = {name: reason for name, (_, reason) in dense_matrices_left(model, config.modules_to_not_convert).items()
               if reason not in KEPT_DENSE_BY_DESIGN}
     if missed:

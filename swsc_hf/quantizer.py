@@ -15,23 +15,26 @@ from transformers import PreTrainedModel
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from .compression import compress_linears
+from .compression import compress_group, compress_linears
 from .config import SWSCConfig
 from .experts import SWSCExperts
 from .hub import install_model_card
 from .load_guard import guard_tensors, ignore_patterns
-from .loading import SWSCQuantize
+from .loading import SWSCQuantize, raise_compress_errors
 from .model_ops import (
     SHARED_BASES_ATTR,
     dequantize_model,
     finalize_compressed_model,
+    find_targets,
     mark_compressed,
     record_layouts,
     replace_with_shells,
-    target_linears,
+    target_shapes,
+    tied_weight_names,
+    untie_compressed,
 )
 from .modules import SWSCLinear
-from .validation import check_checkpoint, checksum_metadata
+from .validation import check_checkpoint, check_shard_indexes, checksum_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,13 @@ class SWSCQuantizer(HfQuantizer):
                                  "'disk' from device_map, or compress data-free without basis sharing, which works "
                                  "with offloading")
 
+    def update_attn_implementation(self, config):
+        """The first hook that sees the checkpoint's location (`config.name_or_path`) before transformers reads a
+        sharded index: a broken index fails here with the file named."""
+        if self.pre_quantized:
+            check_shard_indexes(getattr(config, "name_or_path", "") or "")
+        return super().update_attn_implementation(config)
+
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
             return False
@@ -74,6 +84,7 @@ class SWSCQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             replace_with_shells(model, config, placeholder=False)
+            untie_compressed(model)  # checkpoints saved before untying existed still say tie_word_embeddings=True
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                          | ignore_patterns(config.compressed_layers))
             if checkpoint_files:
@@ -81,9 +92,15 @@ class SWSCQuantizer(HfQuantizer):
         elif not config.compresses_after_load:
             config.plan_bits(linear_shapes(model, config))
             replace_with_shells(model, config, placeholder=True)
+            tied = tied_weight_names(model)
+            self.tied_targets = [name for name, _ in find_targets(model, config.modules_to_not_convert).linears
+                                 if f"{name}.weight" in tied]
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any) -> None:
         config = self.quantization_config
+        raise_compress_errors(model)
+        for name in getattr(self, "tied_targets", ()):  # tied weights (lm_head) arrive only as their source's
+            compress_group(model, [name], config)
         if not self.pre_quantized and config.compresses_after_load:
             compress_model(model, config)
         else:
@@ -134,9 +151,9 @@ def allow_dtype_casts(model: nn.Module) -> None:
 
 
 def linear_shapes(model: nn.Module, config: SWSCConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every nn.Linear compression targets, in model order (what data-free `bits=` plans over)."""
-    return {name: (module.out_features, module.in_features)
-            for name, module in target_linears(model, config.modules_to_not_convert) if isinstance(module, nn.Linear)}
+    """(out, in) of every matrix compression targets, in model order (what data-free `bits=` plans over): linears,
+    Conv1D and each expert's matrices."""
+    return target_shapes(model, config.modules_to_not_convert)
 
 
 def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.Module:

@@ -18,17 +18,20 @@ May import `core`, `modules` and `load_guard` only (and transformers' loader uti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 import re
+import stat
 import struct
 import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -45,6 +48,7 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2
 FLOAT_DTYPES = ("F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64")
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 CHECKSUM_KEY = "swsc_crc32"
+LAYOUT_KEY = "swsc_layout"  # dtype and shape of every tensor, digest of the layouts
 
 
 # ---- safetensors headers ------------------------------------------------------------------------------------------
@@ -53,7 +57,15 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     if len(keys) != len(set(keys)):
         duplicate = next(key for key in keys if keys.count(key) > 1)
         raise ValueError(f"names tensor {duplicate!r} twice")
+    for text in [*keys, *(value for _, value in pairs if isinstance(value, str))]:
+        text.encode("utf-8")  # a lone surrogate escape (\\ud800) is no valid UTF-8: safetensors refuses it
     return dict(pairs)
+
+
+def _json_int(text: str) -> int:
+    if text.startswith("-0"):  # -0 parses as 0 here but as a float in safetensors' parser, which refuses it
+        raise ValueError(f"the number {text} is not an unsigned integer")
+    return int(text)
 
 
 def _is_count(value: object) -> bool:
@@ -76,13 +88,14 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise ValueError(f"{path.name} declares a {length}-byte header but the file has {size} bytes")
         text = handle.read(length)
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    try:  # strict UTF-8 (json.loads of bytes would also take UTF-16/32), as safetensors' own parser
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_int=_json_int)
     except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{path.name} has a corrupted safetensors header: {err}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path.name} has a corrupted safetensors header: not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is accepted by safetensors, false or 0 are not
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ValueError(f"{path.name} has corrupted safetensors metadata: it must map strings to strings")
     data_size = size - 8 - length
@@ -132,6 +145,32 @@ def checkpoint_entries(parsed: list[ParsedFile]) -> dict[str, tuple[Path, dict]]
     return entries
 
 
+def check_shard_indexes(folder: str | os.PathLike) -> None:
+    """Every `*.safetensors.index.json` of a local checkpoint folder: a JSON object whose `weight_map` maps tensor
+    names to shard file names in the folder. Checked before transformers reads them (it would fail with a bare
+    JSONDecodeError, AttributeError or KeyError naming no file)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        if not stat.S_ISREG(os.lstat(index).st_mode) or index.stat().st_size > MAX_HEADER_BYTES:
+            raise ValueError(f"{index.name} is not a regular file of at most {MAX_HEADER_BYTES} bytes")
+        try:
+            content = json.loads(index.read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicates,
+                                 parse_int=_json_int)
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"{index.name} is not a valid sharded-checkpoint index: {err}") from None
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index.name} is not a valid sharded-checkpoint index: it needs a \"weight_map\" object "
+                             "mapping tensor names to shard files")
+        for key, shard in weight_map.items():
+            if not isinstance(shard, str) or not shard.endswith(".safetensors") or Path(shard).name != shard \
+                    or shard.startswith("."):
+                raise ValueError(f"{index.name} maps tensor {key} to {str(shard)[:100]!r}, which is not a "
+                                 ".safetensors file name in the checkpoint folder")
+
+
 # ---- the checkpoint's tensors against the model -------------------------------------------------------------------
 def _ignored(patterns: Iterable[str] | None, key: str) -> bool:
     return any(re.search(pattern, key) for pattern in patterns or ())
@@ -149,6 +188,7 @@ def check_tensor_set(model: nn.Module, entries: dict[str, tuple[Path, dict]]) ->
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None)
     found: set[str] = set()
+    sources: dict[str, str] = {}  # model tensor -> the checkpoint name that fills it (converters' merges aside)
     unexpected = []
     for key, (file, info) in entries.items():
         target, pattern = rename_source_key(key, renamings, converters, prefix, expected)
@@ -162,6 +202,10 @@ def check_tensor_set(model: nn.Module, entries: dict[str, tuple[Path, dict]]) ->
         found.add(target)
         if pattern is not None:
             continue
+        if target in sources:
+            raise ValueError(f"checkpoint tensors {sources[target]} and {key} both fill the model's {target} (one "
+                             "is an alias of the other, and one would silently win); remove one of them")
+        sources[target] = key
         param = expected[target]
         kind_ok = info["dtype"] in FLOAT_DTYPES if param.is_floating_point() else info["dtype"] == _st_dtype(param)
         if list(param.shape) != info["shape"] or not kind_ok:
@@ -184,7 +228,9 @@ def check_tensor_set(model: nn.Module, entries: dict[str, tuple[Path, dict]]) ->
 
 
 _TORCH_TO_ST = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
-                torch.int64: "I64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+                torch.int64: "I64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+                torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+                torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 def _st_dtype(tensor: torch.Tensor) -> str:
@@ -197,10 +243,46 @@ def _crc32(tensor: torch.Tensor) -> str:
     return f"{zlib.crc32(data):08x}"
 
 
+def layout_digest(compressed_layers: dict[str, dict]) -> str:
+    """SHA-256 of the layouts (each normalized through `LayerSpec`), independent of order and of omitted defaults."""
+    canonical = {name: LayerSpec.from_dict(layer).to_dict() for name, layer in compressed_layers.items()}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def checksum_metadata(model: nn.Module) -> dict[str, str]:
-    """Safetensors metadata recording the CRC32 of every tensor `save_pretrained` will write (offloaded ones aside)."""
-    sums = {key: _crc32(t) for key, t in model.state_dict().items() if t.device.type != "meta"}
-    return {CHECKSUM_KEY: json.dumps(sums, sort_keys=True, separators=(",", ":"))}
+    """Safetensors metadata recording the CRC32 of every tensor `save_pretrained` will write (offloaded ones aside),
+    and what gives the bytes their meaning: each tensor's dtype and shape, and a digest of the layers' layouts (which
+    `config.json` repeats)."""
+    state = model.state_dict()
+    sums = {key: _crc32(t) for key, t in state.items() if t.device.type != "meta"}
+    layers = {name: m.spec.to_dict() for name, m in model.named_modules() if isinstance(m, SWSCLinear)}
+    layout = {"tensors": {key: [_st_dtype(t), list(t.shape)] for key, t in state.items()},
+              "layers": layout_digest(layers)}
+    compact = dict(sort_keys=True, separators=(",", ":"))
+    return {CHECKSUM_KEY: json.dumps(sums, **compact), LAYOUT_KEY: json.dumps(layout, **compact)}
+
+
+def verify_recorded_layout(parsed: list[ParsedFile], compressed_layers: dict[str, dict] | None) -> None:
+    """Each tensor's dtype and shape, and the layouts of `compressed_layers`, against those recorded at save time
+    (files without the record are accepted unchecked). Checksums cover bytes, not what the bytes mean: an edited
+    header dtype or a layout edited in config.json would load silently wrong."""
+    for file, header, metadata in parsed:
+        if LAYOUT_KEY not in metadata:
+            continue
+        try:
+            recorded = json.loads(metadata[LAYOUT_KEY])
+            tensors, digest = recorded["tensors"], recorded["layers"]
+            assert isinstance(tensors, dict) and isinstance(digest, str)
+        except (ValueError, TypeError, KeyError, AssertionError):
+            raise ValueError(f"{file.name} has corrupted {LAYOUT_KEY} metadata") from None
+        for key, info in header.items():
+            if key in tensors and tensors[key] != [info["dtype"], info["shape"]]:
+                raise ValueError(f"checkpoint tensor {key} in {file.name} is {info['dtype']} {info['shape']} but "
+                                 f"was saved as {tensors[key]}: its header was edited or corrupted")
+        if compressed_layers is not None and layout_digest(compressed_layers) != digest:
+            raise ValueError(f"quantization_config.compressed_layers in config.json differs from the layouts recorded "
+                             f"in {file.name} when it was saved: config.json was edited or belongs to another "
+                             "checkpoint")
 
 
 def _file_crcs(file: Path, spans: dict[str, tuple[int, int]], workers: int) -> dict[str, str]:
@@ -246,6 +328,52 @@ def verify_parsed_checksums(parsed: list[ParsedFile], workers: int = 4) -> int:
     return checked
 
 
+# ---- values, read from the files ----------------------------------------------------------------------------------
+# (integer view, exponent mask): a float is NaN or Inf when all its exponent bits are set (E4M3: NaN only, S1111111)
+_NONFINITE_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+                   "F64": (np.uint64, 0x7FF0000000000000), "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
+_CHUNK_BYTES = 64 << 20
+
+
+def _finite_bytes(view: memoryview, dtype: str) -> bool:
+    kind, mask = _NONFINITE_BITS[dtype]
+    step = _CHUNK_BYTES - _CHUNK_BYTES % np.dtype(kind).itemsize
+    mask = kind(mask)
+    return not any(((np.frombuffer(view[i : i + step], kind) & mask) == mask).any() for i in range(0, len(view), step))
+
+
+def _check_tensor_values(key: str, info: dict, data: memoryview, file: Path, specs: dict[str, LayerSpec]) -> None:
+    if info["dtype"] in _NONFINITE_BITS and not _finite_bytes(data, info["dtype"]):
+        raise ValueError(f"checkpoint tensor {key} in {file.name} holds NaN or Inf values: the checkpoint is "
+                         "corrupted")
+    if key in specs and info["dtype"] == "U8":
+        check_code_range(key, torch.tensor(np.frombuffer(data, np.uint8)), specs[key], f" (in {file.name})")
+
+
+def check_values(parsed: list[ParsedFile], compressed_layers: dict[str, dict] | None = None, workers: int = 4) -> None:
+    """From the files, before loading: no NaN or Inf in any float tensor, and every code within its codebook.
+
+    Read from the files, so tensors the loader offloads to disk (or keeps as offloaded buffers) are checked as well
+    as those it loads; float data is scanned as integers in 64 MiB chunks (no copy, no float conversion).
+    """
+    specs = {f"{name}.codes": LayerSpec.from_dict(layer) for name, layer in (compressed_layers or {}).items()}
+    for file, header, _ in parsed:
+        base = file.stat().st_size - max((info["data_offsets"][1] for info in header.values()), default=0)
+        with open(file, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view, slices = memoryview(mapped), []
+            try:
+                slices = [(key, info, view[base + info["data_offsets"][0] : base + info["data_offsets"][1]])
+                          for key, info in header.items()]
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    jobs = [pool.submit(_check_tensor_values, *item, file, specs) for item in slices]
+                    for job in jobs:
+                        job.result()
+            finally:
+                for *_, data in slices:
+                    data.release()
+                view.release()
+
+
 # ---- the compressed tensors against their recorded layouts ---------------------------------------------------------
 def model_named_entries(model: nn.Module, entries: dict[str, tuple[Path, dict]]) -> dict[str, tuple[Path, dict]]:
     """The checkpoint's entries under the model's module names: `save_pretrained` writes transformers' legacy names
@@ -273,7 +401,10 @@ def check_layouts(entries: dict[str, tuple[Path, dict]], compressed_layers: dict
         for tensor, shape in spec.tensor_shapes().items():
             expected[f"{name}.{tensor}"] = (shape, ("U8",) if tensor == "codes" else float_dtypes)
         if spec.shared_basis is not None:
-            bases[spec.shared_basis] = spec.shared_basis_shape
+            if bases.setdefault(spec.shared_basis, spec.shared_basis_shape) != spec.shared_basis_shape:
+                raise ValueError(f"quantization_config.compressed_layers[{name!r}] uses shared basis "
+                                 f"{spec.shared_basis!r} with shape {list(spec.shared_basis_shape)}, but another "
+                                 f"layer uses it with shape {list(bases[spec.shared_basis])}: the layouts disagree")
     for key, shape in bases.items():
         expected[f"{shared_prefix}.{key}"] = (shape, float_dtypes)
     for key, (shape, dtypes) in expected.items():
@@ -306,6 +437,8 @@ def check_checkpoint(model: nn.Module, files: Iterable[str | os.PathLike], compr
         check_layouts(model_named_entries(model, entries), compressed_layers, shared_prefix)
     check_tensor_set(model, entries)
     verify_parsed_checksums(parsed)
+    verify_recorded_layout(parsed, compressed_layers)
+    check_values(parsed, compressed_layers)
 
 
 # ---- after loading ------------------------------------------------------------------------------------------------
@@ -319,15 +452,18 @@ def check_finite(name: str, module: nn.Module) -> None:
 
 def validate_codes(name: str, module: SWSCLinear) -> None:
     """Every code must address an existing codeword (a corrupted checkpoint must not gather out of bounds)."""
-    spec = module.spec
-    if not spec.n_clusters or module.codes.device.type == "meta":
-        return
-    if spec.n_clusters == 2**spec.code_bits:
-        return  # every representable code is valid
+    if module.spec.n_clusters and module.codes.device.type != "meta":
+        check_code_range(f"{name}.codes", module.codes, module.spec)
+
+
+def check_code_range(name: str, packed: torch.Tensor, spec: LayerSpec, where: str = "") -> None:
+    """Every code of the packed stream `packed` (checkpoint tensor `name`) addresses one of `spec`'s codewords."""
+    if not spec.n_clusters or spec.n_clusters == 2**spec.code_bits:
+        return  # no codes, or every representable code is valid
     step = 1 << 24
     for start in range(0, spec.n_codes, step):
         count = min(step, spec.n_codes - start)
-        top = int(unpack_codes(module.codes, spec.code_bits, count, start).max())
+        top = int(unpack_codes(packed, spec.code_bits, count, start).max())
         if top >= spec.n_clusters:
-            raise ValueError(f"checkpoint tensor {name}.codes holds code {top} but the codebook has only "
-                             f"{spec.n_clusters} entries: the checkpoint is corrupted")
+            raise ValueError(f"checkpoint tensor {name} holds code {top} but the codebook has only "
+                             f"{spec.n_clusters} entries{where}: the checkpoint is corrupted")

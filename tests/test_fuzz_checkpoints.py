@@ -79,7 +79,8 @@ def flip_data_bits(rng, folder):
     data = bytearray(file.read_bytes())
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
-    start, stop = header[rng.choice(sorted(set(header) - {"__metadata__"}))]["data_offsets"]
+    start, stop = header[rng.choice(sorted(k for k, v in header.items() if k != "__metadata__"
+                                           and v["data_offsets"][1] > v["data_offsets"][0]))]["data_offsets"]
     for _ in range(rng.randint(1, 3)):
         data[8 + length + rng.randrange(start, stop)] ^= 1 << rng.randrange(8)
     file.write_bytes(bytes(data))
@@ -230,6 +231,98 @@ def break_shards(rng, folder):
     index_file.write_text(json.dumps(index))
 
 
+# ---- round two (issue 16): what an independent attack found beyond the classes above ----------------------------
+def add_alias(rng, folder):
+    """A second name for one model tensor (with or without the `model.` prefix), written without checksums."""
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    key = rng.choice(sorted(k for k in tensors if k.startswith("model.")))
+    alias = "model." + key if rng.random() < 0.5 else key[len("model."):]
+    tensors[alias] = tensors[key].clone() if rng.random() < 0.5 else torch.zeros_like(tensors[key])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def edit_meaning(rng, folder):
+    """Edits that keep every byte (so the checksums pass) but change what the bytes mean: a header dtype of the
+    same width, or a config layout that implies the same tensor shapes."""
+    if rng.random() < 0.5:
+        file = folder / "model.safetensors"
+        header, data = split(file)
+        swaps = {"F16": "BF16", "BF16": "F16", "U8": "I8", "F32": "I32"}
+        key = rng.choice(sorted(k for k, v in header.items() if k != "__metadata__" and v["dtype"] in swaps))
+        header[key]["dtype"] = swaps[header[key]["dtype"]]
+        file.write_bytes(join(header, data))
+        return
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    layers = config["quantization_config"]["compressed_layers"]
+    square = sorted(n for n, v in layers.items() if v["out_features"] == v["in_features"])
+    if rng.random() < 0.5:
+        layer = layers[rng.choice(square)]
+        layer["cluster_dim"] = "input" if layer.get("cluster_dim", "output") == "output" else "output"
+    else:  # two same-shaped layers' layouts swapped, with a changed field so the swap is not a no-op
+        first, second = rng.sample(square, 2)
+        layers[first], layers[second] = layers[second], {**layers[first], "cluster_dim": "input"}
+    file.write_text(json.dumps(config))
+
+
+def poison_values(rng, folder):
+    """NaN or Inf in any float tensor, compressed table or not (embeddings, norms, head), without checksums."""
+    file = folder / "model.safetensors"
+    tensors = load_file(file)
+    key = rng.choice(sorted(k for k, v in tensors.items() if v.is_floating_point() and v.numel()))
+    tensors[key].view(-1)[rng.randrange(tensors[key].numel())] = rng.choice([float("nan"), float("inf"),
+                                                                             -float("inf")])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def parser_quirks(rng, folder):
+    """Headers Python's json accepts but safetensors' parser refuses: -0, lone surrogates, odd metadata values."""
+    file = folder / "model.safetensors"
+    header, data = split(file)
+    text = json.dumps(header, separators=(",", ":"))
+    choice = rng.randrange(4)
+    if choice == 0:
+        text = text.replace('"data_offsets":[0,', '"data_offsets":[-0,', 1)
+    elif choice == 1:
+        text = text[:-1] + ',"\\ud800":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}'
+    elif choice == 2:
+        text = json.dumps({**header, "__metadata__": rng.choice([False, 0, [], "x", {"a": None}])})
+    else:
+        text = text.replace('"shape":[', '"shape":[1e0,', 1)
+    raw = text.encode("utf-8", "surrogatepass")
+    file.write_bytes(struct.pack("<Q", len(raw) + (-len(raw) % 8)) + raw + b" " * (-len(raw) % 8) + data)
+
+
+def break_index(rng, folder):
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    weight_map = index["weight_map"]
+    key = rng.choice(sorted(weight_map))
+    edits = [
+        lambda: "{" + json.dumps(index)[1:-2],
+        lambda: json.dumps({"metadata": index.get("metadata", {})}),
+        lambda: json.dumps({**index, "weight_map": list(weight_map)}),
+        lambda: json.dumps({**index, "weight_map": {**weight_map, key: rng.choice([3, None, [], {}])}}),
+        lambda: json.dumps({**index, "weight_map": {**weight_map, key: "../" + weight_map[key]}}),
+        lambda: json.dumps([index]),
+    ]
+    index_file.write_text(rng.choice(edits)())
+
+
+def bad_config_values(rng, folder):
+    """quantization_config values that used to pass validation and fail deep inside."""
+    file = folder / "config.json"
+    config = json.loads(file.read_text())
+    quant = config["quantization_config"]
+    field, value = rng.choice([("n_clusters", float("nan")), ("n_clusters", float("inf")), ("rank", True),
+                               ("segment_length", True), ("scale_group_size", False), ("seed", 2**70),
+                               ("seed", -1), ("preset", ["swsc-4bit"]), ("n_samples", 10**12),
+                               ("kmeans_iters", 10**9), ("share_group_size", True), ("seq_len", 10**9)])
+    quant[field] = value
+    file.write_text(json.dumps(config))
+
+
 FAMILIES = {  # mutation -> (cases, uses the sharded checkpoint)
     truncate: (30, False),
     flip_data_bits: (60, False),
@@ -240,6 +333,12 @@ FAMILIES = {  # mutation -> (cases, uses the sharded checkpoint)
     edit_tensors: (45, False),
     edit_config: (50, False),
     break_shards: (10, True),
+    add_alias: (10, False),
+    edit_meaning: (20, False),
+    poison_values: (20, False),
+    parser_quirks: (12, False),
+    break_index: (12, True),
+    bad_config_values: (16, False),
 }
 
 
