@@ -258,3 +258,19 @@ def test_broken_shard_index_names_the_file(sharded_dir, tmp_path, edit):
     index_file.write_text(edit(json.loads(index_file.read_text())))
     with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_shared_basis_names_swapped_in_config_json_are_refused(tiny_dense_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=SWSCConfig(
+        preset="basis-sharing-paper"))
+    model.save_pretrained(tmp_path / "c")
+    config_file = tmp_path / "c" / "config.json"
+    config = json.loads(config_file.read_text())
+    layers = config["quantization_config"]["compressed_layers"]
+    for index in (0, 1):  # up_proj and gate_proj bases have one shape: only the recorded digest tells them apart
+        up, gate = layers[f"model.layers.{index}.mlp.up_proj"], layers[f"model.layers.{index}.mlp.gate_proj"]
+        assert up["shared_basis"] == "up_proj_0_1" and gate["shared_basis"] == "gate_proj_0_1"
+        up["shared_basis"], gate["shared_basis"] = gate["shared_basis"], up["shared_basis"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="compressed_layers in config.json differs from the layouts recorded"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "c")
