@@ -45,8 +45,8 @@ def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="dtype of the model's dense parts; auto (default) keeps the source checkpoint's")
     parser.add_argument("--threads", type=_positive, default=None,
-                        help="CPU compute threads (default: OMP_NUM_THREADS if set, else the CPUs free by the "
-                             "1-minute load average, at least 1)")
+                        help="CPU compute threads per process (default: OMP_NUM_THREADS if set, else the CPUs free "
+                             "by the 1-minute load average, at least 1, split among --num-processes)")
 
 
 def _add_compression_args(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments (standard library only), then set the thread count and run the command."""
     args = build_parser().parse_args(argv)
-    if args.threads is None:
-        args.threads = default_threads()
+    if args.threads is None:  # --num-processes N splits the default among the N processes
+        args.threads = max(1, default_threads() // max(1, getattr(args, "num_processes", 1)))
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch is imported: sizes its OpenMP pool
     from swsc_hf.cli import run
 
