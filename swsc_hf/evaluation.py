@@ -54,11 +54,52 @@ def perplexity(
     if windows == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    chunked = _chunks_logits(model, ids[: min(16, ids.numel())][None].to(device), seq_len)
     window_nll = []
     for window in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
         batch = ids[window * seq_len : (window + 1) * seq_len][None].to(device)
+        if chunked:
+            window_nll.append(_chunked_nll(model, batch))
+            continue
         logits = model(input_ids=batch, use_cache=False).logits.float()
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum")
         window_nll.append(float(loss))
     tokens = windows * (seq_len - 1)
     return PerplexityResult(math.exp(sum(window_nll) / tokens), tokens, windows, seq_len, window_nll)
+
+
+LOGITS_CHUNK = 256  # positions whose logits exist at once when the vocabulary is large
+LARGE_LOGITS = 2**26  # float32 logits of one window above this many values (256 MiB) are computed in chunks
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def _chunked_nll(model, batch: torch.Tensor) -> float:
+    """The window's summed NLL with the logits of `LOGITS_CHUNK` positions at a time (Gemma's 262k vocabulary
+    would otherwise need 2 GiB of float32 logits per 2048-token window)."""
+    hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state
+    total = 0.0
+    for start in range(0, batch.shape[1] - 1, LOGITS_CHUNK):
+        stop = min(start + LOGITS_CHUNK, batch.shape[1] - 1)
+        logits = _head_logits(model, hidden[:, start:stop])
+        total += float(torch.nn.functional.cross_entropy(logits[0], batch[0, start + 1 : stop + 1], reduction="sum"))
+    return total
+
+
+def _chunks_logits(model, probe: torch.Tensor, seq_len: int) -> bool:
+    """Whether to compute logits in chunks: only for a large vocabulary, and only where the decoder's last hidden
+    state through the output embeddings (and Gemma's soft-capping) reproduces the model's own logits on `probe`."""
+    vocab = model.config.get_text_config().vocab_size
+    if vocab * seq_len <= LARGE_LOGITS:
+        return False
+    try:
+        hidden = model.get_decoder()(input_ids=probe, use_cache=False).last_hidden_state
+        mine = _head_logits(model, hidden)
+    except (AttributeError, TypeError, NotImplementedError):
+        return False
+    theirs = model(input_ids=probe, use_cache=False).logits.float()
+    return mine.shape == theirs.shape and torch.allclose(mine, theirs, rtol=1e-3, atol=1e-3)

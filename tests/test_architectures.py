@@ -78,6 +78,14 @@ def assert_all_compressed(model: nn.Module, arch: str) -> None:
         assert any(isinstance(m, SWSCExperts) for m in model.modules()), arch
 
 
+@torch.no_grad()
+def assert_reloads_identically(model: nn.Module, path) -> None:
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    logits = model(ids).logits
+    model.save_pretrained(path)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(path)(ids).logits, logits)
+
+
 def lora_targets(model: nn.Module) -> list[str]:
     """The full names of the first attention-side compressed layer and, for MoE, one expert matrix."""
     names = [n for n, m in model.named_modules() if isinstance(m, SWSCLinear)]
@@ -116,12 +124,7 @@ def test_architecture_calibrated(arch, dense_dirs, calibration, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(dense_dirs(arch),
                                                  quantization_config=SWSCConfig(preset="swsc-4bit", **calibration))
     assert_all_compressed(model, arch)
-    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        logits = model(ids).logits
-    model.save_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, logits)
+    assert_reloads_identically(model, tmp_path)
 
 
 def test_unsupported_layers_are_skipped_and_listed(caplog):
@@ -183,12 +186,9 @@ def test_bits_allocation_covers_experts(dense_dirs, calibration):
     assert_all_compressed(model, "qwen3_moe")
     report = compression_report(model)
     assert report.compressed_bits_per_weight <= 3.5
-    experts = [layer for name, layer in report_layers(model) if ".compressed." in name]
+    experts = [layer for name, layer in model.named_modules()
+               if ".compressed." in name and isinstance(layer, SWSCLinear)]
     assert experts and all(layer.spec.n_clusters for layer in experts)
-
-
-def report_layers(model):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SWSCLinear)]
 
 
 def test_calibration_lowers_output_error_of_a_mixture_of_experts(dense_dirs, calibration):
@@ -204,3 +204,13 @@ def test_calibration_lowers_output_error_of_a_mixture_of_experts(dense_dirs, cal
         with torch.no_grad():
             errors[name] = float((model(held_out).logits - reference).norm())
     assert errors["calibrated"] < errors["data-free"], errors
+
+
+def test_bits_data_free_plans_over_experts(dense_dirs, tmp_path):
+    """Data-free `bits=` fills its budget over every matrix, expert matrices included, and reloads identically."""
+    model = AutoModelForCausalLM.from_pretrained(dense_dirs("mixtral"), quantization_config=SWSCConfig(bits=3.5))
+    assert_all_compressed(model, "mixtral")
+    layouts = model.config.quantization_config.compressed_layers
+    assert sum(".compressed." in name for name in layouts) == 2 * 2 * 4  # layers x projections x experts
+    assert compression_report(model).compressed_bits_per_weight <= 3.5
+    assert_reloads_identically(model, tmp_path)
