@@ -27,6 +27,9 @@ _state: dict[str, bool] = {}
 
 def load_cpu_kernels() -> bool:
     """Build (first time) and load the CPU kernels; False, with one warning, when they cannot be had."""
+    loaded = _state.get("loaded")
+    if loaded is not None:
+        return loaded
     with _lock:
         if "loaded" not in _state:
             _state["loaded"] = _build()

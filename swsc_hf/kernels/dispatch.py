@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +58,31 @@ def unsupported_reason(spec: LayerSpec) -> str | None:
     return None
 
 
-def _kernel_layout(spec: LayerSpec) -> list[int]:
-    return [spec.channels, spec.channel_length, spec.n_clusters, spec.segment_length, spec.code_bits,
-            spec.scale_group_size if spec.scale_groups else 0, spec.channels_per_codebook]
+@dataclass(frozen=True)
+class _Plan:
+    """What the dispatch needs of a layout, computed once per `LayerSpec`."""
+
+    spec: LayerSpec
+    layout: list[int]  # the custom op's layout argument (layout_key)
+    kernel_layout: list[int]  # the C++ ops' layout argument
+    reason: str | None  # why the compiled kernels cannot run it, or None
+    whole_channel: bool  # SWSC's layout: the reference path never rebuilds W
+    over_channels: bool  # x W^T is the GEMV over channels (cluster_dim == "output")
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(spec: LayerSpec) -> _Plan:
+    whole_channel = spec.n_clusters > 0 and spec.segments_per_channel == 1 and not spec.scale_groups \
+        and spec.n_codebooks == 1
+    kernel_layout = [spec.channels, spec.channel_length, spec.n_clusters, spec.segment_length, spec.code_bits,
+                     spec.scale_group_size if spec.scale_groups else 0, spec.channels_per_codebook]
+    return _Plan(spec, list(layout_key(spec)), kernel_layout, unsupported_reason(spec), whole_channel,
+                 spec.cluster_dim == "output")
 
 
 def choose_kernel(spec: LayerSpec, device: torch.device, n_tokens: int) -> str:
     """"cpu_gemv", "cpu_dequant_gemm" or "reference" for this layout, device and number of tokens."""
-    reason = unsupported_reason(spec)
+    reason = _plan(spec).reason
     if reason is None and device.type != "cpu":
         reason = f"no compiled kernel for {device.type} yet"
     if reason is None and not load_cpu_kernels():
@@ -78,18 +96,18 @@ def choose_kernel(spec: LayerSpec, device: torch.device, n_tokens: int) -> str:
     return "cpu_gemv" if n_tokens <= GEMV_MAX_TOKENS else "cpu_dequant_gemm"
 
 
-def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, transposed: bool) -> torch.Tensor:
+def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, plan: _Plan, transposed: bool) -> torch.Tensor:
     """x2 (tokens, features) times W_c^T (or W_c when `transposed`, the input gradient) with the CPU kernels."""
     ops = torch.ops.swsc_hf_cpu
-    layout = _kernel_layout(spec)
+    layout = plan.kernel_layout
     # x W^T is the channel GEMV when the channels are W's rows; otherwise (and for the gradient) the transposed one.
-    over_channels = (spec.cluster_dim == "output") != transposed
+    over_channels = plan.over_channels != transposed
     if x2.shape[0] <= GEMV_MAX_TOKENS:
-        return ops.gemv(x2, codes, codebook, scales, layout) if over_channels else ops.gemv_t(x2, codes, codebook,
-                                                                                               scales, layout)
+        gemv = ops.gemv if over_channels else ops.gemv_t
+        return gemv(x2, codes, codebook, scales, layout)
     xf = x2.float()
     parts, out = [], None
-    for a, b in channel_tiles(spec):
+    for a, b in channel_tiles(plan.spec):
         tile = ops.dequant(codes, codebook, scales, layout, a, b)  # rows a:b of the channel matrix M
         if over_channels:  # M's rows are the outputs: y[:, a:b] = x M[a:b]^T
             parts.append(F.linear(xf, tile))
@@ -113,7 +131,7 @@ def _run(x, codes, codebook, scales, layout: list[int], transposed: bool) -> tor
         else:
             y = reference_codebook_matmul(x2, codes, codebook, scales, spec)
     else:
-        y = _compiled_matmul(x2, codes, codebook, scales, spec, transposed)
+        y = _compiled_matmul(x2, codes, codebook, scales, _plan(spec), transposed)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -163,12 +181,14 @@ def codebook_matmul(
     Trainable tables (codebook or scales requiring grad, with grad enabled) and SWSC's whole-channel layout take
     the reference path; everything else goes through the kernel `choose_kernel` picks.
     """
-    whole_channel = spec.segments_per_channel == 1 and not spec.scale_groups and spec.n_codebooks == 1
-    trainable = codebook.requires_grad or (scales is not None and scales.requires_grad)
-    trains_tables = torch.is_grad_enabled() and trainable
-    if whole_channel or trains_tables:
+    plan = _plan(spec)
+    grad = torch.is_grad_enabled()
+    if plan.whole_channel or (grad and (codebook.requires_grad or (scales is not None and scales.requires_grad))):
         return reference_codebook_matmul(x, codes, codebook, scales, spec)
-    layout = list(layout_key(spec))
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad):
-        return codebook_matmul_op(x, codes, codebook, scales, layout)
-    return _run(x, codes, codebook, scales, layout, transposed=False)
+    if torch.compiler.is_compiling() or (grad and x.requires_grad):
+        return codebook_matmul_op(x, codes, codebook, scales, plan.layout)
+    if plan.reason is None and x.device.type == "cpu" and load_cpu_kernels():  # the common case, with least overhead
+        x2 = x.reshape(-1, spec.in_features)
+        y = _compiled_matmul(x2, codes, codebook, scales, plan, transposed=False)
+        return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
+    return _run(x, codes, codebook, scales, plan.layout, transposed=False)

@@ -29,6 +29,10 @@
 #include <cstring>
 #include <vector>
 
+// Every helper the kernels call per value is forced inline: a call inside a loop of AVX-512 code would make the
+// compiler spill the live vector registers around it (and insert vzeroupper), which costs more than the work.
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -71,31 +75,39 @@ Layout parse_layout(at::IntArrayRef v) {
   return l;
 }
 
-// The codebooks as float32, each padded to book_stride floats.
-std::vector<float> float_tables(const at::Tensor& codebook, const Layout& l) {
-  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
-  TORCH_CHECK(codebook.dim() == 3 && codebook.size(0) == n_books && codebook.size(1) == l.n_clusters &&
-                  codebook.size(2) == l.seg,
-              "swsc_hf_cpu: codebook shape ", codebook.sizes(), " does not match the layout");
-  auto books = codebook.to(at::kFloat).contiguous();
-  std::vector<float> out(n_books * l.book_stride, 0.0f);
-  const float* src = books.data_ptr<float>();
-  for (int64_t b = 0; b < n_books; ++b)
-    std::memcpy(out.data() + b * l.book_stride, src + b * l.n_clusters * l.seg, sizeof(float) * l.n_clusters * l.seg);
-  return out;
+// Codebooks are read in their stored dtype (float32, float16 or bfloat16) straight into the padded float tables.
+struct FloatView {
+  const void* data = nullptr;
+  at::ScalarType type = at::kFloat;
+
+  float operator[](int64_t i) const {
+    switch (type) {
+      case at::kHalf: return float(static_cast<const c10::Half*>(data)[i]);
+      case at::kBFloat16: return float(static_cast<const c10::BFloat16*>(data)[i]);
+      default: return static_cast<const float*>(data)[i];
+    }
+  }
+};
+
+FloatView float_view(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              "swsc_hf_cpu: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "swsc_hf_cpu: ", name, " must be a contiguous CPU tensor");
+  return FloatView{t.data_ptr(), t.scalar_type()};
 }
 
 struct Operands {
   Layout l;
   const uint8_t* codes;
   int64_t code_bytes;
-  std::vector<float> tables;
-  at::Tensor scales_f;  // float32 (channels, groups) or undefined
+  std::vector<float> tables;  // the codebooks as float32, each padded to book_stride floats
+  at::Tensor scales_f32;      // (channels, n_groups) float32, or undefined: read in the inner loops, so converted once
   const float* scales;
   int64_t n_groups;
 
-  const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
-  float scale(int64_t c, int64_t p) const { return scales ? scales[c * n_groups + p / l.group] : 1.0f; }
+  ALWAYS_INLINE const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
+  ALWAYS_INLINE float scale(int64_t c, int64_t p) const { return scales ? scales[c * n_groups + p / l.group] : 1.0f; }
+  ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const { return scales ? scales[c * n_groups + g] : 1.0f; }
 };
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
@@ -107,13 +119,22 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
   TORCH_CHECK(codes.numel() * 8 >= l.channels * l.segs * l.bits, "swsc_hf_cpu: code stream too short");
   o.codes = codes.data_ptr<uint8_t>();
   o.code_bytes = codes.numel();
-  o.tables = float_tables(codebook, l);
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  TORCH_CHECK(codebook.dim() == 3 && codebook.size(0) == n_books && codebook.size(1) == l.n_clusters &&
+                  codebook.size(2) == l.seg,
+              "swsc_hf_cpu: codebook shape ", codebook.sizes(), " does not match the layout");
+  const FloatView books = float_view(codebook, "codebook");
+  o.tables.assign(n_books * l.book_stride, 0.0f);
+  for (int64_t b = 0; b < n_books; ++b)
+    for (int64_t i = 0; i < l.n_clusters * l.seg; ++i)
+      o.tables[b * l.book_stride + i] = books[b * l.n_clusters * l.seg + i];
   if (l.group) {
     TORCH_CHECK(scales.has_value() && scales->dim() == 2 && scales->size(0) == l.channels &&
                     scales->size(1) == l.length / l.group,
                 "swsc_hf_cpu: scales must be (channels, length / group)");
-    o.scales_f = scales->to(at::kFloat).contiguous();
-    o.scales = o.scales_f.data_ptr<float>();
+    TORCH_CHECK(scales->device().is_cpu(), "swsc_hf_cpu: scales must be on the CPU");
+    o.scales_f32 = scales->to(at::kFloat).contiguous();
+    o.scales = o.scales_f32.data_ptr<float>();
     o.n_groups = l.length / l.group;
   } else {
     TORCH_CHECK(!scales.has_value() || !scales->defined(), "swsc_hf_cpu: scales given for a layout without groups");
@@ -216,7 +237,7 @@ struct LanePatterns {
 };
 
 // The 16 stream bytes from byte `byte` on; near the end of the stream a zero-padded copy in `spill`.
-inline const uint8_t* stream_bytes(const Operands& o, int64_t byte, uint8_t* spill) {
+ALWAYS_INLINE const uint8_t* stream_bytes(const Operands& o, int64_t byte, uint8_t* spill) {
   if (byte + 16 <= o.code_bytes) return o.codes + byte;
   std::memset(spill, 0, 16);
   if (byte < o.code_bytes) std::memcpy(spill, o.codes + byte, o.code_bytes - byte);
@@ -230,59 +251,79 @@ namespace avx512 {
 struct Simd {
   using V = __m512;
   static constexpr int W = 16;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float v) { return _mm512_set1_ps(v); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  static __mmask16 mask(int64_t remaining) {
+  ALWAYS_INLINE static V zero() { return _mm512_setzero_ps(); }
+  ALWAYS_INLINE static V set1(float v) { return _mm512_set1_ps(v); }
+  ALWAYS_INLINE static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  ALWAYS_INLINE static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  ALWAYS_INLINE static __mmask16 mask(int64_t remaining) {
     return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
   }
-  static V load(const float* p, int64_t remaining) { return _mm512_maskz_loadu_ps(mask(remaining), p); }
-  static V load_full(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v, int64_t remaining) { _mm512_mask_storeu_ps(p, mask(remaining), v); }
-  static void store_full(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static float sum(V v) { return _mm512_reduce_add_ps(v); }
+  ALWAYS_INLINE static V load(const float* p, int64_t remaining) { return _mm512_maskz_loadu_ps(mask(remaining), p); }
+  ALWAYS_INLINE static V load_full(const float* p) { return _mm512_loadu_ps(p); }
+  ALWAYS_INLINE static void store(float* p, V v, int64_t remaining) { _mm512_mask_storeu_ps(p, mask(remaining), v); }
+  ALWAYS_INLINE static void store_full(float* p, V v) { _mm512_storeu_ps(p, v); }
+  ALWAYS_INLINE static float sum(V v) { return _mm512_reduce_add_ps(v); }
 
   // Primitives of the hoisted fast path (see codebook_simd.inc: gemv_rows_fast).
   using I = __m512i;
-  static I load_i(const void* p) { return _mm512_load_si512(p); }
-  static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
-  static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
+  ALWAYS_INLINE static I load_i(const void* p) { return _mm512_load_si512(p); }
+  ALWAYS_INLINE static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+  ALWAYS_INLINE static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
     const I raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(raw, bytes), shifts), mask);
   }
-  static I element_index(I codes, I seg, I elem) { return _mm512_add_epi32(_mm512_mullo_epi32(codes, seg), elem); }
-  // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather.
+  ALWAYS_INLINE static I element_index(I codes, I seg_shift, I elem) {
+    return _mm512_add_epi32(_mm512_sllv_epi32(codes, seg_shift), elem);
+  }
+  // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather, 3 = whole codewords loaded one by one.
   template <int KIND>
-  static V lookup(I idx, V lo, V hi, const float* table) {
+  ALWAYS_INLINE static V lookup(I idx, V lo, V hi, const float* table) {
     if constexpr (KIND == 0) return _mm512_permutexvar_ps(idx, lo);
     else if constexpr (KIND == 1) return _mm512_permutex2var_ps(lo, idx, hi);
     else return _mm512_i32gather_ps(idx, table, 4);
   }
-  static int lookup_kind(int64_t table_floats) { return table_floats <= 16 ? 0 : table_floats <= 32 ? 1 : 2; }
+  ALWAYS_INLINE static int lookup_kind(int64_t table_floats, int64_t seg) {
+    return table_floats <= 16 ? 0 : table_floats <= 32 ? 1 : seg > 2 ? 3 : 2;
+  }
+  // Kind 3 (segments of 4 or 8): the chunk's codewords as whole 16- or 32-byte loads, fewer loads than a gather.
+  ALWAYS_INLINE static V codewords(const uint8_t* src, int s0, const float* table, int64_t bits, int64_t seg) {
+    uint64_t w;
+    std::memcpy(&w, src, 8);
+    w >>= s0;
+    const uint64_t m = (uint64_t(1) << bits) - 1;
+    auto next = [&]() { const uint64_t c = w & m; w >>= bits; return table + c * seg; };
+    if (seg == 4) {
+      const float* a = next(); const float* b = next(); const float* c = next(); const float* d = next();
+      const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
+      return _mm512_insertf32x4(_mm512_insertf32x4(lo, _mm_loadu_ps(c), 2), _mm_loadu_ps(d), 3);
+    }
+    const float* a = next(); const float* b = next();  // seg == 8
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a))),
+                                               _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
+  }
 
   struct Decoder {
     const Operands& o;
     const LanePatterns pat;
-    __m512i code_mask, elem, seg;
+    __m512i code_mask, elem, seg_shift;
     int64_t table_floats;  // floats a codebook spans for every representable code
     alignas(16) mutable uint8_t spill[16];
 
     explicit Decoder(const Operands& ops) : o(ops), pat(16, ops.l.bits, ops.l.seg) {
       code_mask = _mm512_set1_epi32((1 << o.l.bits) - 1);
       elem = _mm512_load_si512(pat.elem);
-      seg = _mm512_set1_epi32(int32_t(o.l.seg));
+      seg_shift = _mm512_set1_epi32(__builtin_ctzll(o.l.seg));
       table_floats = (int64_t(1) << o.l.bits) * o.l.seg;
     }
 
     // The W values whose first code starts at stream bit `bit`, unscaled.
-    V decode(int64_t bit, const float* table) const {
+    ALWAYS_INLINE V decode(int64_t bit, const float* table) const {
       const int s0 = int(bit & 7);
       const uint8_t* src = stream_bytes(o, bit >> 3, spill);
       const __m512i raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
       const __m512i two = _mm512_shuffle_epi8(raw, _mm512_load_si512(pat.bytes[s0]));
       __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(two, _mm512_load_si512(pat.shifts[s0])), code_mask);
-      if (o.l.seg > 1) idx = _mm512_add_epi32(_mm512_mullo_epi32(idx, seg), elem);
+      if (o.l.seg > 1) idx = element_index(idx, seg_shift, elem);
       if (table_floats <= 16) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(table));
       if (table_floats <= 32) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
       return _mm512_i32gather_ps(idx, table, 4);
@@ -302,24 +343,24 @@ namespace avx2 {
 struct Simd {
   using V = __m256;
   static constexpr int W = 8;
-  static V zero() { return _mm256_setzero_ps(); }
-  static V set1(float v) { return _mm256_set1_ps(v); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static __m256i mask(int64_t remaining) {
+  ALWAYS_INLINE static V zero() { return _mm256_setzero_ps(); }
+  ALWAYS_INLINE static V set1(float v) { return _mm256_set1_ps(v); }
+  ALWAYS_INLINE static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  ALWAYS_INLINE static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  ALWAYS_INLINE static __m256i mask(int64_t remaining) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(remaining, 8))),
                               _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
   }
-  static V load(const float* p, int64_t remaining) {
+  ALWAYS_INLINE static V load(const float* p, int64_t remaining) {
     return remaining >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask(remaining));
   }
-  static V load_full(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, V v, int64_t remaining) {
+  ALWAYS_INLINE static V load_full(const float* p) { return _mm256_loadu_ps(p); }
+  ALWAYS_INLINE static void store(float* p, V v, int64_t remaining) {
     if (remaining >= 8) _mm256_storeu_ps(p, v);
     else _mm256_maskstore_ps(p, mask(remaining), v);
   }
-  static void store_full(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static float sum(V v) {
+  ALWAYS_INLINE static void store_full(float* p, V v) { _mm256_storeu_ps(p, v); }
+  ALWAYS_INLINE static float sum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -327,45 +368,59 @@ struct Simd {
   }
 
   using I = __m256i;
-  static I load_i(const void* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
-  static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
+  ALWAYS_INLINE static I load_i(const void* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  ALWAYS_INLINE static I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
+  ALWAYS_INLINE static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
     const I raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, bytes), shifts), mask);
   }
-  static I element_index(I codes, I seg, I elem) { return _mm256_add_epi32(_mm256_mullo_epi32(codes, seg), elem); }
+  ALWAYS_INLINE static I element_index(I codes, I seg_shift, I elem) {
+    return _mm256_add_epi32(_mm256_sllv_epi32(codes, seg_shift), elem);
+  }
   template <int KIND>
-  static V lookup(I idx, V lo, V hi, const float* table) {
+  ALWAYS_INLINE static V lookup(I idx, V lo, V hi, const float* table) {
     if constexpr (KIND == 0) return _mm256_permutevar8x32_ps(lo, idx);
     else if constexpr (KIND == 1)
       return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                               _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
     else return _mm256_i32gather_ps(table, idx, 4);
   }
-  static int lookup_kind(int64_t table_floats) { return table_floats <= 8 ? 0 : table_floats <= 16 ? 1 : 2; }
+  ALWAYS_INLINE static int lookup_kind(int64_t table_floats, int64_t seg) {
+    return table_floats <= 8 ? 0 : table_floats <= 16 ? 1 : seg > 2 ? 3 : 2;
+  }
+  ALWAYS_INLINE static V codewords(const uint8_t* src, int s0, const float* table, int64_t bits, int64_t seg) {
+    uint64_t w;
+    std::memcpy(&w, src, 8);
+    w >>= s0;
+    const uint64_t m = (uint64_t(1) << bits) - 1;
+    auto next = [&]() { const uint64_t c = w & m; w >>= bits; return table + c * seg; };
+    if (seg == 8) return _mm256_loadu_ps(next());
+    const float* a = next(); const float* b = next();  // seg == 4
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
+  }
 
   struct Decoder {
     const Operands& o;
     const LanePatterns pat;
-    __m256i code_mask, elem, seg;
+    __m256i code_mask, elem, seg_shift;
     int64_t table_floats;
     alignas(16) mutable uint8_t spill[16];
 
     explicit Decoder(const Operands& ops) : o(ops), pat(8, ops.l.bits, ops.l.seg) {
       code_mask = _mm256_set1_epi32((1 << o.l.bits) - 1);
       elem = _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.elem));
-      seg = _mm256_set1_epi32(int32_t(o.l.seg));
+      seg_shift = _mm256_set1_epi32(__builtin_ctzll(o.l.seg));
       table_floats = (int64_t(1) << o.l.bits) * o.l.seg;
     }
 
-    V decode(int64_t bit, const float* table) const {
+    ALWAYS_INLINE V decode(int64_t bit, const float* table) const {
       const int s0 = int(bit & 7);
       const uint8_t* src = stream_bytes(o, bit >> 3, spill);
       const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
       const __m256i two = _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.bytes[s0])));
       __m256i idx = _mm256_and_si256(
           _mm256_srlv_epi32(two, _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.shifts[s0]))), code_mask);
-      if (o.l.seg > 1) idx = _mm256_add_epi32(_mm256_mullo_epi32(idx, seg), elem);
+      if (o.l.seg > 1) idx = element_index(idx, seg_shift, elem);
       if (table_floats <= 8) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
       if (table_floats <= 16)  // bit 3 of the index, moved to the sign bit, picks the upper half
         return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx),
