@@ -68,7 +68,7 @@ class Targets:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def find_targets(model: nn.Module, modules_to_not_convert: list[str]) -> Targets:
+def find_targets(model: nn.Module, modules_to_not_convert: list[str], *, log: bool = True) -> Targets:
     """Every layer compression replaces, and every linear it skips with the reason.
 
     Only layers whose forward is a plain y = x W^T + b are converted: `nn.Linear` and subclasses that keep its
@@ -91,7 +91,7 @@ def find_targets(model: nn.Module, modules_to_not_convert: list[str]) -> Targets
                 targets.skipped[name] = f"{type(module).__name__} subclasses nn.Linear with its own forward"
             else:
                 targets.linears.append((name, module))
-    if targets.skipped:
+    if targets.skipped and log:
         logger.warning("swsc_hf left %d linear layers dense that it cannot replace safely: %s", len(targets.skipped),
                        "; ".join(f"{n} ({why})" for n, why in list(targets.skipped.items())[:5]))
     return targets
@@ -105,7 +105,7 @@ def target_linears(model: nn.Module, modules_to_not_convert: list[str]) -> list[
 def target_shapes(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, tuple[int, int]]:
     """(out, in) of every matrix compression targets, in model order: each linear (a `Conv1D` transposed) and each
     expert's matrices of fused experts, under the names their layouts are recorded by."""
-    targets = find_targets(model, modules_to_not_convert)
+    targets = find_targets(model, modules_to_not_convert, log=False)
     experts = dict(targets.experts)
     linears = dict(targets.linears)
     shapes: dict[str, tuple[int, int]] = {}
@@ -132,7 +132,7 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 def dense_matrices_left(model: nn.Module, modules_to_not_convert: list[str]) -> dict[str, tuple[int, str]]:
     """Every weight matrix (floating, 2-D or more) that is not compressed: name -> (weights, reason)."""
-    targets = find_targets(model, modules_to_not_convert)
+    targets = find_targets(model, modules_to_not_convert, log=False)
     pending = {name for name, _ in targets.linears + targets.experts}
     left: dict[str, tuple[int, str]] = {}
     for module_name, module in model.named_modules():
