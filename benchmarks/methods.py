@@ -23,6 +23,7 @@ DISTILL = dict(steps=64, lr=3e-3, scales_lr=1e-4)
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense", {}),
+    "dense-bf16": ("dense", dict(dtype="bfloat16")),
     **{f"rtn-{b}b-g{g}": ("rtn", dict(bits=b, group_size=g)) for b in (2, 3, 4, 6) for g in (64, 128)},
     **{f"hqq-{b}b-g64": ("hqq", dict(bits=b, group_size=64)) for b in (2, 3, 4)},
     **{f"gptq-{b}b-g64": ("gptq", dict(bits=b, group_size=64, **CALIBRATION)) for b in (2, 3, 4)},
@@ -44,6 +45,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "basis-sharing-keep60-cal": ("swsc_hf", dict(preset="basis-sharing-paper", parameter_ratio=0.6, **CALIBRATION)),
     # Ours, data-free and calibrated.
     **{f"swsc-{b}bit": ("swsc_hf", dict(preset=f"swsc-{b}bit")) for b in (4, 3, 2)},
+    # ... with the output head compressed too (SmolLM2's tied 49152 x 576 head is 21% of the weights; the
+    # embedding stays dense)
+    **{f"swsc-{b}bit-head": ("swsc_hf", dict(preset=f"swsc-{b}bit", modules_to_not_convert=["embed_tokens"]))
+       for b in (4, 3, 2)},
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION)) for b in (4, 3, 2)},
     # Ours, then the codebooks and scales distilled toward the dense model on the calibration windows
     # (quality.py also records the model before distillation, under the name without "-kd").
@@ -52,6 +57,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # Ours with a bits budget spread over layers by measured (Fisher) sensitivity.
     # (data-free, each layer gets the richest layout within the budget: 6.25 buys 6-bit codes, 6 only 5-bit ones)
     "swsc-bits6.25": ("swsc_hf", dict(bits=6.25)),
+    "swsc-bits4.25": ("swsc_hf", dict(bits=4.25)),
     **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (6.25, 4.25, 4.15, 3.15, 2.4)},
     **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, **CALIBRATION, distill=DISTILL)) for b in (4.25, 4.15)},
 }
@@ -104,6 +110,7 @@ def apply_method(
     family, kwargs = METHODS[name][0], setting(name, n_samples)
     start = time.perf_counter()
     if family == "dense":
+        model = model.to(getattr(torch, kwargs.get("dtype", "float32")))
         bits = float(torch.finfo(model.dtype).bits)
     elif family == "rtn":
         bits = baselines.rtn_quantize_(model, kwargs["bits"], kwargs["group_size"])

@@ -1,21 +1,23 @@
-"""Speed and memory of compressed vs dense SmolLM2-135M on this CPU: prefill and one-token decode.
+"""Batch-1 generation speed and memory of compressed vs dense SmolLM2-135M on this CPU, and llama.cpp on the same
+GGUF weights.
 
-    python benchmarks/speed.py --repeats 7 --out docs/results/speed.jsonl
+    python benchmarks/speed.py --threads 2 --repeats 3 --out docs/results/speed.jsonl
 
-All models live in one process and are timed in interleaved rounds (every model once per round, after --warmup
-untimed rounds), so load on a shared machine hits them alike; the JSON lines hold medians and every run, and the
-report divides by dense from the same run. Prefill: one forward of a --prompt-tokens WikiText-2 prompt that builds
-the KV cache. Decode: one forward of 1 token on that cache, cropped back to the prompt before every run.
-Memory: the bytes of each model's parameters and buffers, and the forward's transient memory, measured as the rise
-of the process's resident set (VmHWM after a reset through /proc/self/clear_refs, freed heap returned with
-malloc_trim first) over its RSS before the forward. --compile adds `torch.compile`d copies of those models.
-quanto-int4 is not in the default list: its CPU int4 forward is 30-100x slower than dense here (minutes a round).
+Every model lives in this one process and is timed in interleaved rounds (every model once per round, after one
+untimed warm-up round), so load on the machine hits them alike; the JSON lines keep medians and every run, and the
+report divides by dense fp32 from the same run. Prefill: one forward of a --prompt-tokens WikiText-2 prompt that
+builds the KV cache. Decode: --new-tokens greedy tokens, one forward each on that cache (tokens/s = new tokens /
+decode seconds). Memory: the bytes of the model's parameters and buffers, and the peak resident set of the process
+while it prefills and decodes (VmHWM after a reset), which includes everything loaded so far: compare its rise.
+llama.cpp (`llama-cpp-python`, installed by benchmarks/setup_env.sh) runs the bundled Q4_1 GGUF file itself with the
+same prompt tokens and thread count; it is skipped with a note where it is not installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 import traceback
@@ -25,61 +27,92 @@ import methods
 import torch
 from tqdm.auto import tqdm
 
-from swsc_hf.data import wikitext2_test_text
+from swsc_hf import wikitext2_test_text
 
-DEFAULT_METHODS = "dense,swsc-4bit,swsc-3bit,swsc-2bit,swsc-paper,weight-clustering-paper,hqq-4b-g64"
-DEFAULT_COMPILE = "dense,swsc-4bit,swsc-2bit"
+DEFAULT_METHODS = ("dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-3bit,swsc-3bit-head,swsc-2bit,swsc-2bit-head,"
+                   "swsc-bits4.25,hqq-4b-g64")
 
 
-class Case:
-    """One model under test: its forwards, the prompt's KV cache and the timings collected so far."""
+class TorchCase:
+    """A transformers model: prefill the prompt, then greedy decode on the KV cache."""
 
-    def __init__(self, label: str, method: str, model, bits: float, prompt: torch.Tensor, compiled: bool) -> None:
-        self.label, self.method, self.model, self.prompt, self.compiled = label, method, model, prompt, compiled
-        self.bits = bits
-        self.forward = torch.compile(model, dynamic=False) if compiled else model
+    kind = "torch"
+
+    def __init__(self, label: str, family: str, model, bits: float, prompt: torch.Tensor, compiled: bool) -> None:
+        self.label, self.family, self.model, self.bits, self.prompt = label, family, model, bits, prompt
+        self.compiled = compiled
+        self.forward = torch.compile(model, dynamic=True) if compiled else model
         self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
-        self.memory: dict[str, int] = {}
-        self.cache = None
-
-    @torch.no_grad()  # not inference_mode: quanto's layers fail under it
-    def prefill(self):
-        return self.forward(input_ids=self.prompt, use_cache=True)
+        self.info: dict[str, float] = {"model_bytes": common.tensor_bytes(model)}
+        self.generated: list[int] = []
 
     @torch.no_grad()
-    def decode(self):
-        extra = self.cache.get_seq_length() - self.prompt.shape[1]
-        if extra:
-            self.cache.crop(-extra)
-        return self.forward(input_ids=self.prompt[:, -1:], past_key_values=self.cache, use_cache=True)
-
-    def run(self, phase: str, timed: bool) -> None:
+    def run(self, new_tokens: int) -> tuple[float, float]:
         start = time.perf_counter()
-        out = self.prefill() if phase == "prefill" else self.decode()
-        if timed:
-            self.times[phase].append(time.perf_counter() - start)
-        if phase == "prefill":
-            self.cache = out.past_key_values
+        out = self.forward(input_ids=self.prompt, use_cache=True)
+        prefill = time.perf_counter() - start
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        tokens = [int(token)]
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            out = self.forward(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+        decode = time.perf_counter() - start
+        self.generated = tokens
+        return prefill, decode
 
-    def measure_memory(self) -> None:
-        """Transient resident memory of one prefill and one decode, and the model's own tensor bytes."""
-        self.memory["model_bytes"] = common.tensor_bytes(self.model)
-        for phase in ("prefill", "decode"):
-            before = common.reset_peak()
-            self.run(phase, timed=False)
-            self.memory[f"{phase}_transient_bytes"] = max(0, common.peak_bytes() - before)
+
+class LlamaCppCase:
+    """llama.cpp through llama-cpp-python on a GGUF file: the same prompt token ids, greedy decode."""
+
+    kind = "llama.cpp"
+    family = "llama.cpp"
+    compiled = False
+
+    def __init__(self, label: str, gguf_path: str, prompt: torch.Tensor, threads: int, new_tokens: int) -> None:
+        from llama_cpp import Llama
+
+        self.label, self.bits = label, None
+        self.prompt = [int(t) for t in prompt[0]]
+        self.llm = Llama(model_path=gguf_path, n_ctx=len(self.prompt) + new_tokens + 8, n_batch=len(self.prompt),
+                         n_threads=threads, n_threads_batch=threads, verbose=False)
+        self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
+        self.info: dict[str, float] = {"file_bytes": os.path.getsize(gguf_path)}
+        self.generated: list[int] = []
+
+    def run(self, new_tokens: int) -> tuple[float, float]:
+        import numpy as np
+
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(self.prompt)
+        prefill = time.perf_counter() - start
+        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        tokens = [token]
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tokens.append(token)
+        decode = time.perf_counter() - start
+        self.generated = tokens
+        return prefill, decode
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="names or patterns from methods.METHODS")
-    parser.add_argument("--compile", default=DEFAULT_COMPILE,
-                        help="methods to also time under torch.compile (comma-separated, '' for none)")
+    parser.add_argument("--compile", default="", help="methods to also time under torch.compile (comma-separated)")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time llama.cpp on the bundled GGUF file (needs llama-cpp-python)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (medians need >= 5)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
     parser.add_argument("--out", default=str(common.RESULTS / "speed.jsonl"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     names = methods.select(args.methods)
     names = ["dense"] + [name for name in names if name != "dense"]
@@ -96,35 +129,43 @@ def main(argv: list[str] | None = None) -> None:
                            "traceback": traceback.format_exc(limit=-3)})
             continue
         model.eval()
-        cases.append(Case(name, name, model, bits, prompt, compiled=False))
+        cases.append(TorchCase(name, methods.METHODS[name][0], model, bits, prompt, compiled=False))
         if name in to_compile:
-            cases.append(Case(f"{name}+compile", name, model, bits, prompt, compiled=True))
+            cases.append(TorchCase(f"{name}+compile", methods.METHODS[name][0], model, bits, prompt, compiled=True))
     del dense
-    for case in tqdm(list(cases), desc="warm-up (and compile), memory", unit="model"):
-        try:  # warm-up; also triggers torch.compile, which may fail
-            start = time.perf_counter()
-            for _ in range(args.warmup):
-                case.run("prefill", timed=False)
-                case.run("decode", timed=False)
-            case.memory["warmup_seconds"] = time.perf_counter() - start
-            case.measure_memory()
+    if args.llama_cpp:
+        try:
+            from swsc_hf.bundled import smollm2_gguf
+
+            folder, file = smollm2_gguf()
+            cases.append(LlamaCppCase("llama.cpp-q4_1", f"{folder}/{file}", prompt, args.threads, args.new_tokens))
         except Exception as err:
-            failed.append({"method": case.method, "label": case.label, "compiled": case.compiled,
-                           "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=-3)})
+            failed.append({"method": "llama.cpp-q4_1", "label": "llama.cpp-q4_1",
+                           "error": f"{type(err).__name__}: {err}"})
+    for case in tqdm(list(cases), desc="warm-up and memory", unit="model"):
+        try:
+            before = common.reset_peak()
+            case.run(args.new_tokens)
+            case.info["peak_rss_rise_bytes"] = max(0, common.peak_bytes() - before)
+        except Exception as err:
+            failed.append({"method": case.label, "label": case.label, "error": f"{type(err).__name__}: {err}",
+                           "traceback": traceback.format_exc(limit=-3)})
             cases.remove(case)
     for _ in tqdm(range(args.repeats), desc="timing rounds", unit="round"):
         for case in cases:
-            case.run("prefill", timed=True)
-            case.run("decode", timed=True)
+            prefill, decode = case.run(args.new_tokens)
+            case.times["prefill"].append(prefill)
+            case.times["decode"].append(decode)
     for case in cases:
-        record = {"method": case.method, "label": case.label, "family": methods.METHODS[case.method][0],
-                  "compiled": case.compiled, "avg_bits": case.bits, "prompt_tokens": args.prompt_tokens,
-                  "repeats": args.repeats,
-                  "prefill_median_s": statistics.median(case.times["prefill"]),
-                  "decode_median_s": statistics.median(case.times["decode"]),
-                  "prefill_runs_s": case.times["prefill"], "decode_runs_s": case.times["decode"], **case.memory}
-        tqdm.write(f"{case.label}: prefill {record['prefill_median_s'] * 1e3:.1f} ms, decode "
-                   f"{record['decode_median_s'] * 1e3:.1f} ms, model {case.memory['model_bytes'] / 2**20:.1f} MiB")
+        decode = statistics.median(case.times["decode"])
+        record = {"method": case.label.removesuffix("+compile"), "label": case.label, "family": case.family,
+                  "kind": case.kind, "compiled": case.compiled, "avg_bits": case.bits, "threads": args.threads,
+                  "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                  "prefill_median_s": statistics.median(case.times["prefill"]), "decode_median_s": decode,
+                  "decode_tokens_per_s": (args.new_tokens - 1) / decode, "prefill_runs_s": case.times["prefill"],
+                  "decode_runs_s": case.times["decode"], "first_tokens": case.generated[:16], **case.info}
+        tqdm.write(f"{case.label}: prefill {record['prefill_median_s']:.3f} s, decode "
+                   f"{record['decode_tokens_per_s']:.1f} tokens/s")
         common.append_jsonl(args.out, {**record, **info})
     for record in failed:
         tqdm.write(f"{record['label']}: FAILED {record['error']}")

@@ -101,6 +101,29 @@ def test_kernels_equal_oracle_on_every_layout(layout, isa):
         torch.testing.assert_close(xg.grad, expected_grad, rtol=1e-5, atol=1e-5 * float(expected_grad.abs().max()))
 
 
+@pytest.mark.parametrize("dim", ["output", "input"])
+def test_kernels_split_large_matrices_over_threads(dim):
+    """Matrices above the per-thread minimum are split over torch's threads; the result must not change."""
+    spec = LayerSpec(1024, 768, n_clusters=16, segment_length=1, cluster_dim=dim, scale_group_size=64)
+    _, packed, codebook, scales = make_layer_tensors(spec, seed=5)
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(6))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            xg = x.clone().requires_grad_(True)
+            y = codebook_matmul(xg, packed, codebook, scales, spec)
+            y.sum().backward()
+            results.append((y.detach(), xg.grad))
+    finally:
+        torch.set_num_threads(threads)
+    expected = reference_codebook_matmul(x, packed, codebook, scales, spec)
+    for y, grad in results:
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_with_bias_and_low_rank_matches_reference_path(dtype):
     spec = LayerSpec(96, 64, n_clusters=16, segment_length=1, scale_group_size=32, rank=4)

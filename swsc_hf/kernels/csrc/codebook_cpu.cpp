@@ -166,6 +166,10 @@ inline uint64_t code_word(const Operands& o, int64_t n) {
 // and are called, never inlined, from the portable dispatcher.
 constexpr int64_t kBatchBlock = 4;     // activation rows sharing one decoded weight vector
 constexpr int64_t kColumnBlock = 256;  // gemv_t: columns one thread accumulates
+// Weights one thread decodes at least: a smaller matrix runs on one thread (a fork/join costs more than it saves).
+constexpr int64_t kMinWeightsPerThread = int64_t(1) << 17;
+
+inline int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, kMinWeightsPerThread / row_length); }
 
 // Portable implementation (also the fallback on CPUs without AVX2).
 inline float element(const Operands& o, int64_t c, int64_t p) {
@@ -453,7 +457,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t B = xf.size(0), isa = active_isa();
-  at::parallel_for(0, o.l.channels, 16, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
     if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
     else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
     else gemv_portable(o, xp, B, yp, c0, c1);
@@ -469,7 +473,8 @@ at::Tensor gemv_t(const at::Tensor& u, const at::Tensor& codes, const at::Tensor
   const float* up = uf.data_ptr<float>();
   float* zp = z.data_ptr<float>();
   const int64_t B = uf.size(0), isa = active_isa();
-  at::parallel_for(0, (o.l.length + kColumnBlock - 1) / kColumnBlock, 1, [&](int64_t k0, int64_t k1) {
+  const int64_t blocks = (o.l.length + kColumnBlock - 1) / kColumnBlock;
+  at::parallel_for(0, blocks, row_grain(kColumnBlock * o.l.channels), [&](int64_t k0, int64_t k1) {
     if (isa == kAvx512) avx512::gemv_t(o, up, B, zp, k0, k1);
     else if (isa == kAvx2) avx2::gemv_t(o, up, B, zp, k0, k1);
     else gemv_t_portable(o, up, B, zp, k0, k1);
@@ -484,7 +489,7 @@ at::Tensor dequant(const at::Tensor& codes, const at::Tensor& codebook, const c1
   at::Tensor out = at::empty({stop - start, o.l.length}, at::TensorOptions().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   const int64_t isa = active_isa();
-  at::parallel_for(start, stop, 16, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(start, stop, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
     if (isa == kAvx512) avx512::dequant(o, start, op, c0, c1);
     else if (isa == kAvx2) avx2::dequant(o, start, op, c0, c1);
     else dequant_portable(o, start, op, c0, c1);
