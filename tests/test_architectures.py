@@ -214,3 +214,16 @@ def test_bits_data_free_plans_over_experts(dense_dirs, tmp_path):
     assert sum(".compressed." in name for name in layouts) == 2 * 2 * 4  # layers x projections x experts
     assert compression_report(model).compressed_bits_per_weight <= 3.5
     assert_reloads_identically(model, tmp_path)
+
+
+def test_experts_compress_on_load_with_disk_offload(dense_dirs, tmp_path):
+    """A decoder layer of experts offloaded to disk is compressed as it loads and computes what it does in memory."""
+    config = SWSCConfig(preset="swsc-4bit")
+    in_memory = AutoModelForCausalLM.from_pretrained(dense_dirs("mixtral"), quantization_config=config)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(dense_dirs("mixtral"), quantization_config=SWSCConfig(
+        preset="swsc-4bit"), device_map=device_map, offload_folder=str(tmp_path))
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, in_memory(ids).logits, rtol=1e-5, atol=1e-5)
