@@ -65,6 +65,7 @@ def test_groups_are_balanced_and_deterministic():
     assert loads == [12, 9, 9]  # the 12 alone, the rest split evenly
 
 
+@pytest.mark.slow  # two spawned processes per setting (~20 s each on 2 cores)
 @pytest.mark.parametrize("name", list(SETTINGS))
 def test_two_processes_write_the_single_process_checkpoint(source, tmp_path, one_thread, name):
     args = [*SETTINGS[name], "--dtype", "float32"]

@@ -1,7 +1,7 @@
 """Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels."""
 
 from .cpu import cpu_isa, limit_cpu_isa, load_cpu_kernels
-from .dispatch import GEMV_MAX_TOKENS, choose_kernel, codebook_matmul, unsupported_reason
+from .dispatch import GEMV_MAX_TOKENS, choose_kernel, codebook_matmul, set_kernels_enabled, unsupported_reason
 from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul, unpacked_codes
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "limit_cpu_isa",
     "load_cpu_kernels",
     "reference_codebook_matmul",
+    "set_kernels_enabled",
     "unpacked_codes",
     "unsupported_reason",
 ]

@@ -29,6 +29,17 @@ logger = logging.getLogger(__name__)
 GEMV_MAX_TOKENS = 8
 SEGMENT_LENGTHS = (1, 2, 4, 8)
 _reported: set[str] = set()
+_enabled = {"kernels": True}
+
+
+def set_kernels_enabled(enabled: bool) -> bool:
+    """Use the compiled kernels (True, the default) or only the reference path (False); returns the previous value.
+
+    For comparing the two paths on a model; `SWSC_HF_KERNELS=0` does the same for a whole process.
+    """
+    previous = _enabled["kernels"]
+    _enabled["kernels"] = bool(enabled)
+    return previous
 
 
 def layout_key(spec: LayerSpec) -> tuple[int, ...]:
@@ -83,6 +94,8 @@ def _plan(spec: LayerSpec) -> _Plan:
 def choose_kernel(spec: LayerSpec, device: torch.device, n_tokens: int) -> str:
     """"cpu_gemv", "cpu_dequant_gemm" or "reference" for this layout, device and number of tokens."""
     reason = _plan(spec).reason
+    if reason is None and not _enabled["kernels"]:
+        reason = "kernels disabled by set_kernels_enabled(False)"
     if reason is None and device.type != "cpu":
         reason = f"no compiled kernel for {device.type} yet"
     if reason is None and not load_cpu_kernels():
@@ -187,7 +200,7 @@ def codebook_matmul(
         return reference_codebook_matmul(x, codes, codebook, scales, spec)
     if torch.compiler.is_compiling() or (grad and x.requires_grad):
         return codebook_matmul_op(x, codes, codebook, scales, plan.layout)
-    if plan.reason is None and x.device.type == "cpu" and load_cpu_kernels():  # the common case, with least overhead
+    if plan.reason is None and x.device.type == "cpu" and _enabled["kernels"] and load_cpu_kernels():  # common case
         x2 = x.reshape(-1, spec.in_features)
         y = _compiled_matmul(x2, codes, codebook, scales, plan, transposed=False)
         return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
