@@ -8,6 +8,10 @@ VENV="${SWSC_BENCH_VENV:-$HOME/.venvs/swsc-bench}"
 python3 -m venv --system-site-packages "$VENV"
 "$VENV/bin/python" -m pip install -q -c benchmarks/constraints.txt -r benchmarks/requirements.txt
 # llama.cpp for the speed comparison on the same GGUF weights: PyPI has only the source, so this builds llama.cpp
-# (about 10-15 minutes on 2 cores), for this CPU's instruction sets as llama.cpp users get it.
-CMAKE_ARGS="-DGGML_NATIVE=ON" "$VENV/bin/python" -m pip install -q "llama-cpp-python==0.3.36"
+# (about 10-15 minutes on 2 cores) with AVX2/AVX-512 (VNNI, BF16, VBMI). Not GGML_NATIVE: on this machine the CPU
+# reports AMX but the sandbox does not enable it, and the native build dies on its first AMX instruction.
+LLAMA_CPU="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+LLAMA_CPU="$LLAMA_CPU -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF"
+LLAMA_CPU="$LLAMA_CPU -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+CMAKE_ARGS="$LLAMA_CPU" "$VENV/bin/python" -m pip install -q "llama-cpp-python==0.3.36"
 "$VENV/bin/python" -c "import swsc_hf, torch, transformers; print('benchmark env:', '$VENV', 'torch', torch.__version__, 'transformers', transformers.__version__)"
