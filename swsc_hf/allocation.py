@@ -46,6 +46,7 @@ def uniform_choice(out_features: int, in_features: int, bits: float) -> LayerSpe
     fitting = [spec for spec in candidates if spec_bits(spec) <= bits + 1e-9]
     return fitting[-1] if fitting else candidates[0]
 
+
 def fill_budget(shapes: dict[str, tuple[int, int]], bits: float) -> dict[str, LayerSpec]:
     """Data-free `bits=`: layouts (from shapes alone) whose weighted average comes as close to `bits` as the ladder
     allows without exceeding it.
