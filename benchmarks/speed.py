@@ -81,19 +81,25 @@ class LlamaCppCase:
         self.info: dict[str, float] = {"file_bytes": os.path.getsize(gguf_path)}
         self.generated: list[int] = []
 
-    def run(self, new_tokens: int) -> tuple[float, float]:
+    def next_token(self) -> int:
+        """Greedy choice from the last position's logits (llama-cpp-python keeps `scores` only with logits_all)."""
+        import llama_cpp
         import numpy as np
 
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
+
+    def run(self, new_tokens: int) -> tuple[float, float]:
         self.llm.reset()
         start = time.perf_counter()
         self.llm.eval(self.prompt)
         prefill = time.perf_counter() - start
-        token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        token = self.next_token()
         tokens = [token]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             self.llm.eval([token])
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            token = self.next_token()
             tokens.append(token)
         decode = time.perf_counter() - start
         self.generated = tokens
