@@ -17,6 +17,7 @@ from .data import join_rows, wikitext2_calibration_rows, wikitext2_test_text
 from .distill import distill_tables
 from .evaluation import PerplexityResult, perplexity
 from .hub import build_model_card, push_compressed
+from .kernels import cpu_isa, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
 from .model_ops import dequantize_model
 from .modules import SWSCLinear
@@ -43,6 +44,7 @@ __all__ = [
     "calibration_batches",
     "check_checkpoint",
     "compress_model",
+    "cpu_isa",
     "compression_report",
     "dequantize_model",
     "distill_tables",
@@ -55,6 +57,7 @@ __all__ = [
     "push_compressed",
     "register_with_peft",
     "save_atomically",
+    "set_kernels_enabled",
     "sync_compressed_layers",
     "verify_checksums",
     "wikitext2_calibration_rows",
