@@ -119,15 +119,19 @@ def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, plan: _Plan, tra
         gemv = ops.gemv if over_channels else ops.gemv_t
         return gemv(x2, codes, codebook, scales, layout)
     xf = x2.float()
-    parts, out = [], None
-    for a, b in channel_tiles(plan.spec):
+    tiles = list(channel_tiles(plan.spec))
+    out = None
+    for a, b in tiles:
         tile = ops.dequant(codes, codebook, scales, layout, a, b)  # rows a:b of the channel matrix M
-        if over_channels:  # M's rows are the outputs: y[:, a:b] = x M[a:b]^T
-            parts.append(F.linear(xf, tile))
+        if over_channels:  # M's rows are the outputs: y[:, a:b] = x M[a:b]^T, written into one output buffer
+            part = F.linear(xf, tile)
+            if len(tiles) == 1:
+                return part
+            if out is None:
+                out = xf.new_empty(xf.shape[0], plan.spec.channels)
+            out[:, a:b] = part
         else:  # M's rows are the inputs: y += x[:, a:b] M[a:b]
             out = torch.addmm(out, xf[:, a:b], tile) if out is not None else xf[:, a:b] @ tile
-    if over_channels:
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
     return out
 
 
