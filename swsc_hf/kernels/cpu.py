@@ -2,8 +2,9 @@
 
 `torch.utils.cpp_extension.load` compiles the source once per source hash and torch version into
 `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) and later imports reuse it (about 10 s the first time).
-Without a working compiler, or with `SWSC_HF_KERNELS=0`, `load_cpu_kernels()` returns False after one logged warning
-and layers use the reference path. The instruction set (AVX-512F, AVX2+FMA or portable C++) is chosen at run time.
+Without a working compiler `load_cpu_kernels()` returns False after one logged warning (with `SWSC_HF_KERNELS=0`, after
+an info line) and layers use the reference path. The instruction set (AVX-512F+BW, AVX2+FMA or portable C++) is
+chosen at run time.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _build() -> bool:
         return False
     if hasattr(torch.ops, "swsc_hf_cpu") and hasattr(torch.ops.swsc_hf_cpu, "gemv"):
         return True
+    logger.info("swsc_hf: building the CPU kernels (first use; about 10 s, then cached)")
     try:
         from torch.utils.cpp_extension import load
 

@@ -25,7 +25,8 @@ from .reference import channel_tiles, dequantize_channels, reference_codebook_ma
 
 logger = logging.getLogger(__name__)
 
-# Up to this many tokens per call the GEMV kernel beats rebuilding tiles for a GEMM (measured: benchmarks/kernels.py).
+# Up to this many tokens a call runs the GEMV; beyond, tiles + GEMM. On SmolLM2's 1536 x 576 layers (1 thread, 4-bit)
+# both cost about 250 us at 8 tokens; the GEMV's cost grows with the tokens, the tiles' does not.
 GEMV_MAX_TOKENS = 8
 SEGMENT_LENGTHS = (1, 2, 4, 8)
 _reported: set[str] = set()
@@ -81,13 +82,15 @@ class _Plan:
     over_channels: bool  # x W^T is the GEMV over channels (cluster_dim == "output")
 
 
+def _whole_channel(spec: LayerSpec) -> bool:
+    return spec.n_clusters > 0 and spec.segments_per_channel == 1 and not spec.scale_groups and spec.n_codebooks == 1
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(spec: LayerSpec) -> _Plan:
-    whole_channel = spec.n_clusters > 0 and spec.segments_per_channel == 1 and not spec.scale_groups \
-        and spec.n_codebooks == 1
     kernel_layout = [spec.channels, spec.channel_length, spec.n_clusters, spec.segment_length, spec.code_bits,
                      spec.scale_group_size if spec.scale_groups else 0, spec.channels_per_codebook]
-    return _Plan(spec, list(layout_key(spec)), kernel_layout, unsupported_reason(spec), whole_channel,
+    return _Plan(spec, list(layout_key(spec)), kernel_layout, unsupported_reason(spec), _whole_channel(spec),
                  spec.cluster_dim == "output")
 
 
@@ -198,11 +201,16 @@ def codebook_matmul(
     Trainable tables (codebook or scales requiring grad, with grad enabled) and SWSC's whole-channel layout take
     the reference path; everything else goes through the kernel `choose_kernel` picks.
     """
-    plan = _plan(spec)
     grad = torch.is_grad_enabled()
-    if plan.whole_channel or (grad and (codebook.requires_grad or (scales is not None and scales.requires_grad))):
+    trains_tables = grad and (codebook.requires_grad or (scales is not None and scales.requires_grad))
+    if torch.compiler.is_compiling():  # traced without the plan cache; the custom op keeps the graph whole
+        if _whole_channel(spec) or trains_tables:
+            return reference_codebook_matmul(x, codes, codebook, scales, spec)
+        return codebook_matmul_op(x, codes, codebook, scales, list(layout_key(spec)))
+    plan = _plan(spec)
+    if plan.whole_channel or trains_tables:
         return reference_codebook_matmul(x, codes, codebook, scales, spec)
-    if torch.compiler.is_compiling() or (grad and x.requires_grad):
+    if grad and x.requires_grad:
         return codebook_matmul_op(x, codes, codebook, scales, plan.layout)
     if plan.reason is None and x.device.type == "cpu" and _enabled["kernels"] and load_cpu_kernels():  # common case
         x2 = x.reshape(-1, spec.in_features)

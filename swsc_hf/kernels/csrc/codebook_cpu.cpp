@@ -1,9 +1,10 @@
 // CPU kernels for codebook-compressed linear layers: y = x W'^T with W' = scales * codebook[codes].
 //
 // The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
-// channel are decoded in registers straight from the bit-packed code stream (a 64-bit load, per-lane variable
-// shifts, a mask), looked up in the codebook (a register permute for tables of <= 16/32 floats, a gather from an
-// L1-resident float table otherwise) and multiplied into the activations. Scales are applied once per group.
+// channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
+// mask), looked up in the codebook (a register permute for tables of <= 16/32 floats, whole codeword loads for 4-
+// and 8-dim vectors, a gather from an L1-resident float table otherwise) and multiplied into the activations.
+// Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
 // and W^T for "input". Channel c, column p holds codebook[c / rows_per_book][code(c, p / seg)][p % seg] times
@@ -15,7 +16,7 @@
 //   gemv_t(u[B, channels], ...) -> [B, length]     z[b, p] = sum_c M[c, p] u[b, c]
 //   dequant(..., start, stop)   -> [stop - start, length] float32 rows of M
 // All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
-// Instruction sets are chosen at run time (AVX-512F, AVX2+FMA, portable C++); set_max_isa caps the choice (tests).
+// Instruction sets are chosen at run time (AVX-512F+BW, AVX2+FMA, portable C++); set_max_isa caps the choice.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
