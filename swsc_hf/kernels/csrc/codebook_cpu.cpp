@@ -269,7 +269,7 @@ struct Simd {
   ALWAYS_INLINE static void store_full(float* p, V v) { _mm512_storeu_ps(p, v); }
   ALWAYS_INLINE static float sum(V v) { return _mm512_reduce_add_ps(v); }
 
-  // Primitives of the hoisted fast path (see codebook_simd.inc: gemv_rows_fast).
+  // Code extraction and table look-up (used by codebook_simd.inc: Decoder and the hoisted fast paths).
   using I = __m512i;
   ALWAYS_INLINE static I load_i(const void* p) { return _mm512_load_si512(p); }
   ALWAYS_INLINE static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
@@ -314,34 +314,6 @@ struct Simd {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a))),
                                                _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
   }
-
-  struct Decoder {
-    const Operands& o;
-    const LanePatterns pat;
-    __m512i code_mask, elem, seg_shift;
-    int64_t table_floats;  // floats a codebook spans for every representable code
-    alignas(16) mutable uint8_t spill[16];
-
-    explicit Decoder(const Operands& ops) : o(ops), pat(16, ops.l.bits, ops.l.seg) {
-      code_mask = _mm512_set1_epi32((1 << o.l.bits) - 1);
-      elem = _mm512_load_si512(pat.elem);
-      seg_shift = _mm512_set1_epi32(__builtin_ctzll(o.l.seg));
-      table_floats = (int64_t(1) << o.l.bits) * o.l.seg;
-    }
-
-    // The W values whose first code starts at stream bit `bit`, unscaled.
-    ALWAYS_INLINE V decode(int64_t bit, const float* table) const {
-      const int s0 = int(bit & 7);
-      const uint8_t* src = stream_bytes(o, bit >> 3, spill);
-      const __m512i raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      const __m512i two = _mm512_shuffle_epi8(raw, _mm512_load_si512(pat.bytes[s0]));
-      __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(two, _mm512_load_si512(pat.shifts[s0])), code_mask);
-      if (o.l.seg > 1) idx = element_index(idx, seg_shift, elem);
-      if (table_floats <= 16) return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(table));
-      if (table_floats <= 32) return _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
-      return _mm512_i32gather_ps(idx, table, 4);
-    }
-  };
 };
 
 #include "codebook_simd.inc"
@@ -411,37 +383,6 @@ struct Simd {
     const float* a = next(); const float* b = next();  // seg == 4
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
   }
-
-  struct Decoder {
-    const Operands& o;
-    const LanePatterns pat;
-    __m256i code_mask, elem, seg_shift;
-    int64_t table_floats;
-    alignas(16) mutable uint8_t spill[16];
-
-    explicit Decoder(const Operands& ops) : o(ops), pat(8, ops.l.bits, ops.l.seg) {
-      code_mask = _mm256_set1_epi32((1 << o.l.bits) - 1);
-      elem = _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.elem));
-      seg_shift = _mm256_set1_epi32(__builtin_ctzll(o.l.seg));
-      table_floats = (int64_t(1) << o.l.bits) * o.l.seg;
-    }
-
-    ALWAYS_INLINE V decode(int64_t bit, const float* table) const {
-      const int s0 = int(bit & 7);
-      const uint8_t* src = stream_bytes(o, bit >> 3, spill);
-      const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-      const __m256i two = _mm256_shuffle_epi8(raw, _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.bytes[s0])));
-      __m256i idx = _mm256_and_si256(
-          _mm256_srlv_epi32(two, _mm256_load_si256(reinterpret_cast<const __m256i*>(pat.shifts[s0]))), code_mask);
-      if (o.l.seg > 1) idx = element_index(idx, seg_shift, elem);
-      if (table_floats <= 8) return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx);
-      if (table_floats <= 16)  // bit 3 of the index, moved to the sign bit, picks the upper half
-        return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(table), idx),
-                                _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), idx),
-                                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
-      return _mm256_i32gather_ps(table, idx, 4);
-    }
-  };
 };
 
 #include "codebook_simd.inc"
