@@ -21,6 +21,7 @@ from .kernels import cpu_isa, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
 from .model_ops import dequantize_model
 from .modules import SWSCLinear
+from .openvino_export import OpenVINOCausalLM, export_openvino
 from .quantizer import SWSCQuantizer, compress_model
 from .report import CompressionReport, compression_report
 from .table_training import finish_training, prepare_for_training
@@ -35,6 +36,7 @@ __all__ = [
     "PRESETS",
     "CompressionReport",
     "LayerSpec",
+    "OpenVINOCausalLM",
     "PerplexityResult",
     "SWSCConfig",
     "SWSCLinear",
@@ -48,6 +50,7 @@ __all__ = [
     "compression_report",
     "dequantize_model",
     "distill_tables",
+    "export_openvino",
     "finish_training",
     "join_rows",
     "load_smollm2",
