@@ -2,6 +2,8 @@
 
 - `cpu_gemv`: the compiled look-up-table GEMV (few tokens, CPU): reads only packed codes, tables and scales.
 - `cpu_dequant_gemm`: many tokens on CPU: the compiled kernel rebuilds float32 tiles, a BLAS GEMM multiplies.
+- `triton_gemv` / `triton_dequant_gemm`: the same two strategies on CUDA tensors, as Triton kernels
+  (`triton_gpu.py`), when triton can be imported.
 - `reference`: plain torch (any device, any layout, differentiable in the tables); also the fallback, with one
   logged reason per layout, when a layout is outside what the kernels cover or they could not be built.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -94,21 +97,46 @@ def _plan(spec: LayerSpec) -> _Plan:
                  spec.cluster_dim == "output")
 
 
+@functools.cache
+def _triton_kernels():
+    """(the Triton kernels module, None), or (None, why not); triton is imported on the first CUDA call only."""
+    if os.environ.get("SWSC_HF_KERNELS", "1") == "0":
+        return None, "compiled kernels disabled by SWSC_HF_KERNELS=0"
+    try:
+        from . import triton_gpu
+    except ImportError as error:
+        return None, f"triton cannot be imported ({error})"
+    return triton_gpu, None
+
+
+def _cuda_reason(spec: LayerSpec) -> str | None:
+    if not _enabled["kernels"]:
+        return "kernels disabled by set_kernels_enabled(False)"
+    module, reason = _triton_kernels()
+    return reason if module is None else module.unsupported_reason(spec)
+
+
 def choose_kernel(spec: LayerSpec, device: torch.device, n_tokens: int) -> str:
-    """"cpu_gemv", "cpu_dequant_gemm" or "reference" for this layout, device and number of tokens."""
-    reason = _plan(spec).reason
-    if reason is None and not _enabled["kernels"]:
-        reason = "kernels disabled by set_kernels_enabled(False)"
-    if reason is None and device.type != "cpu":
-        reason = f"no compiled kernel for {device.type} yet"
-    if reason is None and not load_cpu_kernels():
-        reason = "the CPU kernels could not be built"
+    """"cpu_gemv", "cpu_dequant_gemm", "triton_gemv", "triton_dequant_gemm" or "reference" for this layout, device
+    and number of tokens."""
+    if device.type == "cuda":
+        reason = _cuda_reason(spec)
+    else:
+        reason = _plan(spec).reason
+        if reason is None and not _enabled["kernels"]:
+            reason = "kernels disabled by set_kernels_enabled(False)"
+        if reason is None and device.type != "cpu":
+            reason = f"no compiled kernel for {device.type} yet"
+        if reason is None and not load_cpu_kernels():
+            reason = "the CPU kernels could not be built"
     if reason is not None:
         key = f"{layout_key(spec)}:{reason}"
         if key not in _reported:
             _reported.add(key)
             logger.info("swsc_hf: reference path for layout %s: %s", spec.to_dict(), reason)
         return "reference"
+    if device.type == "cuda":
+        return "triton_gemv" if n_tokens <= _triton_kernels()[0].GEMV_MAX_TOKENS else "triton_dequant_gemm"
     return "cpu_gemv" if n_tokens <= GEMV_MAX_TOKENS else "cpu_dequant_gemm"
 
 
@@ -142,7 +170,11 @@ def _run(x, codes, codebook, scales, layout: list[int], transposed: bool) -> tor
     spec = spec_from_key(tuple(layout))
     features = spec.out_features if transposed else spec.in_features
     x2 = x.reshape(-1, features)
-    if choose_kernel(spec, x.device, x2.shape[0]) == "reference":
+    kernel = choose_kernel(spec, x.device, x2.shape[0])
+    if kernel.startswith("triton_"):
+        triton_matmul = _triton_kernels()[0].triton_codebook_matmul
+        return triton_matmul(x, codes, codebook, scales, spec, transposed=transposed, kernel=kernel[len("triton_"):])
+    if kernel == "reference":
         if transposed:
             tiles = [dequantize_channels(codes, codebook, scales, spec, a, b) for a, b in channel_tiles(spec)]
             weight = torch.cat(tiles)

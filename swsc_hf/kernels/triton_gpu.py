@@ -1,0 +1,205 @@
+"""Triton kernels for the compressed matmul on CUDA (and, for tests, on CPU tensors under TRITON_INTERPRET=1).
+
+- `gemv` (few tokens, decode): each program decodes a tile of the channel matrix M = scales * codebook[codes] in
+  registers, straight from the packed code stream, the tables and the scales, and multiplies it with the tile of
+  up to 8 tokens' activations it shares (float32 accumulation). W is never written; the long axis is split over
+  programs (partial sums added by torch) so that small matrices still fill the GPU.
+- `dequant_gemm` (many tokens, prefill): a kernel writes tiles of at most `TILE_ELEMENTS` weights of M in the
+  activations' dtype and cuBLAS multiplies them (the same structure as the CPU path).
+
+The codes are read as stored (no load-time repacking, no extra memory): code i is bits [i b, (i + 1) b) of the
+little-endian stream (core/packing.py), so one byte holds it when b is 1, 2, 4 or 8 and two adjacent bytes
+otherwise. Tables are gathered from global memory (a table is at most 256 x 4 values, L1-resident); FLUTE keeps
+them in shared memory instead, which Triton does not expose for gathers. Any segment length, codebooks shared by
+any number of channels, any scale group and both cluster dims are covered; codes must fit in 8 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..core.spec import LayerSpec
+from .reference import channel_tiles
+
+# Up to this many tokens a call runs the GEMV; beyond, dequantized tiles and cuBLAS. Not measured yet (no GPU when
+# this was written): benchmarks/gpu_speed.py times both sides of it.
+GEMV_MAX_TOKENS = 8
+KERNELS = ("gemv", "dequant_gemm")
+
+
+def unsupported_reason(spec: LayerSpec) -> str | None:
+    """Why the Triton kernels cannot run this layout's codebook term, or None when they can."""
+    if not spec.n_clusters:
+        return "no codebook term"
+    if spec.code_bits > 8:
+        return f"{spec.code_bits}-bit codes (the Triton kernels cover up to 8 bits, 256 codewords)"
+    return None
+
+
+@triton.jit
+def _decode_tile(codes_ptr, book_ptr, scales_ptr, rows, cols, n_rows, length, n_bytes, n_groups, rows_per_book,
+                 SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+                 HAS_SCALES: tl.constexpr):
+    """M[rows, cols] in float32 for broadcastable int index tensors (zero outside the matrix)."""
+    mask = (rows < n_rows) & (cols < length)
+    rows64 = rows.to(tl.int64)
+    bit = (rows64 * (length // SEG) + cols // SEG) * BITS
+    byte = bit >> 3
+    word = tl.load(codes_ptr + byte, mask=mask, other=0).to(tl.int32)
+    if (BITS & (BITS - 1)) != 0:  # 3, 5, 6 or 7 bits: a code may straddle two bytes
+        word |= tl.load(codes_ptr + byte + 1, mask=mask & (byte + 1 < n_bytes), other=0).to(tl.int32) << 8
+    code = (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
+    entry = ((rows64 // rows_per_book) * K + code) * SEG + cols % SEG
+    w = tl.load(book_ptr + entry, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALES:
+        w *= tl.load(scales_ptr + rows64 * n_groups + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, codes_ptr, book_ptr, scales_ptr, out_ptr,
+                 n_tokens, n_rows, length, n_bytes, n_groups, rows_per_book, split_len,
+                 OVER_CHANNELS: tl.constexpr, SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr,
+                 GROUP: tl.constexpr, HAS_SCALES: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, t, n] = sum over this program's slice of the reduced axis of x[t, k] M-product[k, n]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if OVER_CHANNELS:  # y[t, c] = sum_p x[t, p] M[c, p]: outputs are channels, the channel length is reduced
+        n_out = n_rows
+        n_reduce = length
+    else:  # y[t, p] = sum_c x[t, c] M[c, p]: outputs are positions, channels are reduced
+        n_out = length
+        n_reduce = n_rows
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, split_len, BLOCK_K):
+        k = pid_s * split_len + k0 + tl.arange(0, BLOCK_K)
+        x_mask = (t[:, None] < n_tokens) & (k[None, :] < n_reduce)
+        x = tl.load(x_ptr + t[:, None].to(tl.int64) * n_reduce + k[None, :], mask=x_mask, other=0.0).to(tl.float32)
+        if OVER_CHANNELS:
+            w = _decode_tile(codes_ptr, book_ptr, scales_ptr, n[:, None], k[None, :], n_rows, length, n_bytes,
+                             n_groups, rows_per_book, SEG, BITS, K, GROUP, HAS_SCALES)  # (BLOCK_N, BLOCK_K)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        else:
+            w = _decode_tile(codes_ptr, book_ptr, scales_ptr, k[:, None], n[None, :], n_rows, length, n_bytes,
+                             n_groups, rows_per_book, SEG, BITS, K, GROUP, HAS_SCALES)  # (BLOCK_K, BLOCK_N)
+            acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    out = out_ptr + (pid_s * n_tokens + t[:, None].to(tl.int64)) * n_out + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(t[:, None] < n_tokens) & (n[None, :] < n_out))
+
+
+@triton.jit
+def _dequant_kernel(codes_ptr, book_ptr, scales_ptr, out_ptr, start, stop, length, n_bytes, n_groups,
+                    rows_per_book, SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+                    HAS_SCALES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r, c] = M[start + r, c] for channels start:stop, in out's dtype."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = start + r[:, None]
+    w = _decode_tile(codes_ptr, book_ptr, scales_ptr, rows, c[None, :], stop, length, n_bytes, n_groups,
+                     rows_per_book, SEG, BITS, K, GROUP, HAS_SCALES)
+    out = out_ptr + r[:, None].to(tl.int64) * length + c[None, :]
+    tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(rows < stop) & (c[None, :] < length))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _table_args(spec: LayerSpec, codes: torch.Tensor) -> tuple[list[int], dict[str, int | bool]]:
+    """Runtime and constexpr arguments describing the layout to `_decode_tile`."""
+    group = spec.scale_group_size if spec.scale_groups else 1
+    runtime = [spec.channel_length, codes.numel(), max(spec.scale_groups, 1), spec.channels_per_codebook]
+    const = dict(SEG=spec.segment_length, BITS=spec.code_bits, K=spec.n_clusters, GROUP=group,
+                 HAS_SCALES=bool(spec.scale_groups))
+    return runtime, const
+
+
+def dequantize_tile(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec,
+                    start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Channels start:stop of the codebook term as a (stop - start, channel_length) tensor of `dtype`."""
+    out = torch.empty(stop - start, spec.channel_length, dtype=dtype, device=codes.device)
+    (length, n_bytes, n_groups, rows_per_book), const = _table_args(spec, codes)
+    block_r, block_c = 16, 128
+    grid = (triton.cdiv(stop - start, block_r), triton.cdiv(length, block_c))
+    _dequant_kernel[grid](codes, codebook, codebook if scales is None else scales, out, start, stop, length,
+                          n_bytes, n_groups, rows_per_book, BLOCK_R=block_r, BLOCK_C=block_c, **const)
+    return out
+
+
+def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_channels: bool,
+          split: int | None) -> torch.Tensor:
+    tokens, n_reduce = x2.shape
+    n_out = spec.channels if over_channels else spec.channel_length
+    block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
+    # Tiles run along M's rows, whose bytes are contiguous: wide in k over channels, wide in n otherwise.
+    block_n, block_k = (16, max(32, 256 // block_t)) if over_channels else (max(32, 256 // block_t), 16)
+    n_blocks = triton.cdiv(n_out, block_n)
+    if split is None:  # enough programs for about four per multiprocessor
+        split = max(1, -(-4 * _sm_count(x2.device) // n_blocks))
+    split_len = triton.cdiv(triton.cdiv(n_reduce, min(split, triton.cdiv(n_reduce, block_k))), block_k) * block_k
+    split = triton.cdiv(n_reduce, split_len)
+    dtype = x2.dtype if split == 1 else torch.float32
+    out = torch.empty(split, tokens, n_out, dtype=dtype, device=x2.device)
+    (length, n_bytes, n_groups, rows_per_book), const = _table_args(spec, codes)
+    grid = (n_blocks, split, triton.cdiv(tokens, block_t))
+    _gemv_kernel[grid](x2, codes, codebook, codebook if scales is None else scales, out, tokens, spec.channels,
+                       length, n_bytes, n_groups, rows_per_book, split_len, OVER_CHANNELS=over_channels,
+                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, **const)
+    return out[0] if split == 1 else out.sum(0)
+
+
+def _dequant_gemm(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_channels: bool) -> torch.Tensor:
+    dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    xd = x2.to(dtype)
+    out = None
+    for a, b in channel_tiles(spec):
+        tile = dequantize_tile(codes, codebook, scales, spec, a, b, dtype)
+        if over_channels:  # M's rows are the outputs: y[:, a:b] = x M[a:b]^T
+            part = F.linear(xd, tile)
+            if (a, b) == (0, spec.channels):
+                return part
+            if out is None:
+                out = xd.new_empty(xd.shape[0], spec.channels)
+            out[:, a:b] = part
+        else:  # M's rows are the inputs: y += x[:, a:b] M[a:b], summed in float32
+            part = (xd[:, a:b] @ tile).float()
+            out = part if out is None else out + part
+    return out
+
+
+def triton_codebook_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
+                           spec: LayerSpec, *, transposed: bool = False, kernel: str | None = None,
+                           split: int | None = None) -> torch.Tensor:
+    """x W_c^T (or x W_c when `transposed`, the input gradient) with the Triton kernels, in x's dtype.
+
+    `kernel` is "gemv", "dequant_gemm" or None (by the number of tokens); `split` fixes how many programs share the
+    reduced axis of the GEMV (None: enough to fill the GPU). The dispatch calls this for CUDA tensors; tests call it
+    directly on CPU tensors with TRITON_INTERPRET=1 set before triton is imported.
+    """
+    reason = unsupported_reason(spec)
+    if reason is not None:
+        raise ValueError(f"the Triton kernels cannot run layout {spec.to_dict()}: {reason}")
+    features = spec.out_features if transposed else spec.in_features
+    x2 = x.reshape(-1, features).contiguous()
+    over_channels = (spec.cluster_dim == "output") != transposed
+    if kernel is None:
+        kernel = "gemv" if x2.shape[0] <= GEMV_MAX_TOKENS else "dequant_gemm"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    args = (codes.contiguous(), codebook.contiguous(), None if scales is None else scales.contiguous(), spec)
+    if x2.shape[0] == 0:
+        y = x2.new_zeros(0, spec.in_features if transposed else spec.out_features)
+    elif kernel == "gemv":
+        y = _gemv(x2, *args, over_channels, split)
+    else:
+        y = _dequant_gemm(x2, *args, over_channels)
+    return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,224 @@
+"""Triton kernels (swsc_hf/kernels/triton_gpu.py) against `reference_codebook_matmul` on every layout.
+
+With CUDA the comparisons run compiled on the GPU. Without, they run on CPU tensors in Triton's interpreter, which
+needs TRITON_INTERPRET=1 before triton is first imported (triton's own library functions are decorated then, and
+torch imports triton early): `test_in_triton_interpreter` reruns this file in a subprocess with it set.
+Tolerances (relative to the largest output): float32 activations 1e-5 (float32 accumulation in another order);
+bfloat16 1e-2 for the GEMV (one rounding of the output, as the reference) and 2e-2 for dequant + GEMM (the
+tiles are rounded to bfloat16 before cuBLAS multiplies them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from swsc_hf.core.packing import pack_codes
+from swsc_hf.core.spec import LayerSpec
+from swsc_hf.kernels import (
+    choose_kernel,
+    codebook_matmul,
+    dequantize_channels,
+    reference_codebook_matmul,
+    set_kernels_enabled,
+)
+
+pytest.importorskip("triton", reason="triton is not installed (it is in the test extra: pip install -e .[test])")
+
+from swsc_hf.kernels import triton_gpu  # noqa: E402  (after the skip)
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cuda" if CUDA and not INTERPRETED else "cpu")
+runs_kernels = pytest.mark.skipif(not (CUDA or INTERPRETED),
+                                  reason="no CUDA: runs in test_in_triton_interpreter's TRITON_INTERPRET=1 subprocess")
+
+# (out, in, n_clusters, segment_length, cluster_dim, scale_group_size, rows_per_codebook): the presets' and the
+# `bits=` ladder's layouts, and what only the Triton kernels cover (3-dim vectors, groups not a multiple of 16).
+LAYOUTS = [
+    (48, 96, 16, 1, "output", 32, 0),     # swsc-4bit
+    (40, 96, 64, 2, "output", 32, 0),     # swsc-3bit
+    (48, 64, 256, 4, "output", 16, 0),    # swsc-2bit
+    (37, 80, 4, 1, "output", 16, 0),      # 2-bit scalar, odd rows
+    (32, 48, 8, 1, "input", 16, 0),       # 3-bit, input channels
+    (50, 96, 32, 1, "output", 48, 0),     # 5-bit
+    (24, 64, 64, 1, "output", 64, 0),     # 6-bit
+    (33, 64, 128, 2, "output", 32, 0),    # 7-bit pairs straddling bytes
+    (24, 64, 200, 1, "output", 0, 0),     # 8-bit codes, K not a power of two, no scales
+    (29, 70, 16, 2, "output", 0, 0),      # odd channel length
+    (40, 40, 16, 4, "input", 0, 7),       # one codebook per 7 channels
+    (64, 32, 128, 8, "output", 16, 16),   # 8-dim vectors, codebook per 16 rows
+    (31, 45, 5, 1, "input", 0, 0),        # 3-bit codes straddling bytes, odd everything
+    (30, 48, 16, 3, "output", 24, 0),     # 3-dim vectors, group 24
+    (20, 36, 2, 1, "input", 10, 5),       # 1-bit codes, group 10, codebook per 5 channels
+]
+TOKENS = (1, 2, 5, 8, 9, 17)
+TOLERANCE = {torch.float32: {"gemv": 1e-5, "dequant_gemm": 1e-5},
+             torch.bfloat16: {"gemv": 1e-2, "dequant_gemm": 2e-2}}
+
+
+def make_layer(layout, seed: int = 0):
+    out_f, in_f, k, seg, dim, group, rows = layout
+    spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
+                     rows_per_codebook=rows)
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.randn(spec.n_codebooks, k, seg, generator=g).half()
+    codes = torch.randint(0, k, (spec.channels, spec.segments_per_channel), generator=g)
+    scales = (torch.rand(spec.channels, spec.scale_groups, generator=g) + 0.5).half() if spec.scale_groups else None
+    tensors = [pack_codes(codes, spec.code_bits), codebook, scales]
+    return spec, [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+def assert_close(got: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    expected = expected.float().cpu()
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "-".join(map(str, t)))
+def test_both_kernels_equal_reference(layout, dtype):
+    spec, tensors = make_layer(layout)
+    assert triton_gpu.unsupported_reason(spec) is None
+    g = torch.Generator().manual_seed(1)
+    for tokens in TOKENS:
+        x = torch.randn(tokens, spec.in_features, generator=g).to(dtype).to(DEVICE)
+        expected = reference_codebook_matmul(x.cpu(), *[t if t is None else t.cpu() for t in tensors], spec)
+        for kernel in triton_gpu.KERNELS:
+            got = triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel=kernel)
+            assert got.dtype == dtype and got.shape == (tokens, spec.out_features)
+            assert_close(got, expected, TOLERANCE[dtype][kernel])
+
+
+@runs_kernels
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda t: "-".join(map(str, t)))
+def test_transposed_product_is_the_input_gradient(layout):
+    spec, tensors = make_layer(layout, seed=2)
+    weight = dequantize_channels(*[t if t is None else t.cpu() for t in tensors], spec)
+    weight = weight if spec.cluster_dim == "output" else weight.t()  # W, out x in
+    g = torch.Generator().manual_seed(3)
+    for tokens in (1, 4, 11):
+        grad = torch.randn(tokens, spec.out_features, generator=g)
+        expected = grad.double() @ weight.double()
+        for kernel in triton_gpu.KERNELS:
+            got = triton_gpu.triton_codebook_matmul(grad.to(DEVICE), *tensors, spec, transposed=True, kernel=kernel)
+            assert got.shape == (tokens, spec.in_features)
+            assert_close(got, expected, 1e-5)
+
+
+@runs_kernels
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[4], LAYOUTS[12]], ids=["output", "input", "odd"])
+def test_gemv_split_over_programs_adds_the_same_sum(layout):
+    spec, tensors = make_layer(layout, seed=4)
+    x = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    whole = triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel="gemv", split=1)
+    for split in (2, 3, 1000):
+        assert_close(triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel="gemv", split=split), whole, 1e-5)
+
+
+@runs_kernels
+def test_leading_dims_and_zero_tokens():
+    spec, tensors = make_layer(LAYOUTS[1], seed=6)
+    x = torch.randn(2, 3, spec.in_features, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    got = triton_gpu.triton_codebook_matmul(x, *tensors, spec)
+    assert got.shape == (2, 3, spec.out_features)
+    assert_close(got, reference_codebook_matmul(x.cpu(), *[t if t is None else t.cpu() for t in tensors], spec), 1e-5)
+    empty = triton_gpu.triton_codebook_matmul(x[:, :0], *tensors, spec)
+    assert empty.shape == (2, 0, spec.out_features)
+
+
+@runs_kernels
+def test_unsupported_layouts_and_kernel_names_are_refused():
+    spec = LayerSpec(16, 32, n_clusters=512, segment_length=1)  # 9-bit codes
+    assert "9-bit codes" in triton_gpu.unsupported_reason(spec)
+    with pytest.raises(ValueError, match="9-bit codes"):
+        triton_gpu.triton_codebook_matmul(torch.randn(1, 32), torch.zeros(36, dtype=torch.uint8),
+                                          torch.randn(1, 512, 1), None, spec)
+    spec, tensors = make_layer(LAYOUTS[0])
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        triton_gpu.triton_codebook_matmul(torch.randn(1, spec.in_features), *tensors, spec, kernel="fused")
+
+
+def test_dispatch_picks_triton_for_cuda_tensors_and_says_why_not(caplog):
+    spec = LayerSpec(48, 96, n_clusters=16, segment_length=1, scale_group_size=32)
+    cuda = torch.device("cuda")
+    assert choose_kernel(spec, cuda, 1) == "triton_gemv"
+    assert choose_kernel(spec, cuda, triton_gpu.GEMV_MAX_TOKENS) == "triton_gemv"
+    assert choose_kernel(spec, cuda, triton_gpu.GEMV_MAX_TOKENS + 1) == "triton_dequant_gemm"
+    odd = LayerSpec(30, 48, n_clusters=16, segment_length=3, scale_group_size=24)  # outside the CPU kernels
+    assert choose_kernel(odd, cuda, 1) == "triton_gemv"
+    wide = LayerSpec(16, 32, n_clusters=512, segment_length=1)
+    with caplog.at_level(logging.INFO, logger="swsc_hf.kernels.dispatch"):
+        assert choose_kernel(wide, cuda, 1) == "reference"
+        previous = set_kernels_enabled(False)
+        try:
+            assert choose_kernel(LayerSpec(44, 88, n_clusters=8, scale_group_size=22), cuda, 1) == "reference"
+        finally:
+            set_kernels_enabled(previous)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "9-bit codes" in messages and "set_kernels_enabled(False)" in messages
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernels run in this process")
+def test_in_triton_interpreter():
+    """Every test above on CPU tensors in Triton's interpreter: this file in a process started with
+    TRITON_INTERPRET=1."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) >= 2 * len(LAYOUTS) and "failed" not in summary, summary
+
+
+@pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs CUDA")
+class TestOnCuda:
+    """The dispatch on real CUDA tensors: the custom op, its gradient, torch.compile and a CUDA graph."""
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+    def test_codebook_matmul_routes_to_triton(self, dtype):
+        spec, tensors = make_layer(LAYOUTS[0])
+        cpu_tensors = [t if t is None else t.cpu() for t in tensors]
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        for tokens in (1, 33):
+            assert choose_kernel(spec, DEVICE, tokens).startswith("triton_")
+            x = torch.randn(tokens, spec.in_features).to(dtype)
+            with torch.no_grad():
+                got = codebook_matmul(x.to(DEVICE), *tensors, spec)
+            assert got.device.type == "cuda" and got.dtype == dtype
+            assert_close(got, reference_codebook_matmul(x, *cpu_tensors, spec), tol)
+
+    def test_input_gradient_and_compile(self):
+        spec, tensors = make_layer(LAYOUTS[4])
+        cpu_tensors = [t if t is None else t.cpu() for t in tensors]
+        x = torch.randn(5, spec.in_features)
+        xg = x.to(DEVICE).requires_grad_(True)
+        codebook_matmul(xg, *tensors, spec).sum().backward()
+        xc = x.clone().requires_grad_(True)
+        reference_codebook_matmul(xc, *cpu_tensors, spec).sum().backward()
+        assert_close(xg.grad, xc.grad, 1e-4)
+        compiled = torch.compile(lambda v: codebook_matmul(v, *tensors, spec) * 2, fullgraph=True)
+        with torch.no_grad():
+            assert_close(compiled(x.to(DEVICE)), 2 * reference_codebook_matmul(x, *cpu_tensors, spec), 1e-4)
+
+    def test_decode_call_replays_in_a_cuda_graph(self):
+        spec, tensors = make_layer(LAYOUTS[1])
+        x = torch.randn(1, spec.in_features, device=DEVICE, dtype=torch.float16)
+        with torch.no_grad():
+            codebook_matmul(x, *tensors, spec)  # warm-up: compiles the kernel outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = codebook_matmul(x, *tensors, spec)
+            x.normal_()
+            expected = codebook_matmul(x, *tensors, spec)
+            graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, expected, 1e-3)
