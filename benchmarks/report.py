@@ -250,7 +250,8 @@ def lose_section(chosen: dict[str, dict]) -> list[str]:
 
 
 def plot_quality(chosen: dict[str, dict], path: Path) -> bool:
-    """Perplexity vs average bits, one line per method series, log y; dense as a horizontal line."""
+    """Perplexity vs average bits, one line per method series, dense as a horizontal line: every method on a log
+    scale (left), and the methods within 3x of dense on a linear scale (right)."""
     lines: dict[str, list[dict]] = {}
     for r in chosen.values():
         if r["family"] != "dense":
@@ -262,23 +263,35 @@ def plot_quality(chosen: dict[str, dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    dense = chosen.get("dense")
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(15, 5.8), gridspec_kw={"width_ratios": [1, 1]})
     markers = "osD^v<>phX*"
     for i, (label, rows) in enumerate(sorted(lines.items())):
         rows.sort(key=lambda r: r["avg_bits"])
         style = "-" if rows[0]["family"] == "swsc_hf" else "--"
-        ax.plot([r["avg_bits"] for r in rows], [r["perplexity"] for r in rows], style, marker=markers[i % 11],
-                label=label, linewidth=2 if rows[0]["family"] == "swsc_hf" else 1.2)
-    dense = chosen.get("dense")
-    if dense:
-        ax.axhline(dense["perplexity"], color="black", linestyle=":", label=f"dense ({dense['perplexity']:.2f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("average stored bits per compressed weight")
-    ax.set_ylabel("WikiText-2 test perplexity (log scale)")
+        width = 2 if rows[0]["family"] == "swsc_hf" else 1.2
+        bits, ppl = [r["avg_bits"] for r in rows], [r["perplexity"] for r in rows]
+        look = dict(marker=markers[i % 11], color=f"C{i % 10}", label=label, linewidth=width)
+        ax.plot(bits, ppl, style, **look)
+        if dense:  # the usable region: within 3x of dense, on a linear scale, where the frontier is decided
+            usable = [(b, p) for b, p in zip(bits, ppl, strict=True) if p <= 3 * dense["perplexity"]]
+            if usable:
+                zoom.plot(*zip(*usable, strict=True), style, **look)
     any_row = next(iter(chosen.values()))
+    if dense:
+        for axis in (ax, zoom):
+            axis.axhline(dense["perplexity"], color="black", linestyle=":", label=f"dense ({dense['perplexity']:.2f})")
+        zoom.set_ylim(dense["perplexity"] * 0.95, dense["perplexity"] * 3)
+    ax.set_yscale("log")
+    ax.set_ylabel("WikiText-2 test perplexity (log scale)")
     ax.set_title(f"SmolLM2-135M: perplexity vs bits ({any_row['tokens']} tokens, seq_len {any_row['seq_len']})")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    zoom.set_ylabel("WikiText-2 test perplexity (linear)")
+    zoom.set_title("the usable region: perplexity within 3x of dense")
+    for axis in (ax, zoom):
+        axis.set_xlabel("average stored bits per compressed weight")
+        axis.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    zoom.legend(fontsize=7, ncol=1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

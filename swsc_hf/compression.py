@@ -50,6 +50,12 @@ logger = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def target_names(model: nn.Module, config: SWSCConfig) -> list[str]:
+    """Names of the modules compression replaces: targeted linears and fused experts modules, in model order."""
+    targets = find_targets(model, config.modules_to_not_convert)
+    return [name for name, _ in targets.linears + targets.experts]
+
+
 def compress_linears(model: nn.Module, config: SWSCConfig, tokenizer=None) -> None:
     """Compress every targeted linear of `model` in place: calibrated when `config` has a dataset, else data-free."""
     targets = find_targets(model, config.modules_to_not_convert)

@@ -33,13 +33,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swsc-3bit": dict(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128),
     # Ours: quadruples of weights from a 256-entry codebook per matrix, scaled per 128 weights (~2.2 bits).
     "swsc-2bit": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128),
+    # The best measured recipes at about 4.25, 3.2 and 2.2 bits (docs/results.md): calibrated, so they need
+    # `dataset=` (names ending in "-cal"), and tuned toward the dense model after fitting (tune_* fields).
+    "swsc-4.25b-cal": dict(bits=4.25, n_samples=16, seq_len=512),
+    "swsc-3.2b-cal": dict(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128,
+                          n_samples=16, seq_len=512),
+    "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
+                          n_samples=16, seq_len=512),
 }
+# Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.
+CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal"))
 
 DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True,
     parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", n_samples=64, seq_len=512,
-    table_dtype="float16",
+    table_dtype="float16", tune_steps=64, tune_lr=3e-3, tune_scales_lr=1e-4, tune_norms_lr=0.0, tune_positions=0,
+    time_budget=None,
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 SHARE_SELECTIONS = ("types", "loss")
@@ -49,7 +59,7 @@ DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
 # Bounds that keep a config from a stranger from costing minutes before it fails (a 70B dense model has 560 linears;
 # the largest mixture-of-experts models about 70 000 expert matrices).
 MAX_COMPRESSED_LAYERS = 1 << 17
-MAX_SAMPLES, MAX_SEQ_LEN, MAX_KMEANS_ITERS = 1 << 16, 1 << 20, 10_000
+MAX_SAMPLES, MAX_SEQ_LEN, MAX_KMEANS_ITERS, MAX_TUNE_STEPS = 1 << 16, 1 << 20, 10_000, 1 << 20
 
 
 def _is_int(value: Any, low: int, high: int | None = None) -> bool:
@@ -68,10 +78,11 @@ class SWSCConfig(QuantizationConfigMixin):
     The fields, by purpose (all are saved in config.json unless marked "not saved"):
 
     What to compress and how large (the layout of every layer):
-        preset: a named setting (see `PRESETS`); explicit arguments override its fields.
+        preset: a named setting (see `PRESETS`); explicit arguments override its fields. Names ending in "-cal"
+            are calibrated recipes and need `dataset=`.
         bits: target average bits per compressed weight; chooses every layer's layout (scalar codebooks of 2^b
             values over segments scaled per 128 weights), spread over layers by measured sensitivity when
-            calibrating, uniform otherwise. Not combinable with explicit layout fields or a preset.
+            calibrating, uniform otherwise. Not combinable with explicit layout fields or a layout preset.
         n_clusters: codewords per codebook: an int, or a float in (0, 1] = that fraction of the channels.
         segment_length: values per codeword; None = a whole channel (SWSC's layout), 1 = scalar clustering.
         cluster_dim: "output" (rows of W are the channels) or "input" (columns).
@@ -98,6 +109,15 @@ class SWSCConfig(QuantizationConfigMixin):
     Calibration (not saved):
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
             the tokenizer, the number of sequences and their length.
+
+    Tuning toward the dense model (calibrated compression only; `distill.distill_tables`):
+        tune_steps: steps of table distillation after compression, on the calibration windows (0 = off). Each
+            step runs the dense teacher (the replaced dense layers, swapped back in) and the compressed model.
+        tune_lr, tune_scales_lr, tune_norms_lr: Adam step sizes for the codebooks, the per-group scales and the
+            layer norms (0 = that part stays as fitted).
+        tune_positions: positions per calibration window whose logits are matched (0 = all of them).
+        time_budget: seconds for the whole compression; tuning gets what fitting leaves and stops early (None =
+            no limit).
 
     Labels and the saved result:
         method: "swsc", "weight_clustering" or "basis_sharing": a label of which paper the layout follows, set by
@@ -130,6 +150,12 @@ class SWSCConfig(QuantizationConfigMixin):
         n_samples: int | None = None,
         seq_len: int | None = None,
         table_dtype: str | None = None,
+        tune_steps: int | None = None,
+        tune_lr: float | None = None,
+        tune_scales_lr: float | None = None,
+        tune_norms_lr: float | None = None,
+        tune_positions: int | None = None,
+        time_budget: float | None = ...,  # type: ignore[assignment]
         bits: float | None = None,
         preset: str | None = None,
         modules_to_not_convert: list[str] | None = None,
@@ -143,17 +169,24 @@ class SWSCConfig(QuantizationConfigMixin):
         if isinstance(compressed_layers, dict) and len(compressed_layers) > MAX_COMPRESSED_LAYERS:
             raise ValueError(f"SWSCConfig.compressed_layers lists {len(compressed_layers)} layers, more than the "
                              f"{MAX_COMPRESSED_LAYERS} any supported model has: the config is corrupted")
-        optional_none = ("segment_length", "parameter_ratio")  # None is a meaningful value for these two
+        optional_none = ("segment_length", "parameter_ratio", "time_budget")  # None is a meaningful value here
         given = {
             k: v for k, v in locals().items()
             if k in DEFAULTS and v is not ... and (v is not None or k in optional_none)
         }
-        values = {**DEFAULTS, **(PRESETS[preset] if preset else {}), **given}
+        preset_fields = dict(PRESETS[preset]) if preset else {}
+        preset_bits = preset_fields.pop("bits", None)
+        if preset_bits is not None:
+            if bits is not None and bits != preset_bits:
+                raise ValueError(f"SWSCConfig.bits={bits!r} conflicts with preset {preset!r}, which is bits="
+                                 f"{preset_bits}; drop one of them")
+            bits = preset_bits
+        values = {**DEFAULTS, **preset_fields, **given}
         for key, value in values.items():
             setattr(self, key, value)
         if bits is not None:
             chosen = sorted(k for k in BITS_CHOOSES if given.get(k) is not None)
-            if chosen or preset is not None:
+            if chosen or (preset is not None and preset_bits is None):
                 raise ValueError(f"SWSCConfig.bits={bits!r} chooses every layer's layout itself; drop "
                                  f"{chosen or ['preset']} or drop bits")
             for key in BITS_CHOOSES:
@@ -213,6 +246,17 @@ class SWSCConfig(QuantizationConfigMixin):
         for field, high in (("n_samples", MAX_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
             if not _is_int(getattr(self, field), 1, high):
                 fail(field, f"use an int from 1 to {high}")
+        for field, high in (("tune_steps", MAX_TUNE_STEPS), ("tune_positions", MAX_SEQ_LEN)):
+            if not _is_int(getattr(self, field), 0, high):
+                fail(field, f"use an int from 0 (off) to {high}")
+        for field in ("tune_lr", "tune_scales_lr", "tune_norms_lr"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:
+                fail(field, "use a step size >= 0 (0 = not tuned)")
+        budget = self.time_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or
+                                   not 0 < budget < math.inf):
+            fail("time_budget", "use None (no limit) or a number of seconds > 0")
         if self.dataset is not None and not isinstance(self.dataset, (str, list)):
             fail("dataset", 'use a list of strings, a path to a text file, or "wikitext2"')
         for name, layer in self.compressed_layers.items():
@@ -274,6 +318,13 @@ class SWSCConfig(QuantizationConfigMixin):
             scale_group_size=group if n else 0, rows_per_codebook=self.rows_per_codebook,
         )
 
+    def check_compressible(self) -> None:
+        """Refuse to compress with a calibrated preset (a name ending in "-cal") but no calibration text."""
+        if self.preset in CALIBRATED_PRESETS and not self.is_calibrated:
+            raise ValueError(f"SWSCConfig.preset={self.preset!r} is a calibrated recipe and needs calibration text: "
+                             'pass dataset= (a list of strings, a text file, or "wikitext2") and tokenizer=, or use '
+                             "a data-free preset such as 'swsc-4bit'")
+
     def plan_bits(self, shapes: dict[str, tuple[int, int]]) -> None:
         """Data-free `bits=`: resolve the layouts of the layers `shapes` (name -> (out, in)) together so their average
         fills the budget (`allocation.fill_budget`), recorded in `compressed_layers` before compression. No-op for
@@ -294,6 +345,13 @@ class SWSCConfig(QuantizationConfigMixin):
     @property
     def is_calibrated(self) -> bool:
         return self.dataset is not None
+
+    @property
+    def tunes(self) -> bool:
+        """Whether compression ends with distillation toward the dense model (calibrated, tune_steps > 0, and
+        something to tune)."""
+        return self.is_calibrated and self.tune_steps > 0 and (self.tune_lr > 0 or self.tune_scales_lr > 0
+                                                                 or self.tune_norms_lr > 0)
 
     @property
     def shares_bases(self) -> bool:

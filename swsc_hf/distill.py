@@ -1,67 +1,192 @@
-"""Distillation of the shared tables: after compression, fine-tune only the codebooks (and per-group scales) so the
-compressed model's next-token distribution matches the dense model's on calibration text.
+"""Distillation of the shared tables: after compression, fine-tune the codebooks (and per-group scales, and
+optionally the layer norms) so the compressed model's next-token distribution matches the dense model's on
+calibration text.
 
 This is the weight-clustering paper's centroid fine-tuning with the dense model as the target instead of the text
 (as AQLM's and VPTQ's end-to-end fine-tuning do): matching the teacher repairs compression error without adapting
 the model to the calibration text's domain, and it keeps the stored size (codes, layouts and dtypes are unchanged).
+
+The teacher is either a separate dense model or `DenseTeacher`: the dense modules compression replaced, kept and
+swapped back in for the teacher's forward, so tuning after compression costs one dense model plus the compressed
+one, not two dense models.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .model_ops import swap_module
 from .table_training import finish_training, prepare_for_training
 
 logger = logging.getLogger(__name__)
 
+Teacher = nn.Module | Callable[..., torch.Tensor]
+
+
+class DenseTeacher:
+    """The dense model that `model` was before compression, without a second copy of it.
+
+    `modules` maps module names to the dense modules compression replaced (kept alive by this object); a call swaps
+    them back in, runs `model` without gradients and swaps the compressed ones back, returning the logits.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        self.model = model
+        self.modules = modules
+
+    @classmethod
+    def before_compression(cls, model: nn.Module, names: list[str]) -> DenseTeacher:
+        """The teacher for `model`'s modules `names`, taken before they are compressed: shallow copies that keep
+        the dense tensors even where compression empties the original module (fused experts)."""
+        return cls(model, {name: _shallow_copy(model.get_submodule(name)) for name in names})
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        compressed = {name: self.model.get_submodule(name) for name in self.modules}
+        bridges = [module.register_forward_pre_hook(_to_weight_dtype) for module in self.modules.values()]
+        try:
+            for name, module in self.modules.items():
+                swap_module(self.model, name, module)
+            return self.model(ids, **kwargs).logits
+        finally:
+            for name, module in compressed.items():
+                swap_module(self.model, name, module)
+            for bridge in bridges:
+                bridge.remove()
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A module object of its own that shares `module`'s tensors and children."""
+    clone = copy.copy(module)
+    clone._parameters, clone._buffers, clone._modules = (dict(module._parameters), dict(module._buffers),
+                                                         dict(module._modules))
+    return clone
+
+
+def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Inputs in the dense module's own dtype (trained norms may run in float32 around a bfloat16 model)."""
+    weight = next(module.parameters(), None)
+    if weight is None or not args or not torch.is_tensor(args[0]) or args[0].dtype == weight.dtype:
+        return args
+    return (args[0].to(weight.dtype), *args[1:])
+
+
+def norm_modules(model: nn.Module) -> list[nn.Module]:
+    """The layer norms of `model`: a few thousand dense values that tuning may adjust."""
+    return [module for module in model.modules()
+            if "norm" in type(module).__name__.lower() and next(module.parameters(recurse=False), None) is not None]
+
+
+def _in_input_dtype(module: nn.Module, args: tuple, output):
+    """A norm trained in float32 inside a lower-precision model still hands on the model's dtype."""
+    if args and torch.is_tensor(args[0]) and torch.is_tensor(output):
+        return output.to(args[0].dtype)
+    return output
+
+
+def _logits(model: Teacher, ids: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    kwargs = {} if positions is None else {"logits_to_keep": positions}
+    out = model(ids, **kwargs)
+    logits = out if torch.is_tensor(out) else out.logits
+    if positions is not None and logits.shape[1] != positions.numel():  # a model without logits_to_keep
+        logits = logits[:, positions]
+    return logits
+
 
 def distill_tables(
     model: nn.Module,
-    teacher: nn.Module,
+    teacher: Teacher,
     batches: list[torch.Tensor],
     steps: int = 64,
     lr: float = 3e-3,
     scales_lr: float | None = None,
+    norms_lr: float | None = None,
+    positions: int | None = None,
+    time_budget: float | None = None,
+    seed: int = 0,
 ) -> list[float]:
-    """Train `model`'s codebooks (and, with `scales_lr`, its scales) to match `teacher`'s logits; returns the losses.
+    """Train `model`'s codebooks (and, with `scales_lr`, its scales; with `norms_lr`, its layer norms) to match
+    `teacher`'s logits; returns the losses.
 
     Each step takes the next batch of `batches` (token ids), runs the teacher without gradients and minimises the
-    per-token KL(teacher || model) with AdamW and a cosine schedule. Adam's steps are about `lr` in absolute size,
-    so `scales_lr` should be small next to the scales (weights' magnitudes, ~1e-2 here) while the codebooks hold
-    normalised values of order one (docs/results.md used lr=3e-3, scales_lr=1e-4, 64 steps). Tables are stored
-    back in the checkpoint's table dtype at the end (`finish_training`), so save/reload reproduces the result.
+    per-token KL(teacher || model) with AdamW and a cosine schedule. `positions` scores that many random positions
+    per sequence instead of all (the output head is most of a small model's cost). `time_budget` (seconds) ends
+    tuning early, the schedule following elapsed time. Adam's steps are about `lr` in absolute size, so `scales_lr`
+    should be small next to the scales (weights' magnitudes, ~1e-2 here) while the codebooks hold normalised values
+    of order one. Tables are stored back in the checkpoint's table dtype at the end (`finish_training`), and the
+    model's other parameters keep their dtypes, so save/reload reproduces the result.
     """
     if steps < 1 or not batches:
         raise ValueError(f"distill_tables needs steps >= 1 and at least one batch, got steps={steps} and "
                          f"{len(batches)} batches")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"distill_tables: time_budget={time_budget!r} is invalid; use None or seconds > 0")
+    dtypes = {name: param.dtype for name, param in model.named_parameters()}
     prepare_for_training(model, train_codebooks=True, train_scales=scales_lr is not None,
-                         gradient_checkpointing=False)
+                         gradient_checkpointing=False, upcast_dense=False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable and norms_lr is None:
+        logger.warning("swsc_hf: nothing to distil (no codebooks or scales); tuning skipped")
+        finish_training(model)
+        return []
     groups = [{"params": [p for n, p in trainable if not n.endswith("scales")], "lr": lr}]
     if scales_lr is not None:
         groups.append({"params": [p for n, p in trainable if n.endswith("scales")], "lr": scales_lr})
+    norms = norm_modules(model) if norms_lr is not None else []
+    norm_params = [param for module in norms for param in module.parameters(recurse=False)]
+    for param in norm_params:
+        param.data = param.data.float()
+        param.requires_grad_(True)
+    if norm_params:
+        groups.append({"params": norm_params, "lr": norms_lr})
+    hooks = [module.register_forward_hook(_in_input_dtype) for module in norms]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    teacher.eval()
-    losses = []
-    for step in tqdm(range(steps), desc="swsc_hf: distilling tables", unit="step"):
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    progress = tqdm(range(steps), desc="swsc_hf: distilling tables", unit="step")
+    for step in progress:
+        elapsed = time.perf_counter() - start
+        done = max(step / steps, elapsed / time_budget if time_budget else 0.0)
+        if done >= 1:
+            logger.info("swsc_hf: distillation stopped by its %.0f s time budget after %d of %d steps",
+                        time_budget, step, steps)
+            break
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * done))
         ids = batches[step % len(batches)]
+        keep = None
+        if positions is not None and positions < ids.shape[1]:
+            keep = torch.randperm(ids.shape[1], generator=generator)[:positions].sort().values.to(ids.device)
         with torch.no_grad():
-            target = teacher(ids).logits.float().log_softmax(-1)
-        logits = model(ids).logits.float().log_softmax(-1)
+            target = _logits(teacher, ids, keep).float().log_softmax(-1)
+        logits = _logits(model, ids, keep).float().log_softmax(-1)
         loss = F.kl_div(logits.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    progress.close()
+    for hook in hooks:
+        hook.remove()
     finish_training(model)
-    logger.info("swsc_hf: distillation KL %.4f -> %.4f over %d steps", losses[0], losses[-1], steps)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.requires_grad_(False)
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+    if losses:
+        logger.info("swsc_hf: distillation KL %.4f -> %.4f over %d steps", losses[0], losses[-1], len(losses))
     return losses

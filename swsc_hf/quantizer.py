@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any
 
 from torch import nn
@@ -15,8 +16,9 @@ from transformers import PreTrainedModel
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from .compression import compress_group, compress_linears
+from .compression import calibration_batches, compress_group, compress_linears, target_names
 from .config import SWSCConfig
+from .distill import DenseTeacher, distill_tables
 from .experts import SWSCExperts
 from .hub import install_model_card
 from .load_guard import guard_tensors, ignore_patterns
@@ -90,6 +92,7 @@ class SWSCQuantizer(HfQuantizer):
             if checkpoint_files:
                 check_checkpoint(model, checkpoint_files, config.compressed_layers, f"{SHARED_BASES_ATTR}.bases")
         elif not config.compresses_after_load:
+            config.check_compressible()
             config.plan_bits(linear_shapes(model, config))
             replace_with_shells(model, config, placeholder=True)
             tied = tied_weight_names(model)
@@ -159,12 +162,33 @@ def linear_shapes(model: nn.Module, config: SWSCConfig) -> dict[str, tuple[int, 
 def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.Module:
     """Compress `model` in place as `config` says and make it saveable/reloadable as an swsc_hf checkpoint.
 
-    `tokenizer` (else `config.tokenizer`) is needed for calibrated compression only.
+    `tokenizer` (else `config.tokenizer`) is needed for calibrated compression only; calibrated compression ends
+    with `config.tune_steps` of distillation toward the dense model (`tune_toward_dense`).
     """
+    start = time.perf_counter()
+    config.check_compressible()
     config.plan_bits(linear_shapes(model, config))
+    teacher = DenseTeacher.before_compression(model, target_names(model, config)) if config.tunes else None
     compress_linears(model, config, tokenizer)
     mark_compressed(model, config, SWSCQuantizer(config, pre_quantized=True))
+    if teacher is not None:
+        tune_toward_dense(model, config, teacher, tokenizer or config.tokenizer, time.perf_counter() - start)
     finalize_compressed_model(model, config)
     install_model_card(model)
     allow_dtype_casts(model)
     return model
+
+
+def tune_toward_dense(model: nn.Module, config: SWSCConfig, teacher, tokenizer, spent: float = 0.0) -> list[float]:
+    """Distil the compressed tables of `model` toward `teacher` on the calibration windows, as `config`'s tune_*
+    fields say, within what is left of `config.time_budget` after `spent` seconds; returns the losses."""
+    budget = None if config.time_budget is None else config.time_budget - spent
+    if budget is not None and budget <= 0:
+        logger.warning("swsc_hf: compression took %.0f s of the %.0f s time budget; tuning skipped", spent,
+                       config.time_budget)
+        return []
+    device = next(model.parameters()).device
+    return distill_tables(
+        model, teacher, calibration_batches(config, tokenizer, device), steps=config.tune_steps, lr=config.tune_lr,
+        scales_lr=config.tune_scales_lr or None, norms_lr=config.tune_norms_lr or None,
+        positions=config.tune_positions or None, time_budget=budget, seed=config.seed)

@@ -60,7 +60,8 @@ def _tables(holder: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def prepare_for_training(
-    model: nn.Module, train_codebooks: bool = False, train_scales: bool = False, gradient_checkpointing: bool = True
+    model: nn.Module, train_codebooks: bool = False, train_scales: bool = False, gradient_checkpointing: bool = True,
+    upcast_dense: bool = True,
 ) -> nn.Module:
     """Get a compressed model (or a PEFT model on one) ready to train; returns it.
 
@@ -68,7 +69,8 @@ def prepare_for_training(
     (layer norms, embeddings, head) are cast to float32 and activation checkpointing is enabled (non-reentrant,
     with input gradients). The compressed tables stay frozen in their stored dtype, except the codebooks
     (centroid fine-tuning) and per-group scales when asked: those become trainable float32 parameters (low
-    precision tables do not train with Adam). On a plain model everything else is frozen; on a PEFT model the
+    precision tables do not train with Adam). `upcast_dense=False` keeps the dense parameters' dtypes (when none of
+    them trains). On a plain model everything else is frozen; on a PEFT model the
     adapters keep their state, so call this after `get_peft_model` (which freezes every non-adapter tensor).
     Call `finish_training` afterwards to store trained tables back in the checkpoint's dtype.
     """
@@ -81,7 +83,7 @@ def prepare_for_training(
             continue
         if not is_peft_model(model):
             param.requires_grad_(False)
-        if param.dtype in (torch.float16, torch.bfloat16):
+        if upcast_dense and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
     trained = {"codebook": train_codebooks, "scales": train_scales}
     count = 0

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama_config
 from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 import swsc_hf
 from swsc_hf import PRESETS, SWSCConfig
+from swsc_hf.config import CALIBRATED_PRESETS
 from swsc_hf.core.spec import LayerSpec
 
 
@@ -30,6 +32,13 @@ from swsc_hf.core.spec import LayerSpec
         (dict(n_clusters=0, rank=0), "n_clusters"),
         (dict(bogus=1), "bogus"),
         (dict(format_version=99), "format_version"),
+        (dict(tune_steps=-1), "tune_steps"),
+        (dict(tune_steps=2.5), "tune_steps"),
+        (dict(tune_lr=-1e-3), "tune_lr"),
+        (dict(tune_scales_lr="fast"), "tune_scales_lr"),
+        (dict(tune_positions=-3), "tune_positions"),
+        (dict(time_budget=0), "time_budget"),
+        (dict(time_budget=float("inf")), "time_budget"),
         (dict(compressed_layers={"a": {"out_features": 4, "in_features": 4, "n_clusters": 2, "segment_length": 3}}),
          "compressed_layers"),
     ],
@@ -99,3 +108,20 @@ def test_config_json_round_trips_the_whole_quantization_config(tmp_path):
     assert set(saved) == set(SWSCConfig().to_dict())  # the saved fields, no run-time state
     assert AutoConfig.from_pretrained(tmp_path).quantization_config == saved
     assert SWSCConfig.from_dict(saved).to_dict() == saved
+
+
+def test_calibrated_presets_carry_their_budget_and_refuse_to_run_without_data(calibration):
+    config = SWSCConfig(preset="swsc-4.25b-cal", **calibration)
+    assert config.bits == 4.25 and config.tunes and config.n_clusters is None
+    assert SWSCConfig(preset="swsc-4.25b-cal", bits=4.25).bits == 4.25
+    with pytest.raises(ValueError, match="conflicts with preset"):
+        SWSCConfig(preset="swsc-4.25b-cal", bits=3)
+    with pytest.raises(ValueError, match="drop"):
+        SWSCConfig(preset="swsc-4bit", bits=4.25)
+    assert all(name.endswith("-cal") for name in CALIBRATED_PRESETS) and len(CALIBRATED_PRESETS) == 3
+    model = LlamaForCausalLM(tiny_llama_config())
+    with pytest.raises(ValueError, match="needs calibration text"):
+        swsc_hf.compress_model(model, SWSCConfig(preset="swsc-3.2b-cal"))
+    assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing was touched
+    roundtrip = SWSCConfig.from_dict(SWSCConfig(preset="swsc-4.25b-cal").to_dict())
+    assert roundtrip.bits == 4.25 and roundtrip.preset == "swsc-4.25b-cal"

@@ -3,14 +3,18 @@ changes only codebooks and scales (same layouts, same stored bytes), and the res
 
 from __future__ import annotations
 
+import copy
+import logging
+
 import torch
 import torch.nn.functional as F
-from conftest import tiny_llama_config
+from conftest import ByteTokenizer, tiny_llama_config
+from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import swsc_hf
 from swsc_hf import SWSCConfig
-from swsc_hf.distill import distill_tables
+from swsc_hf.distill import DenseTeacher, distill_tables
 
 
 def kl_to(teacher, model, ids) -> float:
@@ -43,3 +47,63 @@ def test_distillation_lowers_kl_and_keeps_the_layout(tmp_path):
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
         assert torch.equal(reloaded(held_out).logits, model(held_out).logits)
+
+
+def test_dense_teacher_gives_the_dense_logits_and_puts_the_compressed_layers_back(calibration):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.15)).eval()
+    dense = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    teacher = DenseTeacher.before_compression(model, names)
+    swsc_hf.compress_model(model, SWSCConfig(n_clusters=4, segment_length=1, rank=0, scale_group_size=32))
+    with torch.no_grad():
+        compressed = model(ids).logits
+        assert torch.equal(teacher(ids), dense(ids).logits)
+        assert torch.equal(model(ids).logits, compressed)  # the compressed layers are back in place
+    assert all(isinstance(model.get_submodule(n), swsc_hf.SWSCLinear) for n in names)
+
+
+def kl_after_compression(calibration, **tuning) -> tuple[float, nn.Module]:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.15)).eval()
+    dense = copy.deepcopy(model)
+    calibration = {**calibration, "n_samples": 16, "seq_len": 64}  # 4 x 32 tokens only teach the model those
+    config = SWSCConfig(n_clusters=4, segment_length=1, rank=0, scale_group_size=32, **calibration, **tuning)
+    swsc_hf.compress_model(model, config)
+    text = " ".join(f"Held-out sentence {i} on compressing language models." for i in range(12))
+    held_out = ByteTokenizer()(text).input_ids[:, :256].reshape(4, 64)  # text like the calibration's, not in it
+    return kl_to(dense, model, held_out), model
+
+
+def test_calibrated_compression_tunes_toward_the_dense_model_by_default(calibration):
+    untuned, plain = kl_after_compression(calibration, tune_steps=0)
+    tuned, model = kl_after_compression(calibration, tune_lr=1e-2, tune_scales_lr=3e-3)
+    assert SWSCConfig(**calibration).tune_steps == 64  # on by default when calibrated
+    assert tuned < 0.9 * untuned  # measured: 0.39 -> 0.33
+    assert not any(p.requires_grad for p in model.parameters())
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: p.dtype for n, p in plain.named_parameters()}
+    assert swsc_hf.compression_report(model).model_stored_bytes == swsc_hf.compression_report(plain).model_stored_bytes
+
+
+def test_tuning_norms_and_sampled_positions(calibration):
+    untuned, _ = kl_after_compression(calibration, tune_steps=0)
+    tuned, model = kl_after_compression(calibration, tune_lr=1e-2, tune_norms_lr=1e-2, tune_positions=8)
+    assert tuned < 0.9 * untuned
+    assert not torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+
+
+def test_time_budget_stops_tuning_early(calibration, caplog):
+    with caplog.at_level(logging.INFO, logger="swsc_hf"):
+        kl_after_compression(calibration, tune_steps=100_000, time_budget=3.0)
+    assert "time budget" in caplog.text
+
+
+def test_bfloat16_model_tunes_and_keeps_its_dtypes(calibration):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.15)).to(torch.bfloat16).eval()
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if "proj" not in n}
+    swsc_hf.compress_model(model, SWSCConfig(n_clusters=4, segment_length=1, rank=0, scale_group_size=32,
+                                             tune_steps=4, tune_norms_lr=1e-3, **calibration))
+    assert {n: p.dtype for n, p in model.named_parameters() if n in dtypes} == dtypes
+    assert model.model.layers[0].mlp.up_proj.codebook.dtype == torch.float16
