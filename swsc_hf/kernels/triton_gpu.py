@@ -30,6 +30,7 @@ from .reference import channel_tiles
 # this was written): benchmarks/gpu_speed.py times both sides of it.
 GEMV_MAX_TOKENS = 8
 KERNELS = ("gemv", "dequant_gemm")
+MAX_CODES = 2**31 - 1  # offsets are int32: codes, weights of a tile and table entries all stay below
 
 
 def unsupported_reason(spec: LayerSpec) -> str | None:
@@ -38,6 +39,8 @@ def unsupported_reason(spec: LayerSpec) -> str | None:
         return "no codebook term"
     if spec.code_bits > 8:
         return f"{spec.code_bits}-bit codes (the Triton kernels cover up to 8 bits, 256 codewords)"
+    if spec.n_codes > MAX_CODES or spec.out_features * spec.in_features > MAX_CODES:
+        return f"{spec.out_features} x {spec.in_features} weights (the Triton kernels use int32 offsets)"
     return None
 
 
@@ -47,17 +50,17 @@ def _decode_tile(codes_ptr, book_ptr, scales_ptr, rows, cols, n_rows, length, n_
                  HAS_SCALES: tl.constexpr):
     """M[rows, cols] in float32 for broadcastable int index tensors (zero outside the matrix)."""
     mask = (rows < n_rows) & (cols < length)
-    rows64 = rows.to(tl.int64)
-    bit = (rows64 * (length // SEG) + cols // SEG) * BITS
-    byte = bit >> 3
+    index = rows * (length // SEG) + cols // SEG  # the code's index in the stream (< 2**31, see MAX_CODES)
+    bit = (index & 7) * BITS  # 8 codes fill BITS bytes: int32 offsets, no int64 bit offset
+    byte = (index >> 3) * BITS + (bit >> 3)
     word = tl.load(codes_ptr + byte, mask=mask, other=0).to(tl.int32)
     if (BITS & (BITS - 1)) != 0:  # 3, 5, 6 or 7 bits: a code may straddle two bytes
         word |= tl.load(codes_ptr + byte + 1, mask=mask & (byte + 1 < n_bytes), other=0).to(tl.int32) << 8
-    code = (word >> (bit & 7).to(tl.int32)) & ((1 << BITS) - 1)
-    entry = ((rows64 // rows_per_book) * K + code) * SEG + cols % SEG
+    code = (word >> (bit & 7)) & ((1 << BITS) - 1)
+    entry = ((rows // rows_per_book) * K + code) * SEG + cols % SEG
     w = tl.load(book_ptr + entry, mask=mask, other=0.0).to(tl.float32)
     if HAS_SCALES:
-        w *= tl.load(scales_ptr + rows64 * n_groups + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
+        w *= tl.load(scales_ptr + rows * n_groups + cols // GROUP, mask=mask, other=0.0).to(tl.float32)
     return w
 
 
@@ -131,7 +134,8 @@ def dequantize_tile(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
     block_r, block_c = 16, 128
     grid = (triton.cdiv(stop - start, block_r), triton.cdiv(length, block_c))
     _dequant_kernel[grid](codes, codebook, codebook if scales is None else scales, out, start, stop, length,
-                          n_bytes, n_groups, rows_per_book, BLOCK_R=block_r, BLOCK_C=block_c, **const)
+                          n_bytes, n_groups, rows_per_book, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=True,
+                          **const)
     return out
 
 
@@ -140,8 +144,9 @@ def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_chann
     tokens, n_reduce = x2.shape
     n_out = spec.channels if over_channels else spec.channel_length
     block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
-    # Tiles run along M's rows, whose bytes are contiguous: wide in k over channels, wide in n otherwise.
-    block_n, block_k = (16, max(32, 256 // block_t)) if over_channels else (max(32, 256 // block_t), 16)
+    # Tiles run along M's rows, whose bytes are contiguous: wide in k over channels, wide in n otherwise. About 2048
+    # weights a tile keeps the sm_90 build under 100 registers a thread (cuobjdump) for one or two tokens.
+    block_n, block_k = (8, max(32, 256 // block_t)) if over_channels else (max(32, 256 // block_t), 8)
     n_blocks = triton.cdiv(n_out, block_n)
     if split is None:  # enough programs for about four per multiprocessor
         split = max(1, -(-4 * _sm_count(x2.device) // n_blocks))
@@ -153,7 +158,7 @@ def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_chann
     grid = (n_blocks, split, triton.cdiv(tokens, block_t))
     _gemv_kernel[grid](x2, codes, codebook, codebook if scales is None else scales, out, tokens, spec.channels,
                        length, n_bytes, n_groups, rows_per_book, split_len, OVER_CHANNELS=over_channels,
-                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, **const)
+                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, enable_fp_fusion=True, **const)
     return out[0] if split == 1 else out.sum(0)
 
 
