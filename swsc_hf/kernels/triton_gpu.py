@@ -11,7 +11,8 @@ The codes are read as stored (no load-time repacking, no extra memory): code i i
 little-endian stream (core/packing.py), so one byte holds it when b is 1, 2, 4 or 8 and two adjacent bytes
 otherwise. Tables are gathered from global memory (a table is at most 256 x 4 values, L1-resident); FLUTE keeps
 them in shared memory instead, which Triton does not expose for gathers. Any segment length, codebooks shared by
-any number of channels, any scale group and both cluster dims are covered; codes must fit in 8 bits.
+any number of channels, any scale group and both cluster dims are covered; codes must fit in 8 bits, and offsets
+are int32 (8 codes fill b bytes, so no bit offset is formed), which limits a layer to 2^31 - 1 weights.
 """
 
 from __future__ import annotations
