@@ -74,13 +74,14 @@ def ov_decode(runner: OpenVINOCausalLM, prompt: torch.Tensor, new_tokens: int, r
     prefill, decode, tokens = [], [], None
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
-        logits, past = runner.step(prompt.numpy())
+        runner.reset()
+        logits = runner.step(prompt)
         mid = time.perf_counter()
         generated = []
         for _ in range(new_tokens):
             token = logits[:, -1].argmax(-1)[:, None].astype("int64")
             generated.append(int(token[0, 0]))
-            logits, past = runner.step(token, past)
+            logits = runner.step(token)
         end = time.perf_counter()
         prefill.append(mid - start)
         decode.append(end - mid)
@@ -167,6 +168,7 @@ def main() -> None:
                 ir_xml_bytes=os.path.getsize(folder / "openvino_model.xml"),
                 export_s=export_s, compile_s=compile_s, compile_rss_bytes=compile_rss, runtime_ops=runtime_ops,
                 decode_step_profile=profile,
+                runner="OpenVINOCausalLM, KV cache as OpenVINO state",
                 prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, threads=args.threads,
                 openvino_f32=ov_speed, torch=torch_speed,
                 greedy_tokens_equal_torch=ov_speed["tokens"] == torch_speed["tokens"], **info)

@@ -297,12 +297,32 @@ def export_openvino(
     return out
 
 
-class OpenVINOCausalLM:
-    """Runs a folder written by `export_openvino` on an OpenVINO device: `logits(input_ids)` and greedy
-    `generate(input_ids, max_new_tokens)` on the KV cache.
+def _make_stateful(ov, ir, kv_shapes: list[list[int]]) -> None:
+    """Keep the KV cache inside the compiled model (OpenVINO's ReadValue/Assign state, as optimum-intel's IRs do):
+    no cache crosses the API per step. Each state starts as (batch of input_ids, heads, 0, head_dim) zeros."""
+    from openvino._offline_transformations import apply_make_stateful_transformation
 
-    `precision` is the CPU plugin's inference precision; "f32" (default) reproduces the torch model, "bf16" is
-    faster on CPUs with AMX/AVX512-BF16 and rounds activations. `threads` = 0 lets OpenVINO choose.
+    opset = ov.opset13
+    pairs = {f"past_key_values.{i}.{kind}": f"present.{i}.{kind}"
+             for i in range(len(kv_shapes) // 2) for kind in ("key", "value")}
+    apply_make_stateful_transformation(ir, pairs)
+    batch = opset.gather(opset.shape_of(ir.input("input_ids")), opset.constant([0]), opset.constant(0))
+    index = {f"{past}{present}": n for n, (past, present) in enumerate(pairs.items())}
+    for op in ir.get_ops():
+        if op.get_type_name() == "ReadValue":
+            heads, dim = kv_shapes[index[op.get_variable_id()]]
+            shape = opset.concat([batch, opset.constant([heads]), opset.constant([0]), opset.constant([dim])], 0)
+            op.set_arguments([opset.broadcast(opset.constant(np.float32(0)), shape)])
+    ir.validate_nodes_and_infer_types()
+
+
+class OpenVINOCausalLM:
+    """Runs a folder written by `export_openvino` on an OpenVINO device, with the KV cache kept inside the compiled
+    model: `logits(input_ids)`, greedy `generate(input_ids, max_new_tokens)`, and `reset()` / `step(input_ids)` to
+    feed a sequence piece by piece.
+
+    `precision` is the CPU plugin's inference precision; "f32" (default) reproduces the torch model. `threads` = 0
+    lets OpenVINO choose. Batches must be unpadded (every sequence of a batch the same length).
     """
 
     def __init__(self, folder: str | os.PathLike, device: str = "CPU", *, precision: str = "f32",
@@ -314,44 +334,44 @@ class OpenVINOCausalLM:
             raise FileNotFoundError(f"{folder} holds no {LAYOUT_FILE}: not a folder written by export_openvino")
         self.layout = json.loads(layout_path.read_text(encoding="utf-8"))
         self.core = ov.Core()
-        self.ir = self.core.read_model(str(folder / MODEL_FILE))
+        ir = self.core.read_model(str(folder / MODEL_FILE))
+        _make_stateful(ov, ir, self.layout["kv_heads_head_dim"])
         config: dict = {"INFERENCE_PRECISION_HINT": precision} if device == "CPU" else {}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = self.core.compile_model(self.ir, device, config)
+        self.compiled = self.core.compile_model(ir, device, config)
         self.request = self.compiled.create_infer_request()
+        self.seen = 0
 
-    def _empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, heads, 0, dim), dtype=np.float32)
-                for heads, dim in self.layout["kv_heads_head_dim"]]
+    def reset(self) -> None:
+        """Start a new sequence (empty the cache)."""
+        self.request.reset_state()
+        self.seen = 0
 
-    def step(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None
-             ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One forward on the cache: (logits of `input_ids` (batch, new), the cache extended by them)."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        batch, new = input_ids.shape
-        past = self._empty_past(batch) if past is None else past
-        seen = past[0].shape[2]
-        inputs = [input_ids, np.ones((batch, seen + new), dtype=np.int64),
-                  np.broadcast_to(np.arange(seen, seen + new, dtype=np.int64), (batch, new)).copy(), *past]
-        results = self.request.infer(inputs)
-        values = [results[port] for port in self.compiled.outputs]
-        return values[0], [np.array(v) for v in values[1:]]
+    def step(self, input_ids) -> np.ndarray:
+        """Logits (batch, new, vocab) of `input_ids` (batch, new) appended to the cached sequence; extends the
+        cache."""
+        ids = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+        batch, new = ids.shape
+        positions = np.broadcast_to(np.arange(self.seen, self.seen + new, dtype=np.int64), (batch, new)).copy()
+        results = self.request.infer([ids, np.ones((batch, self.seen + new), dtype=np.int64), positions])
+        self.seen += new
+        return results[self.compiled.outputs[0]]
 
     def logits(self, input_ids) -> torch.Tensor:
-        """Logits (batch, seq, vocab) float32 of a batch of unpadded token ids, without a cache."""
-        ids = input_ids.numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
-        return torch.from_numpy(np.array(self.step(ids)[0], dtype=np.float32))
+        """Logits (batch, seq, vocab) float32 of a batch of token ids, as a new sequence."""
+        self.reset()
+        return torch.from_numpy(np.array(self.step(input_ids), dtype=np.float32))
 
     def generate(self, input_ids, max_new_tokens: int) -> torch.Tensor:
         """Greedy continuation of a (batch, seq) prompt: (batch, seq + max_new_tokens) token ids."""
-        ids = input_ids.numpy() if isinstance(input_ids, torch.Tensor) else np.asarray(input_ids)
-        ids = ids.astype(np.int64)
-        logits, past = self.step(ids)
+        ids = np.asarray(input_ids.numpy() if isinstance(input_ids, torch.Tensor) else input_ids, dtype=np.int64)
+        self.reset()
+        logits = self.step(ids)
         tokens = [ids]
         for i in range(max_new_tokens):
             token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
             tokens.append(token)
             if i + 1 < max_new_tokens:
-                logits, past = self.step(token, past)
+                logits = self.step(token)
         return torch.from_numpy(np.concatenate(tokens, axis=1))

@@ -55,11 +55,15 @@ def test_exported_model_gives_the_torch_logits_and_generation(ov, tmp_path, layo
         continuation = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert (runner.logits(ids) - expected).abs().max().item() < TOLERANCE
     assert torch.equal(runner.generate(ids, 8), continuation)
-    # the cache path: prefill then one token at a time gives the full-sequence logits
-    logits, past = runner.step(ids[:, :12].numpy())
+    # the cache: a prefix, then one token at a time, gives the full-sequence logits
+    runner.reset()
+    runner.step(ids[:, :12])
     for t in range(12, 20):
-        step_logits, past = runner.step(ids[:, t : t + 1].numpy(), past)
-        assert np.abs(step_logits[0, -1] - expected[0, t].numpy()).max() < TOLERANCE
+        assert np.abs(runner.step(ids[:, t : t + 1])[0, -1] - expected[0, t].numpy()).max() < TOLERANCE
+    # a batch of two sequences
+    batch = torch.cat([ids, prompt(40)[:, 20:]])
+    with torch.no_grad():
+        assert (runner.logits(batch) - model(batch).logits).abs().max().item() < TOLERANCE
 
 
 def test_ir_holds_codes_and_codebooks_not_dense_weights(ov, tmp_path):
