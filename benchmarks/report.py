@@ -30,7 +30,8 @@ $PY benchmarks/report.py                 # writes docs/results.md and docs/quali
 `--methods` takes registry names or patterns (`rtn-*,swsc-*`); the registry is `METHODS` in `benchmarks/methods.py`.
 The full quality run takes hours on 2 CPU cores: split it with `--methods` (and `--no-dense` in all but one
 process) and continue with `--resume`. `--prefix-windows 16` records each method's perplexity over the first 16
-windows of the same evaluation as well, which is what a `--windows 16` run gives.
+windows of the same evaluation as well, which is what a `--windows 16` run gives. `--second-domain-windows 8` also
+evaluates each model on the second text domain (Shakespeare), recorded in `docs/results/quality-shakespeare.jsonl`.
 """
 
 BITS_NOTE = """\

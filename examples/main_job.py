@@ -1,7 +1,10 @@
 """The main job: compress the bundled SmolLM2-135M, evaluate before and after, save, reload, generate.
 
-    python examples/main_job.py --out out/smollm2-swsc [--preset swsc-4bit] [--windows 4] [--data-free]
-                                [--distill-steps 64] [--per-layer]
+    python examples/main_job.py --out out/smollm2-swsc [--preset swsc-4.25b-cal] [--windows 4] [--data-free]
+                                [--tune-steps 64] [--per-layer]
+
+The default is the best measured recipe at 4.25 bits per weight (`swsc-4.25b-cal`: calibrated, then tuned toward the
+dense model); --data-free compresses with the data-free `swsc-4bit` instead (seconds, lower quality).
 
 It prints a short summary (bits per weight, sizes, perplexities); --per-layer adds the table of every compressed
 layer (210 lines for SmolLM2-135M).
@@ -13,7 +16,6 @@ first --windows windows. Calibration text is the WikiText-2 validation split, ne
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 
@@ -21,19 +23,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import swsc_hf
-from swsc_hf import calibration_batches, distill_tables, load_smollm2, perplexity, save_atomically
+from swsc_hf import load_smollm2, perplexity, save_atomically
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/smollm2-swsc")
-    parser.add_argument("--preset", default="swsc-4bit")
-    parser.add_argument("--data-free", action="store_true", help="skip calibration")
+    parser.add_argument("--preset", help="default: swsc-4.25b-cal, or swsc-4bit with --data-free")
+    parser.add_argument("--data-free", action="store_true", help="skip calibration (and tuning)")
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--distill-steps", type=int, default=0,
-                        help="after compression, distill codebooks and scales toward the dense model for this many "
-                             "steps on the calibration windows (distill_tables; 64 is what docs/results.md used)")
+    parser.add_argument("--tune-steps", type=int,
+                        help="steps of tuning toward the dense model after calibrated compression (default: the "
+                             "config's, 64; 0 = off)")
     parser.add_argument("--per-layer", action="store_true", help="print every compressed layer's bits and error")
     return parser
 
@@ -47,16 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     dense = perplexity(model, tokenizer, seq_len=args.seq_len, max_tokens=max_tokens)
     print(f"dense perplexity: {dense.perplexity:.3f} over {dense.tokens} tokens")
 
-    calibration = {} if args.data_free else dict(dataset="wikitext2", tokenizer=tokenizer, n_samples=32, seq_len=512)
-    config = swsc_hf.SWSCConfig(preset=args.preset, **calibration)
-    teacher = copy.deepcopy(model) if args.distill_steps else None
+    preset = args.preset or ("swsc-4bit" if args.data_free else "swsc-4.25b-cal")
+    calibration = {} if args.data_free else dict(dataset="wikitext2", tokenizer=tokenizer)
+    tuning = {} if args.tune_steps is None else dict(tune_steps=args.tune_steps)
+    config = swsc_hf.SWSCConfig(preset=preset, **calibration, **tuning)
     start = time.perf_counter()
     swsc_hf.compress_model(model, config)
-    if teacher is not None:
-        windows = calibration_batches(swsc_hf.SWSCConfig(dataset="wikitext2", n_samples=16, seq_len=512), tokenizer,
-                                      torch.device("cpu"))
-        distill_tables(model, teacher, windows, steps=args.distill_steps, lr=3e-3, scales_lr=1e-4)
-        del teacher
     seconds = time.perf_counter() - start
     report = swsc_hf.compression_report(model)
     print(report if args.per_layer else report.summary())
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     generated = reloaded.generate(probe, max_new_tokens=30, do_sample=False)
     print("generation:", tokenizer.decode(generated[0], skip_special_tokens=True))
     print(json.dumps({
-        "preset": args.preset, "calibrated": not args.data_free, "distill_steps": args.distill_steps,
+        "preset": preset, "calibrated": config.is_calibrated, "tune_steps": config.tune_steps if config.tunes else 0,
         "dense_perplexity": dense.perplexity,
         "perplexity": compressed.perplexity, "tokens": compressed.tokens,
         "avg_bits": report.compressed_bits_per_weight,
