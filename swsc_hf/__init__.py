@@ -16,6 +16,7 @@ from .core.spec import LayerSpec
 from .data import join_rows, wikitext2_calibration_rows, wikitext2_test_text
 from .distill import distill_tables
 from .evaluation import PerplexityResult, perplexity
+from .generation import compile_decoding
 from .hub import build_model_card, push_compressed
 from .kernels import cpu_isa, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
@@ -45,6 +46,7 @@ __all__ = [
     "build_model_card",
     "calibration_batches",
     "check_checkpoint",
+    "compile_decoding",
     "compress_model",
     "cpu_isa",
     "compression_report",

@@ -10,7 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
 
+import swsc_hf
 from swsc_hf import SWSCLinear
 from swsc_hf.core.packing import pack_codes
 from swsc_hf.core.spec import LayerSpec
@@ -220,3 +223,23 @@ def test_layouts_cover_every_preset_and_ladder_width():
     for out_f, in_f in itertools.product((576, 1536), (576, 1536)):
         for spec in ladder(out_f, in_f):
             assert unsupported_reason(spec) is None, spec
+
+
+def test_compile_decoding_generates_the_same_tokens_through_the_compiled_step(monkeypatch):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    swsc_hf.compress_model(model, swsc_hf.SWSCConfig(preset="swsc-4bit"))
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    compiled_calls = []
+    original = type(model).get_compiled_call
+
+    def spy(self, compile_config):
+        compiled_calls.append(compile_config)
+        return original(self, compile_config)
+
+    monkeypatch.setattr(type(model), "get_compiled_call", spy)
+    swsc_hf.compile_decoding(model, backend="eager")
+    assert model.generation_config.cache_implementation == "static"
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), eager)
+    assert compiled_calls and compiled_calls[0].fullgraph  # the decode steps ran the compiled call
