@@ -10,7 +10,8 @@ decompression subgraph of the layer's own stored terms, in NNCF's codebook patte
 and adds the low-rank term on the activations (two more MatMuls) where the layer has one. The weight is computed in
 float32 from the stored float16 tables, as swsc_hf's own kernels do, so the exported model is exact (NNCF multiplies
 in float16, which would round every weight once more). Every `LayerSpec` is expressible: scalar and vector
-segments, several codebooks per matrix, both cluster dims, shared bases, biases.
+segments, several codebooks per matrix, both cluster dims, shared bases, biases. Compressed mixture-of-experts
+blocks (`SWSCExperts`) are refused.
 
 `OpenVINOCausalLM` runs an exported folder: logits for a batch of token ids, and greedy generation on the KV cache.
 """
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .atomic_save import atomic_directory
+from .experts import SWSCExperts
 from .modules import SWSCLinear
 
 logger = logging.getLogger(__name__)
@@ -238,6 +240,11 @@ def export_openvino(
     if out.is_dir() and not overwrite and any(out.iterdir()):
         raise ValueError(f"the output folder {out} is not empty; pick a new or empty folder, or pass overwrite=True "
                          "(files the export does not write are kept)")
+    experts = [name for name, m in model.named_modules() if isinstance(m, SWSCExperts)]
+    if experts:
+        raise ValueError(f"export_openvino does not export compressed mixture-of-experts blocks ({experts[0]!r} and "
+                         f"{len(experts) - 1} more): their experts are not called as plain linear layers; dequantize "
+                         "the model (dequantize_model) for a dense export")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, SWSCLinear)}
     if not layers:
         logger.warning("swsc_hf: the model has no compressed layers; exporting it dense to OpenVINO")

@@ -125,6 +125,16 @@ def test_model_with_meta_weights_is_refused(ov, tmp_path):
     assert not (tmp_path / "ov").exists()
 
 
+def test_compressed_experts_are_refused_with_the_reason(ov, tmp_path):
+    from test_architectures import tiny_model
+
+    model = tiny_model("mixtral")
+    compress_model(model, SWSCConfig(preset="swsc-4bit"))
+    with pytest.raises(ValueError, match="mixture-of-experts blocks .*dequantize_model"):
+        export_openvino(model, tmp_path / "ov")
+    assert not (tmp_path / "ov").exists()
+
+
 def test_missing_openvino_names_the_install_command(tmp_path, monkeypatch):
     real_import = builtins.__import__
 
