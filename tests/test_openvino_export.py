@@ -92,6 +92,19 @@ def test_ir_holds_codes_and_codebooks_not_dense_weights(ov, tmp_path):
     assert compressed_size < 0.4 * dense_size, (compressed_size, dense_size)
 
 
+def test_compress_to_fp16_halves_the_dense_parts(ov, tmp_path):
+    model = tiny_compressed(preset="swsc-4bit")
+    export_openvino(model, tmp_path / "f32")
+    export_openvino(model, tmp_path / "f16", compress_to_fp16=True)
+    sizes = {name: os.path.getsize(tmp_path / name / "openvino_model.bin") for name in ("f32", "f16")}
+    dense_bytes = 2 * 128 * 64 * 4  # embeddings and lm_head in float32
+    assert sizes["f32"] - sizes["f16"] >= 0.9 * dense_bytes / 2
+    ids = prompt()
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert (OpenVINOCausalLM(tmp_path / "f16", threads=1).logits(ids) - expected).abs().max().item() < 1e-2
+
+
 def test_export_writes_config_and_tokenizer_and_refuses_a_non_empty_folder(ov, tmp_path, tiny_with_tokenizer):
     from transformers import AutoTokenizer
 
