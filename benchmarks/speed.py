@@ -41,22 +41,50 @@ class TorchCase:
     def __init__(self, label: str, family: str, model, bits: float, prompt: torch.Tensor, compiled: bool) -> None:
         self.label, self.family, self.model, self.bits, self.prompt = label, family, model, bits, prompt
         self.compiled = compiled
-        self.forward = torch.compile(model, dynamic=True) if compiled else model
+        # compiled: what swsc_hf.compile_decoding makes generate do (a static KV cache, the prefill eager, each
+        # decode step one torch.compile'd graph with static shapes)
+        self.decode_step = torch.compile(self._static_step, fullgraph=True, dynamic=False) if compiled else None
+        self.cache = None
         self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
         self.info: dict[str, float] = {"model_bytes": common.tensor_bytes(model)}
         self.generated: list[int] = []
 
+    def _static_step(self, ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=position, use_cache=True)
+        return out.logits[:, -1:].argmax(-1)
+
     @torch.no_grad()
     def run(self, new_tokens: int) -> tuple[float, float]:
+        if self.compiled:
+            return self._run_static(new_tokens)
         start = time.perf_counter()
-        out = self.forward(input_ids=self.prompt, use_cache=True)
+        out = self.model(input_ids=self.prompt, use_cache=True)
         prefill = time.perf_counter() - start
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         tokens = [int(token)]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = self.forward(input_ids=token, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(token))
+        decode = time.perf_counter() - start
+        self.generated = tokens
+        return prefill, decode
+
+    def _run_static(self, new_tokens: int) -> tuple[float, float]:
+        from transformers import StaticCache
+
+        length = self.prompt.shape[1]
+        if self.cache is None:
+            self.cache = StaticCache(config=self.model.config, max_cache_len=length + new_tokens)
+        self.cache.reset()
+        start = time.perf_counter()
+        token = self._static_step(self.prompt, torch.arange(length))
+        prefill = time.perf_counter() - start
+        tokens = [int(token)]
+        start = time.perf_counter()
+        for i in range(new_tokens - 1):
+            token = self.decode_step(token, torch.tensor([length + i]))
             tokens.append(int(token))
         decode = time.perf_counter() - start
         self.generated = tokens
@@ -109,7 +137,8 @@ class LlamaCppCase:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="names or patterns from methods.METHODS")
-    parser.add_argument("--compile", default="", help="methods to also time under torch.compile (comma-separated)")
+    parser.add_argument("--compile", default="", help="methods to also time with compiled decoding (a static KV "
+                        "cache and a torch.compile'd decode step, as swsc_hf.compile_decoding; comma-separated)")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llama.cpp on the bundled GGUF file (needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
@@ -150,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
                            "error": f"{type(err).__name__}: {err}"})
     for case in tqdm(list(cases), desc="warm-up and memory", unit="model"):
         try:
-            before = common.reset_peak()
+            before, start = common.reset_peak(), time.perf_counter()
             case.run(args.new_tokens)
+            case.info["warmup_seconds"] = time.perf_counter() - start  # compiled rows: includes compiling
             case.info["peak_rss_rise_bytes"] = max(0, common.peak_bytes() - before)
         except Exception as err:
             failed.append({"method": case.label, "label": case.label, "error": f"{type(err).__name__}: {err}",

@@ -42,6 +42,7 @@ def _build() -> bool:
         logger.info("swsc_hf: compiled kernels disabled by SWSC_HF_KERNELS=0; using the reference path")
         return False
     if hasattr(torch.ops, "swsc_hf_cpu") and hasattr(torch.ops.swsc_hf_cpu, "gemv"):
+        _register_fakes()
         return True
     logger.info("swsc_hf: building the CPU kernels (first use; about 10 s, then cached)")
     try:
@@ -51,11 +52,23 @@ def _build() -> bool:
         digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
         load(name=f"swsc_hf_cpu_{digest}", sources=[str(SOURCES[0])], extra_cflags=["-O3", "-fopenmp"],
              extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        _register_fakes()
     except Exception as error:  # no compiler, no headers, a failed build: the reference path still works
         logger.warning("swsc_hf: could not build the CPU kernels (%s: %s); compressed layers use the slower "
                        "reference path", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return False
     return True
+
+
+def _register_fakes() -> None:
+    """Shapes of the C++ ops for torch.compile, which calls the GEMV straight from compiled decode graphs."""
+    if _state.get("fakes"):
+        return
+    _state["fakes"] = True
+    for name, size in (("gemv", 0), ("gemv_t", 1)):
+        @torch.library.register_fake(f"swsc_hf_cpu::{name}")
+        def _(x, codes, codebook, scales, layout, size=size):
+            return x.new_empty(x.shape[0], layout[size], dtype=torch.float32)
 
 
 def cpu_isa() -> str:

@@ -89,11 +89,15 @@ def _whole_channel(spec: LayerSpec) -> bool:
     return spec.n_clusters > 0 and spec.segments_per_channel == 1 and not spec.scale_groups and spec.n_codebooks == 1
 
 
+def kernel_layout(spec: LayerSpec) -> list[int]:
+    """The C++ ops' layout argument: [channels, length, K, segment, code bits, scale group, channels per book]."""
+    return [spec.channels, spec.channel_length, spec.n_clusters, spec.segment_length, spec.code_bits,
+            spec.scale_group_size if spec.scale_groups else 0, spec.channels_per_codebook]
+
+
 @functools.lru_cache(maxsize=4096)
 def _plan(spec: LayerSpec) -> _Plan:
-    kernel_layout = [spec.channels, spec.channel_length, spec.n_clusters, spec.segment_length, spec.code_bits,
-                     spec.scale_group_size if spec.scale_groups else 0, spec.channels_per_codebook]
-    return _Plan(spec, list(layout_key(spec)), kernel_layout, unsupported_reason(spec), _whole_channel(spec),
+    return _Plan(spec, list(layout_key(spec)), kernel_layout(spec), unsupported_reason(spec), _whole_channel(spec),
                  spec.cluster_dim == "output")
 
 
@@ -238,6 +242,13 @@ def codebook_matmul(
     if torch.compiler.is_compiling():  # traced without the plan cache; the custom op keeps the graph whole
         if _whole_channel(spec) or trains_tables:
             return reference_codebook_matmul(x, codes, codebook, scales, spec)
+        tokens = x.numel() // spec.in_features
+        if (x.device.type == "cpu" and not (grad and x.requires_grad) and tokens <= GEMV_MAX_TOKENS
+                and unsupported_reason(spec) is None and _enabled["kernels"] and load_cpu_kernels()):
+            # decode: the C++ GEMV straight from the compiled graph, no Python per call
+            gemv = torch.ops.swsc_hf_cpu.gemv if spec.cluster_dim == "output" else torch.ops.swsc_hf_cpu.gemv_t
+            y = gemv(x.reshape(-1, spec.in_features), codes, codebook, scales, kernel_layout(spec))
+            return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
         return codebook_matmul_op(x, codes, codebook, scales, list(layout_key(spec)))
     plan = _plan(spec)
     if plan.whole_channel or trains_tables:
