@@ -162,6 +162,28 @@ def test_compile_sees_one_op_without_graph_breaks():
     assert meta.shape == (5, 48) and meta.device.type == "meta"
 
 
+@pytest.mark.parametrize("cluster_dim", ["output", "input"])
+def test_compiled_decode_graphs_call_the_cpp_gemv_directly(cluster_dim):
+    spec = LayerSpec(48, 64, n_clusters=16, segment_length=1, cluster_dim=cluster_dim, scale_group_size=16)
+    _, packed, codebook, scales = make_layer_tensors(spec)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append({str(node.target) for node in gm.graph.nodes if node.op == "call_function"})
+        return gm.forward
+
+    compiled = torch.compile(lambda x: codebook_matmul(x, packed, codebook, scales, spec), fullgraph=True,
+                             dynamic=False, backend=capture)
+    with torch.no_grad():
+        for tokens in (1, GEMV_MAX_TOKENS + 1):
+            x = torch.randn(1, tokens, 64)
+            torch.testing.assert_close(compiled(x), reference_codebook_matmul(x, packed, codebook, scales, spec),
+                                       rtol=1e-5, atol=1e-5)
+    gemv = "swsc_hf_cpu.gemv" if cluster_dim == "output" else "swsc_hf_cpu.gemv_t"
+    assert gemv in graphs[0]  # decode: no Python custom op between the graph and the kernel
+    assert "swsc_hf.codebook_matmul.default" in graphs[1]  # prefill: the custom op picks tiles + GEMM
+
+
 def test_unsupported_layout_falls_back_to_reference_with_a_reason(caplog):
     spec = LayerSpec(30, 48, n_clusters=16, segment_length=3, scale_group_size=24)  # 3-dim vectors
     assert "segment_length=3" in unsupported_reason(spec)
