@@ -51,10 +51,11 @@ int4 forward is ~30x slower than dense); HQQ, torchao and swsc_hf as their real 
 """
 
 SLOW_REASONS = {
-    "swsc_hf": "a token still runs ~600 small PyTorch ops besides the linears (norms, rotary embeddings, attention, "
-               "the KV cache), each with eager dispatch overhead that llama.cpp's single C++ graph does not pay; the "
-               "look-up-table GEMV (swsc_hf.kernels) reads float32 activations where llama.cpp uses int8 dot "
-               "products; prefill rebuilds float32 tiles for a BLAS GEMM.",
+    "swsc_hf": "eager, a token still runs ~600 small PyTorch ops besides the linears (norms, rotary embeddings, "
+               "attention, the KV cache), each with dispatch overhead that llama.cpp's single C++ graph does not pay; "
+               "compiled decoding (`+compile`, swsc_hf.compile_decoding) fuses most of them, and then about half of a "
+               "step (measured at 1 thread) is the look-up-table GEMV (swsc_hf.kernels), which multiplies float32 "
+               "activations where llama.cpp uses int8 dot products; prefill rebuilds float32 tiles for a BLAS GEMM.",
     "hqq": "HQQ's PyTorch backend dequantizes the whole weight in every forward (its fast kernels are CUDA-only).",
     "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
     "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
