@@ -45,7 +45,7 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None, skip: tup
             scale = ((high - low) / (2**bits - 1)).clamp_min(1e-12).half().float()
             low = low.half().float()
             q = torch.clamp(torch.round((block - low) / scale), 0, 2**bits - 1)
-            out[:, start : start + group_size] = q * scale + low
+            out[:, start : start + step] = q * scale + low
             stored_bits += 32 * weight.shape[0]
         module.weight.copy_(out.to(module.weight.dtype))
         stored_bits += bits * weight.numel()
