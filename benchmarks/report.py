@@ -167,7 +167,8 @@ def query_key_section(partial: dict[str, dict], dense: dict | None) -> list[str]
     return ["### The SWSC paper on its own ground: query and key projections only", "",
             "Only `q_proj` and `k_proj` compressed (12% of SmolLM2-135M's decoder weights), every other linear "
             "dense; average bits over those two projections only, so these rows are not comparable with the "
-            "whole-model table above. RTN here is one group per row (per-channel scale and minimum), as in the RTN the paper quotes.",
+            "whole-model table above. RTN here is one group per row (per-channel scale and minimum), as in the "
+            "RTN the paper quotes.",
             "", quality_table([dense, *rows], [dense, *rows]), ""]
 
 
