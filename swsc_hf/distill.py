@@ -52,7 +52,6 @@ class DenseTeacher:
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
         compressed = {name: self.model.get_submodule(name) for name in self.modules}
-        bridges = [module.register_forward_pre_hook(_to_weight_dtype) for module in self.modules.values()]
         try:
             for name, module in self.modules.items():
                 swap_module(self.model, name, module)
@@ -60,8 +59,6 @@ class DenseTeacher:
         finally:
             for name, module in compressed.items():
                 swap_module(self.model, name, module)
-            for bridge in bridges:
-                bridge.remove()
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
@@ -70,14 +67,6 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     clone._parameters, clone._buffers, clone._modules = (dict(module._parameters), dict(module._buffers),
                                                          dict(module._modules))
     return clone
-
-
-def _to_weight_dtype(module: nn.Module, args: tuple) -> tuple:
-    """Inputs in the dense module's own dtype (trained norms may run in float32 around a bfloat16 model)."""
-    weight = next(module.parameters(), None)
-    if weight is None or not args or not torch.is_tensor(args[0]) or args[0].dtype == weight.dtype:
-        return args
-    return (args[0].to(weight.dtype), *args[1:])
 
 
 def norm_modules(model: nn.Module) -> list[nn.Module]:

@@ -59,3 +59,21 @@ class ByteTokenizer:
 def calibration() -> dict:
     texts = [f"Sample sentence number {i} about compression of language models." for i in range(40)]
     return dict(dataset=texts, tokenizer=ByteTokenizer(), n_samples=4, seq_len=32)
+
+
+# (out, in, n_clusters, segment_length, cluster_dim, scale_group_size, rows_per_codebook): the presets' and the
+# `bits=` ladder's layouts (2-8 bit scalar tables, 2- and 4-dim vectors, scales per group), odd sizes, tails.
+KERNEL_LAYOUTS = [
+    (48, 96, 16, 1, "output", 32, 0),     # swsc-4bit
+    (40, 96, 64, 2, "output", 32, 0),     # swsc-3bit
+    (48, 64, 256, 4, "output", 16, 0),    # swsc-2bit
+    (37, 80, 4, 1, "output", 16, 0),      # 2-bit scalar, odd rows
+    (32, 48, 8, 1, "input", 16, 0),       # 3-bit, input channels
+    (50, 96, 32, 1, "output", 48, 0),     # 5-bit: two-register table
+    (24, 64, 64, 1, "output", 64, 0),     # 6-bit: gather
+    (24, 64, 200, 1, "output", 0, 0),     # 8-bit codes, K not a power of two, no scales
+    (29, 70, 16, 2, "output", 0, 0),      # channel length not a multiple of 16: masked tail
+    (40, 40, 16, 4, "input", 0, 7),       # one codebook per 7 channels
+    (64, 32, 128, 8, "output", 16, 16),   # 8-dim vectors, codebook per 16 rows
+    (31, 45, 5, 1, "input", 0, 0),        # 3-bit codes straddling bytes, odd everything
+]
