@@ -24,6 +24,8 @@ bash benchmarks/setup_env.sh            # venv ~/.venvs/swsc-bench: baselines, l
 PY=~/.venvs/swsc-bench/bin/python
 $PY benchmarks/quality.py --windows 32 --prefix-windows 16     # add --resume to continue a run
 $PY benchmarks/speed.py --threads 2 --repeats 3 --out docs/results/speed.jsonl   # + llama.cpp on the same GGUF
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head \
+    --compile dense,swsc-4bit-head,swsc-2bit-head --out docs/results/speed-decode.jsonl   # compiled decoding rows
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
@@ -60,6 +62,11 @@ SLOW_REASONS = {
     "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
     "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
 }
+
+DECODE_RUN_NOTE = ("A later run than the table above, of fewer models: the compiled-decoding rows and their "
+                   "references, timed after `compile_decoding` began running single-token grouped-query "
+                   "attention on the key/value heads (no per-head key/value copies) and the kernels began reading "
+                   "float16 scales in place. Settings as above.")
 
 
 def series(name: str) -> str:
@@ -349,9 +356,10 @@ def plot_quality(chosen: dict[str, dict], path: Path) -> bool:
 
 
 # ---- speed --------------------------------------------------------------------------------------------------------
-def speed_section(records: list[dict]) -> list[str]:
-    """The latest generation-speed run of benchmarks/speed.py (tokens/s of greedy decode after a prompt)."""
-    out = ["## Speed and memory", ""]
+def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "") -> list[str]:
+    """The latest generation-speed run of benchmarks/speed.py (tokens/s of greedy decode after a prompt) in
+    `records`; `note` says what distinguishes it."""
+    out = [title, ""] + ([note, ""] if note else [])
     ok = [r for r in records if "error" not in r and "decode_tokens_per_s" in r]
     if not ok:
         return out + ["No speed results yet (run benchmarks/speed.py).", ""]
@@ -518,6 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     folder = Path(args.results)
     quality = common.read_jsonl(folder / "quality.jsonl")
     speed = common.read_jsonl(folder / "speed.jsonl")
+    speed_decode = common.read_jsonl(folder / "speed-decode.jsonl")
     compression = common.read_jsonl(folder / "compression_time.jsonl")
     second_domain = common.read_jsonl(folder / "quality-shakespeare.jsonl")
     others = {path.stem.removeprefix("quality-"): common.read_jsonl(path)
@@ -539,7 +548,10 @@ def main(argv: list[str] | None = None) -> None:
     if chosen:
         lines += claim_section(chosen) + lose_section(chosen)
     lines += other_models_section(others)
-    lines += speed_section(speed) + compression_section(compression) + scale_section(scale)
+    lines += speed_section(speed)
+    if speed_decode:
+        lines += speed_section(speed_decode, "## Decode speed, compiled rows (latest focused run)", DECODE_RUN_NOTE)
+    lines += compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
                                  + second_domain)
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")

@@ -27,7 +27,7 @@ import methods
 import torch
 from tqdm.auto import tqdm
 
-from swsc_hf import wikitext2_test_text
+from swsc_hf import compile_decoding, wikitext2_test_text
 
 DEFAULT_METHODS = ("dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-3bit,swsc-3bit-head,swsc-2bit,swsc-2bit-head,"
                    "swsc-bits4.25,hqq-4b-g64")
@@ -42,7 +42,11 @@ class TorchCase:
         self.label, self.family, self.model, self.bits, self.prompt = label, family, model, bits, prompt
         self.compiled = compiled
         # compiled: what swsc_hf.compile_decoding makes generate do (a static KV cache, the prefill eager, each
-        # decode step one torch.compile'd graph with static shapes)
+        # decode step one torch.compile'd graph with static shapes, grouped-query attention without key/value
+        # copies); compile_decoding's attention switch also reaches the eager case sharing this model, where
+        # transformers already packs single-token steps the same way
+        if compiled:
+            compile_decoding(model)
         self.decode_step = torch.compile(self._static_step, fullgraph=True, dynamic=False) if compiled else None
         self.cache = None
         self.times: dict[str, list[float]] = {"prefill": [], "decode": []}

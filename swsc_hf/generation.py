@@ -5,16 +5,61 @@ cache, attention) around the compressed matmuls; compiled, they become a handful
 compressed matmuls stay the one custom op (`swsc_hf::codebook_matmul`). transformers already compiles the decode
 step (not the prefill, whose shape changes with every prompt) when the cache is static, but only on GPUs unless its
 `CompileConfig` is flagged for all devices; `compile_decoding` sets that up. Imports nothing from swsc_hf.
+
+Grouped-query attention: under torch.compile transformers' SDPA attention copies the cached keys and values once per
+query head (`repeat_kv`) at every step, the single largest cost of a compiled CPU decode step of SmolLM2 (about a
+third of it at 1 thread). `compile_decoding` switches a model on "sdpa" to `PACKED_GQA_SDPA`, the same attention
+except that a single-token step stacks the query heads of each group as rows of one query block against the shared
+key/value head (what transformers itself does outside compilation), so nothing is copied.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
+import torch.nn.functional as F
 from torch import nn
-from transformers import CompileConfig
+from transformers import AttentionInterface, CompileConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 logger = logging.getLogger(__name__)
+
+PACKED_GQA_SDPA = "swsc_hf_packed_gqa_sdpa"
+
+
+def packed_gqa_sdpa_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention; a single-token grouped-query step runs on the key/value heads without copies.
+
+    query (batch, heads, 1, dim) becomes (batch, kv_heads, heads / kv_heads, dim): the heads sharing a key/value head
+    are rows of one query block, and a mask shared by all heads (batch, 1, 1, kv) broadcasts over them. Everything
+    else (prompts, training, soft-capping, position biases, per-head masks) goes to `sdpa_attention_forward`.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    batch, heads, q_length, dim = query.shape
+    packable = (groups > 1 and q_length == 1 and not module.training and kwargs.get("softcap") is None
+                and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False)
+                and (attention_mask is None or attention_mask.shape[1] == 1))
+    if not packable:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    packed = query.reshape(batch, heads // groups, groups, dim)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_forward)
+AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)
 
 
 def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = True) -> nn.Module:
@@ -28,5 +73,7 @@ def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: 
     config._compile_all_devices = True  # transformers' documented switch for compiling off-GPU
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(PACKED_GQA_SDPA)
     logger.info("swsc_hf: generate will decode with a static cache and a %s-compiled step", backend)
     return model

@@ -249,3 +249,49 @@ def test_compile_decoding_generates_the_same_tokens_through_the_compiled_step(mo
     assert model.generation_config.cache_implementation == "static"
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), eager)
     assert compiled_calls and compiled_calls[0].fullgraph  # the decode steps ran the compiled call
+
+
+def test_packed_gqa_attention_matches_sdpa_without_copying_keys(monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    from swsc_hf import generation
+
+    torch.manual_seed(0)
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups = 3
+    query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
+    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    mask[0, ..., 7:] = False
+    expected, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    monkeypatch.setattr(generation, "sdpa_attention_forward", None)  # a single-token step must not fall back
+    packed, _ = generation.packed_gqa_sdpa_forward(module, query, key, value, mask, scaling=0.3)
+    assert packed.shape == expected.shape == (2, 1, 6, 8)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_decoding_switches_sdpa_to_packed_gqa_attention():
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    assert model.config._attn_implementation == "sdpa"
+    swsc_hf.compile_decoding(model, backend="eager")
+    assert model.config._attn_implementation == swsc_hf.generation.PACKED_GQA_SDPA
+    eager = LlamaForCausalLM(tiny_llama_config(attn_implementation="eager")).eval()
+    swsc_hf.compile_decoding(eager, backend="eager")
+    assert eager.config._attn_implementation == "eager"  # other implementations are left alone
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, "strided"])
+def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
+    spec = LayerSpec(40, 64, n_clusters=16, segment_length=1, scale_group_size=16)
+    codes, packed, codebook, scales = make_layer_tensors(spec, seed=7)
+    if scale_dtype == "strided":  # a transposed copy's view: not contiguous, same values
+        scales = scales.t().contiguous().t()
+        assert not scales.is_contiguous()
+    else:
+        scales = scales.to(scale_dtype)
+    weight = oracle_weight(spec, codes, codebook, scales)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(8))
+    for tokens in (1, 3):
+        with torch.no_grad():
+            got = codebook_matmul(x[:tokens], packed, codebook, scales, spec)
+        expected = (x[:tokens].double() @ weight.t()).float()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

@@ -76,15 +76,36 @@ Layout parse_layout(at::IntArrayRef v) {
   return l;
 }
 
-// Codebooks are read in their stored dtype (float32, float16 or bfloat16) straight into the padded float tables.
+// IEEE half and bfloat16 to float with integer and float arithmetic only (the FP16 library's method), so the
+// conversion inlines into the SIMD kernels (c10::Half's does not, and a call there spills the vector registers).
+ALWAYS_INLINE float bits_to_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+ALWAYS_INLINE uint32_t float_to_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  return bits;
+}
+
+ALWAYS_INLINE float half_to_float(uint16_t h) {
+  const uint32_t w = uint32_t(h) << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_to_float(sign | float_to_bits(two_w < (1u << 27) ? denormalized : normalized));
+}
+
+// Codebooks and scales are read in their stored dtype (float32, float16 or bfloat16).
 struct FloatView {
   const void* data = nullptr;
   at::ScalarType type = at::kFloat;
 
-  float operator[](int64_t i) const {
+  ALWAYS_INLINE float operator[](int64_t i) const {
     switch (type) {
-      case at::kHalf: return float(static_cast<const c10::Half*>(data)[i]);
-      case at::kBFloat16: return float(static_cast<const c10::BFloat16*>(data)[i]);
+      case at::kHalf: return half_to_float(static_cast<const uint16_t*>(data)[i]);
+      case at::kBFloat16: return bits_to_float(uint32_t(static_cast<const uint16_t*>(data)[i]) << 16);
       default: return static_cast<const float*>(data)[i];
     }
   }
@@ -102,18 +123,20 @@ struct Operands {
   const uint8_t* codes;
   int64_t code_bytes;
   std::vector<float> tables;  // the codebooks as float32, each padded to book_stride floats
-  at::Tensor scales_f32;      // (channels, n_groups) float32, or undefined: read in the inner loops, so converted once
-  const float* scales;
+  at::Tensor scales_held;     // the scales, contiguous (a copy only when they were not)
+  FloatView scales;           // (channels, n_groups) in their stored dtype, or data == nullptr without groups
   int64_t n_groups;
 
   ALWAYS_INLINE const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
-  ALWAYS_INLINE float scale(int64_t c, int64_t p) const { return scales ? scales[c * n_groups + p / l.group] : 1.0f; }
-  ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const { return scales ? scales[c * n_groups + g] : 1.0f; }
+  ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
+    return scales.data ? scales[c * n_groups + g] : 1.0f;
+  }
+  ALWAYS_INLINE float scale(int64_t c, int64_t p) const { return scales.data ? group_scale(c, p / l.group) : 1.0f; }
 };
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                        at::IntArrayRef layout) {
-  Operands o{parse_layout(layout), nullptr, 0, {}, {}, nullptr, 0};
+  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, 0};
   const Layout& l = o.l;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(),
               "swsc_hf_cpu: codes must be a contiguous 1-D uint8 tensor");
@@ -133,9 +156,10 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
     TORCH_CHECK(scales.has_value() && scales->dim() == 2 && scales->size(0) == l.channels &&
                     scales->size(1) == l.length / l.group,
                 "swsc_hf_cpu: scales must be (channels, length / group)");
+    // read in place in their stored dtype (converted per group as the kernels reach it): no copy per call
     TORCH_CHECK(scales->device().is_cpu(), "swsc_hf_cpu: scales must be on the CPU");
-    o.scales_f32 = scales->to(at::kFloat).contiguous();
-    o.scales = o.scales_f32.data_ptr<float>();
+    o.scales_held = scales->contiguous();
+    o.scales = float_view(o.scales_held, "scales");
     o.n_groups = l.length / l.group;
   } else {
     TORCH_CHECK(!scales.has_value() || !scales->defined(), "swsc_hf_cpu: scales given for a layout without groups");
