@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, CompileConfig
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 logger = logging.getLogger(__name__)
@@ -41,20 +41,19 @@ def packed_gqa_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention; a single-token grouped-query step runs on the key/value heads without copies.
 
-    query (batch, heads, 1, dim) becomes (batch, kv_heads, heads / kv_heads, dim): the heads sharing a key/value head
-    are rows of one query block, and a mask shared by all heads (batch, 1, 1, kv) broadcasts over them. Everything
-    else (prompts, training, soft-capping, position biases, per-head masks) goes to `sdpa_attention_forward`.
+    query (batch, heads, 1, dim) becomes (batch, kv_heads, heads / kv_heads, dim) by transformers' own `pack_gqa`:
+    the heads sharing a key/value head are rows of one query block (a per-head mask is packed alike, a shared one
+    broadcasts). Everything else (prompts, training, soft-capping, position biases) goes to `sdpa_attention_forward`.
     """
     groups = getattr(module, "num_key_value_groups", 1)
-    batch, heads, q_length, dim = query.shape
+    heads, q_length = query.shape[1], query.shape[2]
     packable = (groups > 1 and q_length == 1 and not module.training and kwargs.get("softcap") is None
-                and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False)
-                and (attention_mask is None or attention_mask.shape[1] == 1))
+                and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False))
     if not packable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    packed = query.reshape(batch, heads // groups, groups, dim)
-    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=attention_mask, scale=scaling)
+    out = F.scaled_dot_product_attention(pack_gqa(query, groups), key, value,
+                                         attn_mask=pack_gqa(attention_mask, groups), scale=scaling)
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 

@@ -260,13 +260,17 @@ def test_packed_gqa_attention_matches_sdpa_without_copying_keys(monkeypatch):
     module = torch.nn.Module().eval()
     module.num_key_value_groups = 3
     query, key, value = torch.randn(2, 6, 1, 8), torch.randn(2, 2, 11, 8), torch.randn(2, 2, 11, 8)
-    mask = torch.ones(2, 1, 1, 11, dtype=torch.bool)
-    mask[0, ..., 7:] = False
-    expected, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
-    monkeypatch.setattr(generation, "sdpa_attention_forward", None)  # a single-token step must not fall back
-    packed, _ = generation.packed_gqa_sdpa_forward(module, query, key, value, mask, scaling=0.3)
-    assert packed.shape == expected.shape == (2, 1, 6, 8)
-    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)
+    shared = torch.ones(2, 1, 1, 11, dtype=torch.bool)
+    shared[0, ..., 7:] = False
+    per_head = torch.rand(2, 6, 1, 11, generator=torch.Generator().manual_seed(1)) > 0.3
+    per_head[..., 0] = True
+    for mask in (shared, per_head):
+        expected, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        with monkeypatch.context() as patch:
+            patch.setattr(generation, "sdpa_attention_forward", None)  # a single-token step must not fall back
+            packed, _ = generation.packed_gqa_sdpa_forward(module, query, key, value, mask, scaling=0.3)
+        assert packed.shape == expected.shape == (2, 1, 6, 8)
+        torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_decoding_switches_sdpa_to_packed_gqa_attention():

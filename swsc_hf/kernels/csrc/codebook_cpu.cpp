@@ -131,7 +131,7 @@ struct Operands {
   ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
     return scales.data ? scales[c * n_groups + g] : 1.0f;
   }
-  ALWAYS_INLINE float scale(int64_t c, int64_t p) const { return scales.data ? group_scale(c, p / l.group) : 1.0f; }
+  ALWAYS_INLINE float scale(int64_t c, int64_t p) const { return scales.data ? scales[c * n_groups + p / l.group] : 1.0f; }
 };
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
@@ -156,8 +156,8 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
     TORCH_CHECK(scales.has_value() && scales->dim() == 2 && scales->size(0) == l.channels &&
                     scales->size(1) == l.length / l.group,
                 "swsc_hf_cpu: scales must be (channels, length / group)");
-    // read in place in their stored dtype (converted per group as the kernels reach it): no copy per call
     TORCH_CHECK(scales->device().is_cpu(), "swsc_hf_cpu: scales must be on the CPU");
+    // read in place in their stored dtype (converted per group as the kernels reach it): no copy per call
     o.scales_held = scales->contiguous();
     o.scales = float_view(o.scales_held, "scales");
     o.n_groups = l.length / l.group;
