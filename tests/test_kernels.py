@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 
 import swsc_hf
 from swsc_hf import SWSCLinear
+from swsc_hf.core.compress import reconstruct_channels
 from swsc_hf.core.packing import pack_codes
 from swsc_hf.core.spec import LayerSpec
 from swsc_hf.kernels import (
@@ -180,12 +181,34 @@ def test_unsupported_layout_falls_back_to_reference_with_a_reason(caplog):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_trainable_tables_take_the_differentiable_reference_path():
-    spec = LayerSpec(32, 32, n_clusters=4, segment_length=1, scale_group_size=16)
-    _, packed, codebook, scales = make_layer_tensors(spec, dtype=torch.float32)
-    codebook.requires_grad_(True)
-    codebook_matmul(torch.randn(3, 32), packed, codebook, scales, spec).sum().backward()
-    assert codebook.grad is not None and codebook.grad.abs().sum() > 0
+@pytest.mark.parametrize("layout", [(48, 96, 16, 1, "output", 32, 0), (40, 96, 64, 2, "output", 32, 0),
+                                    (40, 40, 16, 4, "input", 0, 7), (37, 80, 4, 1, "output", 16, 0),
+                                    (30, 48, 16, 3, "output", 24, 0)], ids=lambda t: "-".join(map(str, t)))
+@pytest.mark.parametrize("kernels", [True, False])
+def test_trainable_tables_get_the_gradients_of_the_definition(layout, kernels):
+    """Table training's written-out gradients (x, codebook, scales) equal autograd through scales * codebook[codes]
+    (float64), with the compiled dequant, the reference one, and for a layout the kernels do not cover."""
+    out_f, in_f, k, seg, dim, group, rows = layout
+    spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
+                     rows_per_codebook=rows)
+    codes, packed, codebook, scales = make_layer_tensors(spec, seed=11, dtype=torch.float32)
+    g = torch.Generator().manual_seed(12)
+    x, grad_out = torch.randn(2, 5, in_f, generator=g), torch.randn(2, 5, out_f, generator=g)
+    leaves = [x, codebook] + ([scales] if scales is not None else [])
+    oracle = [t.double().requires_grad_(True) for t in leaves]
+    channels = reconstruct_channels(spec, oracle[1], codes, oracle[2] if scales is not None else None)
+    weight = channels if dim == "output" else channels.t()
+    (oracle[0] @ weight.t()).backward(grad_out.double())
+    trained = [t.clone().requires_grad_(True) for t in leaves]
+    previous = swsc_hf.set_kernels_enabled(kernels)
+    try:
+        y = codebook_matmul(trained[0], packed, trained[1], trained[2] if scales is not None else None, spec)
+        y.backward(grad_out)
+    finally:
+        swsc_hf.set_kernels_enabled(previous)
+    for got, expected in zip(trained, oracle, strict=True):
+        scale = float(expected.grad.abs().max())
+        torch.testing.assert_close(got.grad, expected.grad.float(), rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_isa_detection_and_limits():
@@ -298,4 +321,26 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
         with torch.no_grad():
             got = codebook_matmul(x[:tokens], packed, codebook, scales, spec)
         expected = (x[:tokens].double() @ weight.t()).float()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("book_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", [(40, 96, 64, 2, 32), (48, 64, 256, 4, 16), (24, 128, 128, 4, 0)],
+                         ids=lambda t: "-".join(map(str, t)))
+def test_vector_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
+    """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; values
+    that are not (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
+    out_f, in_f, k, seg, group = layout
+    spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
+    codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
+    codebook = codebook.to(book_dtype)
+    if book_dtype == torch.bfloat16:
+        codebook[0, 0, 0] = 1e30  # representable in bfloat16, infinite in float16
+    weight = oracle_weight(spec, codes, codebook, scales)
+    x = torch.randn(4, in_f, generator=torch.Generator().manual_seed(10))
+    for tokens in (1, 4, GEMV_MAX_TOKENS + 1):
+        xt = x.repeat(3, 1)[:tokens]
+        with torch.no_grad():
+            got = codebook_matmul(xt, packed, codebook, scales, spec)
+        expected = (xt.double() @ weight.t()).float()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))

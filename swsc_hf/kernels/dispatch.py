@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..core.spec import LayerSpec
 from .cpu import load_cpu_kernels
-from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul
+from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul, unpacked_codes
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,77 @@ def _backward(ctx, grad):
 codebook_matmul_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _channel_matrix(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec
+                    ) -> torch.Tensor:
+    """The channel matrix M (channels x channel_length, float32): the compiled dequant where it applies."""
+    plan = _plan(spec)
+    if codes.device.type == "cpu" and plan.reason is None and _enabled["kernels"] and load_cpu_kernels():
+        return torch.ops.swsc_hf_cpu.dequant(codes, codebook, scales, plan.kernel_layout, 0, spec.channels)
+    return torch.cat([dequantize_channels(codes, codebook, scales, spec, a, b) for a, b in channel_tiles(spec)])
+
+
+class _TrainableTablesMatmul(torch.autograd.Function):
+    """x W_c^T, differentiable in x, the codebook and the scales, with the gradients written out.
+
+    The weight is rebuilt (forward and again in backward, so nothing weight-sized is kept between them) and never
+    recorded; the codebook's gradient is one scatter-add of dL/dW * scale over the codes, the scales' one grouped sum
+    of dL/dW * codebook[codes]. Autograd through `codebook[codes] * scales` would keep and replay the per-element
+    gather instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, codebook, scales, codes, spec):
+        weight = _dense_weight(codes, codebook, scales, spec)
+        ctx.save_for_backward(x, codebook, scales, codes)
+        ctx.spec = spec
+        return F.linear(x.float(), weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, codebook, scales, codes = ctx.saved_tensors
+        spec = ctx.spec
+        grad2 = grad.reshape(-1, spec.out_features).float()
+        grad_x = grad_book = grad_scales = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad2 @ _dense_weight(codes, codebook, scales, spec)).reshape(x.shape).to(x.dtype)
+        train_scales = scales is not None and ctx.needs_input_grad[2]
+        if not (ctx.needs_input_grad[1] or train_scales):
+            return grad_x, None, None, None, None
+        grad_w = grad2.t() @ x.reshape(-1, spec.in_features).float()
+        grad_m = grad_w if spec.cluster_dim == "output" else grad_w.t()  # (channels, channel_length)
+        seg = spec.segment_length
+        book = torch.arange(spec.channels, device=codes.device) // spec.channels_per_codebook
+        flat = (book[:, None] * spec.n_clusters + unpacked_codes(codes, spec)).reshape(-1)  # a codeword per segment
+        scale = None
+        if scales is not None:
+            scale = scales.detach().float().repeat_interleave(spec.scale_group_size, dim=1)
+        if ctx.needs_input_grad[1]:
+            weighted = grad_m if scale is None else grad_m * scale
+            grad_book = torch.zeros(codebook.numel() // seg, seg, device=grad_m.device).index_add_(
+                0, flat, weighted.reshape(-1, seg))
+            grad_book = grad_book.reshape(codebook.shape).to(codebook.dtype)
+        if train_scales:
+            unscaled = codebook.detach().float().reshape(-1, seg)[flat].reshape(spec.channels, spec.channel_length)
+            grad_scales = (grad_m * unscaled).reshape(spec.channels, -1, spec.scale_group_size).sum(-1)
+            grad_scales = grad_scales.to(scales.dtype)
+        return grad_x, grad_book, grad_scales, None, None
+
+
+def _dense_weight(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec
+                  ) -> torch.Tensor:
+    """W_c (out x in, float32) from detached tables."""
+    with torch.no_grad():
+        m = _channel_matrix(codes, codebook.detach(), None if scales is None else scales.detach(), spec)
+    return m if spec.cluster_dim == "output" else m.t()
+
+
 def codebook_matmul(
     x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec
 ) -> torch.Tensor:
     """x W_c^T for the codebook term W_c = scales * codebook[codes] of `spec`, in x's dtype.
 
-    Trainable tables (codebook or scales requiring grad, with grad enabled) and SWSC's whole-channel layout take
+    Trainable tables (codebook or scales requiring grad, with grad enabled) take a path with written-out table
+    gradients (`_TrainableTablesMatmul`; the reference path under torch.compile); SWSC's whole-channel layout takes
     the reference path; everything else goes through the kernel `choose_kernel` picks.
     """
     grad = torch.is_grad_enabled()
@@ -251,8 +316,10 @@ def codebook_matmul(
             return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
         return codebook_matmul_op(x, codes, codebook, scales, list(layout_key(spec)))
     plan = _plan(spec)
-    if plan.whole_channel or trains_tables:
+    if plan.whole_channel:
         return reference_codebook_matmul(x, codes, codebook, scales, spec)
+    if trains_tables:
+        return _TrainableTablesMatmul.apply(x, codebook, scales, codes, spec)
     if grad and x.requires_grad:
         return codebook_matmul_op(x, codes, codebook, scales, plan.layout)
     if plan.reason is None and x.device.type == "cpu" and _enabled["kernels"] and load_cpu_kernels():  # common case

@@ -2,8 +2,9 @@
 //
 // The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
 // channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
-// mask), looked up in the codebook (a register permute for tables of <= 16/32 floats, whole codeword loads for 4-
-// and 8-dim vectors, a gather from an L1-resident float table otherwise) and multiplied into the activations.
+// mask), looked up in the codebook (a register permute for tables of <= 16/32 floats; whole codeword loads for 4-
+// and 8-dim vectors; on AVX-512, one gather of whole float16 pairs when the values are float16 exactly; a gather
+// from an L1-resident float table otherwise) and multiplied into the activations.
 // Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
@@ -28,6 +29,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 // Every helper the kernels call per value is forced inline: a call inside a loop of AVX-512 code would make the
@@ -123,11 +125,17 @@ struct Operands {
   const uint8_t* codes;
   int64_t code_bytes;
   std::vector<float> tables;  // the codebooks as float32, each padded to book_stride floats
+  // The same as float16 bits (same padding) for pairs when every value is a float16 exactly (the default
+  // table_dtype), so a pair is one 32-bit element: gathered whole and widened in registers.
+  std::vector<uint16_t> half_tables;
   at::Tensor scales_held;     // the scales, contiguous (a copy only when they were not)
   FloatView scales;           // (channels, n_groups) in their stored dtype, or data == nullptr without groups
   int64_t n_groups;
 
   ALWAYS_INLINE const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
+  ALWAYS_INLINE const uint16_t* half_table(int64_t c) const {
+    return half_tables.data() + (c / l.rows_per_book) * l.book_stride;
+  }
   ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
     return scales.data ? scales[c * n_groups + g] : 1.0f;
   }
@@ -136,7 +144,7 @@ struct Operands {
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                        at::IntArrayRef layout) {
-  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, 0};
+  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, {}, 0};
   const Layout& l = o.l;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(),
               "swsc_hf_cpu: codes must be a contiguous 1-D uint8 tensor");
@@ -152,6 +160,17 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
   for (int64_t b = 0; b < n_books; ++b)
     for (int64_t i = 0; i < l.n_clusters * l.seg; ++i)
       o.tables[b * l.book_stride + i] = books[b * l.n_clusters * l.seg + i];
+  if (l.seg == 2 && (int64_t(1) << l.bits) * l.seg > 32) {
+    o.half_tables.resize(o.tables.size());
+    for (size_t i = 0; i < o.tables.size(); ++i) {
+      const at::Half h(o.tables[i]);
+      if (static_cast<float>(h) != o.tables[i]) {  // not exact (or NaN): the float32 path keeps the numbers
+        o.half_tables.clear();
+        break;
+      }
+      o.half_tables[i] = h.x;
+    }
+  }
   if (l.group) {
     TORCH_CHECK(scales.has_value() && scales->dim() == 2 && scales->size(0) == l.channels &&
                     scales->size(1) == l.length / l.group,
@@ -235,6 +254,20 @@ void dequant_portable(const Operands& o, int64_t start, float* out, int64_t c0, 
     for (int64_t p = 0; p < l.length; ++p) out[(c - start) * l.length + p] = element(o, c, p);
 }
 
+// The codes of a chunk from its first stream byte and bit offset, each extracted independently (no serial shift
+// chain). BITS is the code width when known at compile time (shifts by constants: twice the speed for byte codes),
+// else 0 and `bits` is used.
+template <int BITS>
+struct CodeReader {
+  uint64_t word;
+  int64_t bits;
+  ALWAYS_INLINE CodeReader(const uint8_t* src, int s0, int64_t runtime_bits) : bits(BITS ? BITS : runtime_bits) {
+    std::memcpy(&word, src, 8);
+    word >>= s0;
+  }
+  ALWAYS_INLINE uint64_t operator()(int i) const { return (word >> (i * bits)) & ((uint64_t(1) << bits) - 1); }
+};
+
 // ---------------------------------------------------------------------------------------------------------------
 // SIMD kernels: codebook_simd.inc is compiled once per instruction set, each time inside a namespace whose `Simd`
 // says how that set loads, multiplies and decodes. A vector of W lanes holds values p .. p + W - 1 of one channel;
@@ -304,9 +337,9 @@ struct Simd {
   ALWAYS_INLINE static I element_index(I codes, I seg_shift, I elem) {
     return _mm512_add_epi32(_mm512_sllv_epi32(codes, seg_shift), elem);
   }
-  // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather, 3 = whole codewords loaded one by one,
-  // 4 = a 64-float table as two two-register permutes merged by index bit 5 (half the time of a gather here; for
-  // 128 floats four permutes cost what the gather does).
+  // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather, 3 = whole codewords loaded one by one (AVX2
+  // only, see kernel_isa), 4 = a 64-float table as two two-register permutes merged by index bit 5 (half the time of a gather here; for
+  // 128 floats four permutes cost what the gather does), 5 = float16 pairs gathered whole (half_pairs).
   template <int KIND>
   ALWAYS_INLINE static V lookup(I idx, V lo, V hi, const float* table) {
     if constexpr (KIND == 0) return _mm512_permutexvar_ps(idx, lo);
@@ -317,26 +350,20 @@ struct Simd {
           _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32), idx, _mm512_loadu_ps(table + 48)));
     else return _mm512_i32gather_ps(idx, table, 4);
   }
+  static constexpr bool kHalfPairs = true, kCodewords = false;
+  // Kind 5 (float16 pairs): a pair is one 32-bit element of the float16 table, so the chunk's 8 pairs are one 8-lane
+  // gather (codes extracted in lanes by `bytes` and `shifts`, segment length 1 patterns), widened to 16 floats.
+  ALWAYS_INLINE static V half_pairs(const uint8_t* src, I bytes, I shifts, I mask, const uint16_t* table) {
+    const __m256i raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    const __m256i codes = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_shuffle_epi8(raw, _mm512_castsi512_si256(bytes)), _mm512_castsi512_si256(shifts)),
+        _mm512_castsi512_si256(mask));
+    return _mm512_cvtph_ps(_mm256_i32gather_epi32(reinterpret_cast<const int*>(table), codes, 4));
+  }
   ALWAYS_INLINE static int lookup_kind(int64_t table_floats, int64_t seg) {
     if (table_floats <= 32) return table_floats <= 16 ? 0 : 1;
-    if (seg > 2) return 3;
+    if (seg > 2) return 2;  // not reached: kernel_isa gives these layouts to the AVX2 kernels (kind 3)
     return table_floats <= 64 ? 4 : 2;
-  }
-  // Kind 3 (segments of 4 or 8): the chunk's codewords as whole 16- or 32-byte loads, fewer loads than a gather.
-  ALWAYS_INLINE static V codewords(const uint8_t* src, int s0, const float* table, int64_t bits, int64_t seg) {
-    uint64_t w;
-    std::memcpy(&w, src, 8);
-    w >>= s0;
-    const uint64_t m = (uint64_t(1) << bits) - 1;
-    auto next = [&]() { const uint64_t c = w & m; w >>= bits; return table + c * seg; };
-    if (seg == 4) {
-      const float* a = next(); const float* b = next(); const float* c = next(); const float* d = next();
-      const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
-      return _mm512_insertf32x4(_mm512_insertf32x4(lo, _mm_loadu_ps(c), 2), _mm_loadu_ps(d), 3);
-    }
-    const float* a = next(); const float* b = next();  // seg == 8
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(a))),
-                                               _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
   }
 };
 
@@ -397,14 +424,12 @@ struct Simd {
   ALWAYS_INLINE static int lookup_kind(int64_t table_floats, int64_t seg) {
     return table_floats <= 8 ? 0 : table_floats <= 16 ? 1 : seg > 2 ? 3 : 2;
   }
+  static constexpr bool kHalfPairs = false, kCodewords = true;  // a 4-lane gather costs more than kind 2 here
+  template <int BITS>
   ALWAYS_INLINE static V codewords(const uint8_t* src, int s0, const float* table, int64_t bits, int64_t seg) {
-    uint64_t w;
-    std::memcpy(&w, src, 8);
-    w >>= s0;
-    const uint64_t m = (uint64_t(1) << bits) - 1;
-    auto next = [&]() { const uint64_t c = w & m; w >>= bits; return table + c * seg; };
-    if (seg == 8) return _mm256_loadu_ps(next());
-    const float* a = next(); const float* b = next();  // seg == 4
+    const CodeReader<BITS> code(src, s0, bits);
+    if (seg == 8) return _mm256_loadu_ps(table + code(0) * 8);
+    const float *a = table + code(0) * 4, *b = table + code(1) * 4;  // seg == 4
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(a)), _mm_loadu_ps(b), 1);
   }
 };
@@ -423,6 +448,14 @@ at::Tensor float_rows(const at::Tensor& t, int64_t width, const char* name) {
   return t.to(at::kFloat).contiguous();
 }
 
+// The instruction set for a layout: 4- and 8-dim vectors with tables over 32 floats run the AVX2 kernels on AVX-512
+// CPUs too. Their codewords are whole 128/256-bit loads; combining them into 512-bit registers takes inserts on the
+// ports the 512-bit FMAs use, and measured 1.2-1.3x slower than 256-bit registers.
+int64_t kernel_isa(const Layout& l) {
+  const int64_t isa = active_isa();
+  return isa == kAvx512 && l.seg > 2 && (int64_t(1) << l.bits) * l.seg > 32 ? kAvx2 : isa;
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                 const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
@@ -430,7 +463,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   at::Tensor y = at::empty({xf.size(0), o.l.channels}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t B = xf.size(0), isa = active_isa();
+  const int64_t B = xf.size(0), isa = kernel_isa(o.l);
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
     if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
     else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
@@ -446,7 +479,7 @@ at::Tensor gemv_t(const at::Tensor& u, const at::Tensor& codes, const at::Tensor
   at::Tensor z = at::empty({uf.size(0), o.l.length}, uf.options());
   const float* up = uf.data_ptr<float>();
   float* zp = z.data_ptr<float>();
-  const int64_t B = uf.size(0), isa = active_isa();
+  const int64_t B = uf.size(0), isa = kernel_isa(o.l);
   const int64_t blocks = (o.l.length + kColumnBlock - 1) / kColumnBlock;
   at::parallel_for(0, blocks, row_grain(kColumnBlock * o.l.channels), [&](int64_t k0, int64_t k1) {
     if (isa == kAvx512) avx512::gemv_t(o, up, B, zp, k0, k1);
@@ -462,7 +495,7 @@ at::Tensor dequant(const at::Tensor& codes, const at::Tensor& codebook, const c1
   TORCH_CHECK(0 <= start && start <= stop && stop <= o.l.channels, "swsc_hf_cpu: bad channel range");
   at::Tensor out = at::empty({stop - start, o.l.length}, at::TensorOptions().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
-  const int64_t isa = active_isa();
+  const int64_t isa = kernel_isa(o.l);
   at::parallel_for(start, stop, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
     if (isa == kAvx512) avx512::dequant(o, start, op, c0, c1);
     else if (isa == kAvx2) avx2::dequant(o, start, op, c0, c1);
