@@ -72,6 +72,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The calibrated presets: fit, then tuning toward the dense model inside compression (its time included).
     **{f"swsc-{b}b-cal": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2"))
        for b in ("4.25", "3.2", "2.2")},
+    # ... with twice the calibration windows and four times the tuning steps (each window seen 8 times, not 4)
+    "swsc-4.25b-cal-n32-t256": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=32,
+                                                tune_steps=256)),
     # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come
     # from), against per-row RTN on the same projections; every other linear stays dense.
     "swsc-paper-qk": ("swsc_hf", dict(preset="swsc-paper", modules_to_not_convert=NOT_QK)),
