@@ -133,8 +133,8 @@ struct Operands {
   int64_t n_groups;
 
   ALWAYS_INLINE const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
-  ALWAYS_INLINE const uint16_t* half_table(int64_t c) const {
-    return half_tables.data() + (c / l.rows_per_book) * l.book_stride;
+  ALWAYS_INLINE const uint16_t* half_table(int64_t c) const {  // nullptr without a float16 copy
+    return half_tables.empty() ? nullptr : half_tables.data() + (c / l.rows_per_book) * l.book_stride;
   }
   ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
     return scales.data ? scales[c * n_groups + g] : 1.0f;
