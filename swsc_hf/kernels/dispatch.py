@@ -180,10 +180,7 @@ def _run(x, codes, codebook, scales, layout: list[int], transposed: bool) -> tor
         return triton_matmul(x, codes, codebook, scales, spec, transposed=transposed, kernel=kernel[len("triton_"):])
     if kernel == "reference":
         if transposed:
-            tiles = [dequantize_channels(codes, codebook, scales, spec, a, b) for a, b in channel_tiles(spec)]
-            weight = torch.cat(tiles)
-            weight = weight if spec.cluster_dim == "output" else weight.t()
-            y = x2.float() @ weight
+            y = x2.float() @ _dense_weight(codes, codebook, scales, spec)
         else:
             y = reference_codebook_matmul(x2, codes, codebook, scales, spec)
     else:
@@ -270,11 +267,10 @@ class _TrainableTablesMatmul(torch.autograd.Function):
         seg = spec.segment_length
         book = torch.arange(spec.channels, device=codes.device) // spec.channels_per_codebook
         flat = (book[:, None] * spec.n_clusters + unpacked_codes(codes, spec)).reshape(-1)  # a codeword per segment
-        scale = None
-        if scales is not None:
-            scale = scales.detach().float().repeat_interleave(spec.scale_group_size, dim=1)
         if ctx.needs_input_grad[1]:
-            weighted = grad_m if scale is None else grad_m * scale
+            weighted = grad_m
+            if scales is not None:
+                weighted = grad_m * scales.detach().float().repeat_interleave(spec.scale_group_size, dim=1)
             grad_book = torch.zeros(codebook.numel() // seg, seg, device=grad_m.device).index_add_(
                 0, flat, weighted.reshape(-1, seg))
             grad_book = grad_book.reshape(codebook.shape).to(codebook.dtype)

@@ -338,8 +338,9 @@ struct Simd {
     return _mm512_add_epi32(_mm512_sllv_epi32(codes, seg_shift), elem);
   }
   // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather, 3 = whole codewords loaded one by one (AVX2
-  // only, see kernel_isa), 4 = a 64-float table as two two-register permutes merged by index bit 5 (half the time of a gather here; for
-  // 128 floats four permutes cost what the gather does), 5 = float16 pairs gathered whole (half_pairs).
+  // only, see kernel_isa), 4 = a 64-float table as two two-register permutes merged by index bit 5 (half the time
+  // of a gather here; for 128 floats four permutes cost what the gather does), 5 = float16 pairs gathered whole
+  // (half_pairs).
   template <int KIND>
   ALWAYS_INLINE static V lookup(I idx, V lo, V hi, const float* table) {
     if constexpr (KIND == 0) return _mm512_permutexvar_ps(idx, lo);
