@@ -67,14 +67,24 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # (data-free, each layer gets the richest layout within the budget: 6.25 buys 6-bit codes, 6 only 5-bit ones)
     "swsc-bits6.25": ("swsc_hf", dict(bits=6.25)),
     "swsc-bits4.25": ("swsc_hf", dict(bits=4.25)),
-    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, **SWSC_CALIBRATION)) for b in (6.25, 4.25, 4.15, 3.15, 2.4)},
-    **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, **SWSC_CALIBRATION, distill=DISTILL)) for b in (4.25, 4.15)},
+    # (calibrated, from scalar tables only: what bits= chose from before vector tables joined its ladder)
+    **{f"swsc-bits{b}-cal": ("swsc_hf", dict(bits=b, bits_ladder="scalar", **SWSC_CALIBRATION))
+       for b in (6.25, 4.25, 4.15, 3.15, 2.4)},
+    **{f"swsc-bits{b}-cal-kd": ("swsc_hf", dict(bits=b, bits_ladder="scalar", **SWSC_CALIBRATION, distill=DISTILL))
+       for b in (4.25, 4.15)},
     # The calibrated presets: fit, then tuning toward the dense model inside compression (its time included).
     **{f"swsc-{b}b-cal": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2"))
        for b in ("4.25", "3.2", "2.2")},
-    # ... with twice the calibration windows and four times the tuning steps (each window seen 8 times, not 4)
-    "swsc-4.25b-cal-n32-t256": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=32,
-                                                tune_steps=256)),
+    # swsc-3bit's layout everywhere, calibrated and tuned as the presets are (the 3.2-bit preset before `bits=`
+    # chose among vector tables)
+    "swsc-3bit-cal-tuned": ("swsc_hf", dict(preset="swsc-3bit", **CALIBRATION)),
+    # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
+    "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION)),
+    # The 4.25-bit preset as it was before vector tables joined the `bits=` ladder (scalar tables only), and the same
+    # with twice the calibration windows and four times the tuning steps (each window seen 8 times, not 4)
+    "swsc-4.25b-cal-scalar": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", bits_ladder="scalar")),
+    "swsc-4.25b-cal-scalar-n32-t256": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2",
+                                                       bits_ladder="scalar", n_samples=32, tune_steps=256)),
     # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come
     # from), against per-row RTN on the same projections; every other linear stays dense.
     "swsc-paper-qk": ("swsc_hf", dict(preset="swsc-paper", modules_to_not_convert=NOT_QK)),

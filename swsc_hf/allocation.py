@@ -1,11 +1,13 @@
 """`bits=` targets: pick each layer's layout so the model meets an average bits-per-weight budget.
 
-Data-free, every layer gets the richest layout of the ladder that fits the budget on its own. With calibration
-data, the budget is spread by measured sensitivity: the diagonal Fisher information F = E[g^2] of the loss
-gradient on each weight (one backward pass per calibration sequence through the dense model) estimates the loss
+Data-free, every layer gets the richest scalar layout of the ladder that fits the budget on its own. With
+calibration data, the budget is spread by measured sensitivity: the diagonal Fisher information F = E[g^2] of the
+loss gradient on each weight (one backward pass per calibration sequence through the dense model) estimates the loss
 increase of compressing a layer with a layout as 1/2 * sum(F * (W - W')^2), measured with a quick data-free fit of
-that layout; a greedy pass then upgrades, bit by bit, the layers where an upgrade buys the most loss reduction per
-stored bit. Layers whose compression hurts the loss most get more bits.
+that layout. Each layer's candidates, scalar tables and 2- and 4-dim vector tables, are reduced to the lower convex
+hull of (stored bits, estimated loss); a greedy pass then upgrades, hull step by hull step, the layers where an
+upgrade buys the most loss reduction per stored bit. Layers whose compression hurts the loss most get more bits, and
+each gets the layout that is best for its bits.
 """
 
 from __future__ import annotations
@@ -22,17 +24,31 @@ from .core.spec import LayerSpec, fitting_scale_group
 
 logger = logging.getLogger(__name__)
 
-# The ladder of layouts `bits=` chooses from: scalar codebooks of 2^b values over segments scaled per 128 weights.
+# The scalar ladder: codebooks of 2^b values over segments scaled per 128 weights.
 LADDER_CODE_BITS = (2, 3, 4, 5, 6, 8)
 LADDER_SCALE_GROUP = 128
+# Vector layouts calibrated `bits=` also weighs: (segment length, codewords), 2-4 code bits per weight, codes of at
+# most 8 bits (what the compiled kernels read).
+LADDER_VECTORS = ((2, 16), (2, 64), (2, 256), (4, 256))
 
 
-def ladder(out_features: int, in_features: int, near: float | None = None) -> list[LayerSpec]:
-    """Candidate layouts of one layer, cheapest first; with `near`, only code widths from one below to two above."""
-    group = fitting_scale_group(LADDER_SCALE_GROUP, in_features)
-    widths = [b for b in LADDER_CODE_BITS if near is None or int(near) - 1 <= b <= int(near) + 2]
-    return [LayerSpec(out_features, in_features, n_clusters=2**bits, segment_length=1, scale_group_size=group)
-            for bits in widths or LADDER_CODE_BITS[:1]]
+def ladder(out_features: int, in_features: int, near: float | None = None, vectors: bool = False) -> list[LayerSpec]:
+    """Candidate layouts of one layer, cheapest first: scalar tables, and with `vectors` the 2- and 4-dim vector
+    tables of `LADDER_VECTORS`; with `near`, only layouts of one code bit per weight below to two above."""
+    shapes = [(1, 2**bits) for bits in LADDER_CODE_BITS]
+    if vectors:
+        shapes += [shape for shape in LADDER_VECTORS if in_features % shape[0] == 0]
+    specs = []
+    for segment, clusters in shapes:
+        code_bits = (clusters.bit_length() - 1) / segment
+        if near is not None and not int(near) - 1 <= code_bits <= int(near) + 2:
+            continue
+        group = fitting_scale_group(LADDER_SCALE_GROUP, in_features, segment)
+        specs.append(LayerSpec(out_features, in_features, n_clusters=clusters, segment_length=segment,
+                               scale_group_size=group))
+    if not specs:
+        return ladder(out_features, in_features)[:1]
+    return sorted(specs, key=spec_bits)
 
 
 def spec_bits(spec: LayerSpec) -> float:
@@ -119,10 +135,27 @@ def fisher_diagonals(model: nn.Module, names: list[str], batches: list[torch.Ten
     return {name: f / len(batches) for name, f in fisher.items()}
 
 
+def lower_hull(options: list[tuple[LayerSpec, float, float]]) -> list[tuple[LayerSpec, float, float]]:
+    """The (layout, cost, loss) options worth upgrading through, cheapest first: the lower convex hull of (cost,
+    loss), so each step costs more, loses less, and buys less loss per bit than the step before it."""
+    hull: list[tuple[LayerSpec, float, float]] = []
+    for option in sorted(options, key=lambda o: (o[1], o[2])):
+        if hull and option[2] >= hull[-1][2]:
+            continue  # costs at least as much for no less loss
+        while len(hull) >= 2:
+            (_, c0, l0), (_, c1, l1) = hull[-2], hull[-1]
+            if (l0 - l1) * (option[1] - c0) > (l0 - option[2]) * (c1 - c0):
+                break  # hull[-1] is below the chord from hull[-2] to this option: it stays
+            hull.pop()
+        hull.append(option)
+    return hull
+
+
 @torch.no_grad()
 def allocate(model: nn.Module, names: list[str], bits: float, fisher: dict[str, torch.Tensor],
-             seed: int = 0, views: MatrixViews | None = None) -> dict[str, LayerSpec]:
-    """Per-layer layouts whose weighted average stays within `bits`, upgrading the most sensitive layers first."""
+             seed: int = 0, views: MatrixViews | None = None, vectors: bool = True) -> dict[str, LayerSpec]:
+    """Per-layer layouts whose weighted average stays within `bits`, upgrading the most sensitive layers first;
+    `vectors=False` chooses among scalar tables only (their kernels are the fastest)."""
     views = views or linear_views(model, names)
     names = list(views)
     costs: dict[str, list[tuple[LayerSpec, float, float]]] = {}
@@ -130,11 +163,11 @@ def allocate(model: nn.Module, names: list[str], bits: float, fisher: dict[str, 
         param, view = views[name]
         weight = view(param.detach()).float()
         options = []
-        for spec in ladder(*weight.shape, near=bits):
+        for spec in ladder(*weight.shape, near=bits, vectors=vectors):
             error = weight - compress_weight(weight, spec, seed=seed, kmeans_iters=8).dense()
             loss = 0.5 * float((fisher[name] * error.square()).sum())
             options.append((spec, spec_bits(spec) * weight.numel(), loss))
-        costs[name] = options
+        costs[name] = lower_hull(options)
     budget = bits * sum(view(param).numel() for param, view in views.values())
     level = dict.fromkeys(names, 0)
     spent = sum(costs[n][0][1] for n in names)

@@ -260,7 +260,8 @@ def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: 
         views = matrix_views(model, names)
         with torch.enable_grad():
             fisher = fisher_diagonals(model, names, batches, views)
-        allocation = allocate(model, names, config.bits, fisher, seed=config.seed, views=views)
+        allocation = allocate(model, names, config.bits, fisher, seed=config.seed, views=views,
+                              vectors=config.bits_ladder == "all")
         del fisher
     inputs = capture_first_layer_inputs(model, layers, batches)
     step = config.share_group_size

@@ -34,10 +34,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Ours: quadruples of weights from a 256-entry codebook per matrix, scaled per 128 weights (~2.2 bits).
     "swsc-2bit": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128),
     # The best measured recipes at about 4.25, 3.2 and 2.2 bits (docs/results.md): calibrated, so they need
-    # `dataset=` (names ending in "-cal"), and tuned toward the dense model after fitting (tune_* fields).
+    # `dataset=` (names ending in "-cal"), and tuned toward the dense model after fitting (tune_* fields). At 4.25
+    # and 3.2 bits each layer's layout, scalar or vector table, is chosen by measured sensitivity (`bits=`); at 2.2
+    # bits quadruples everywhere measured better than that choice (docs/results.md).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=16, seq_len=512),
-    "swsc-3.2b-cal": dict(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128,
-                          n_samples=16, seq_len=512),
+    "swsc-3.2b-cal": dict(bits=3.2, n_samples=16, seq_len=512),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
                           n_samples=16, seq_len=512),
 }
@@ -47,12 +48,14 @@ CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal")
 DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True,
-    parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", n_samples=64, seq_len=512,
+    parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", bits_ladder="all",
+    n_samples=64, seq_len=512,
     table_dtype="float16", tune_steps=64, tune_lr=3e-3, tune_scales_lr=1e-4, tune_norms_lr=0.0, tune_positions=0,
     time_budget=None,
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 SHARE_SELECTIONS = ("types", "loss")
+BITS_LADDERS = ("all", "scalar")
 BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
 DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
@@ -80,9 +83,13 @@ class SWSCConfig(QuantizationConfigMixin):
     What to compress and how large (the layout of every layer):
         preset: a named setting (see `PRESETS`); explicit arguments override its fields. Names ending in "-cal"
             are calibrated recipes and need `dataset=`.
-        bits: target average bits per compressed weight; chooses every layer's layout (scalar codebooks of 2^b
-            values over segments scaled per 128 weights), spread over layers by measured sensitivity when
-            calibrating, uniform otherwise. Not combinable with explicit layout fields or a layout preset.
+        bits: target average bits per compressed weight; chooses every layer's layout (codebooks over segments
+            scaled per 128 weights), spread over layers by measured sensitivity when calibrating, uniform
+            otherwise. Not combinable with explicit layout fields or a layout preset.
+        bits_ladder: the layouts calibrated `bits=` chooses from: "all" (scalar tables of 2^b values and 2- and
+            4-dim vector tables, each layer the one that loses least per stored bit: the best quality) or
+            "scalar" (scalar tables only: the fastest kernels). Data-free `bits=` has no loss to compare layouts
+            by and uses scalar tables.
         n_clusters: codewords per codebook: an int, or a float in (0, 1] = that fraction of the channels.
         segment_length: values per codeword; None = a whole channel (SWSC's layout), 1 = scalar clustering.
         cluster_dim: "output" (rows of W are the channels) or "input" (columns).
@@ -145,6 +152,7 @@ class SWSCConfig(QuantizationConfigMixin):
         share_group_size: int | None = None,
         share_types: list[str] | None = None,
         share_selection: str | None = None,
+        bits_ladder: str | None = None,
         dataset: str | list[str] | None = None,
         tokenizer: Any = None,
         n_samples: int | None = None,
@@ -174,7 +182,11 @@ class SWSCConfig(QuantizationConfigMixin):
             k: v for k, v in locals().items()
             if k in DEFAULTS and v is not ... and (v is not None or k in optional_none)
         }
-        preset_fields = dict(PRESETS[preset]) if preset else {}
+        # A saved checkpoint's config (it lists its layers) holds every field as it was resolved: its preset records
+        # where they came from and is not expanded again, so redefining a preset never changes how old checkpoints
+        # load.
+        saved = bool(compressed_layers)
+        preset_fields = dict(PRESETS[preset]) if preset and not saved else {}
         preset_bits = preset_fields.pop("bits", None)
         if preset_bits is not None:
             if bits is not None and bits != preset_bits:
@@ -186,7 +198,7 @@ class SWSCConfig(QuantizationConfigMixin):
             setattr(self, key, value)
         if bits is not None:
             chosen = sorted(k for k in BITS_CHOOSES if given.get(k) is not None)
-            if chosen or (preset is not None and preset_bits is None):
+            if chosen or (preset is not None and preset_bits is None and not saved):
                 raise ValueError(f"SWSCConfig.bits={bits!r} chooses every layer's layout itself; drop "
                                  f"{chosen or ['preset']} or drop bits")
             for key in BITS_CHOOSES:
@@ -215,7 +227,7 @@ class SWSCConfig(QuantizationConfigMixin):
         if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
             fail("format_version", f"this swsc_hf reads format {FORMAT_VERSION}; upgrade swsc_hf to load this model")
         for field, allowed in (("method", METHODS), ("cluster_dim", CLUSTER_DIMS), ("table_dtype", TABLE_DTYPES),
-                               ("share_selection", SHARE_SELECTIONS)):
+                               ("share_selection", SHARE_SELECTIONS), ("bits_ladder", BITS_LADDERS)):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 fail(field, f"use one of {allowed}")
         for field in ("affine_correction", "error_feedback"):

@@ -54,6 +54,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf-file", help="GGUF file name inside SRC")
     parser.add_argument("--preset", help="named setting (see swsc_hf.PRESETS)")
     parser.add_argument("--bits", type=float, help="target average bits per compressed weight")
+    parser.add_argument("--bits-ladder", choices=["all", "scalar"],
+                        help="with --bits and --calibration: layouts to choose from: all (scalar and vector tables, "
+                             "best quality; default) or scalar (fastest kernels)")
     parser.add_argument("--n-clusters", type=_number, help="codewords per codebook (int) or fraction of channels")
     parser.add_argument("--segment-length", type=int, help="values per codeword; 0 = whole channel (SWSC paper)")
     parser.add_argument("--rank", type=int, help="rank of the low-rank error compensation")

@@ -87,3 +87,17 @@ def test_bad_arguments_give_a_clear_error(tiny_with_tokenizer, tmp_path, capsys)
     assert main(["compress", str(tiny_with_tokenizer), str(tmp_path / "x"), "--rank", "-3"]) == 2
     assert "SWSCConfig.rank=-3 is invalid" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compress_bits_ladder_scalar_keeps_every_layer_a_scalar_table(tiny_with_tokenizer, tmp_path):
+    """`--bits-ladder scalar` reaches the calibrated allocation: every layer gets a scalar table (the fastest
+    kernels), and the choice is saved in config.json."""
+    text = tmp_path / "calibration.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and keeps running far away\n" * 100)
+    out = tmp_path / "compressed"
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--bits", "2.5", "--calibration", str(text),
+                 "--n-samples", "4", "--calibration-seq-len", "32", "--tune-steps", "0",
+                 "--bits-ladder", "scalar"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["bits_ladder"] == "scalar"
+    assert {layer.get("segment_length", 1) for layer in config["compressed_layers"].values()} == {1}

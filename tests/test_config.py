@@ -125,3 +125,20 @@ def test_calibrated_presets_carry_their_budget_and_refuse_to_run_without_data(ca
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)  # nothing was touched
     roundtrip = SWSCConfig.from_dict(SWSCConfig(preset="swsc-4.25b-cal").to_dict())
     assert roundtrip.bits == 4.25 and roundtrip.preset == "swsc-4.25b-cal"
+
+
+def test_a_saved_config_loads_as_saved_when_its_preset_was_redefined_since():
+    """`swsc-3.2b-cal` was a fixed layout (pairs of 64) before it became `bits=3.2`: a checkpoint saved then holds
+    the old fields and its layers. It loads with those fields; only a new, unsaved config takes the preset's
+    current definition (which refuses the explicit layout)."""
+    old_fields = dict(preset="swsc-3.2b-cal", n_clusters=64, segment_length=2, rank=0, scale_group_size=128,
+                      n_samples=16, seq_len=512)
+    layers = {"model.layers.0.mlp.up_proj": LayerSpec(64, 32, n_clusters=64, segment_length=2,
+                                                        scale_group_size=32).to_dict()}
+    saved = {**SWSCConfig(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128).to_dict(),
+             **old_fields, "compressed_layers": layers}
+    loaded = SWSCConfig.from_dict(saved)
+    assert (loaded.bits, loaded.n_clusters, loaded.segment_length) == (None, 64, 2)
+    assert loaded.compressed_layers == layers and loaded.preset == "swsc-3.2b-cal"
+    with pytest.raises(ValueError, match="chooses every layer's layout"):
+        SWSCConfig.from_dict({**saved, "compressed_layers": {}})

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import swsc_hf
 from swsc_hf import SWSCConfig, SWSCLinear, compression_report
-from swsc_hf.allocation import allocate, fisher_diagonals, spec_bits
+from swsc_hf.allocation import allocate, fisher_diagonals, ladder, lower_hull, spec_bits
 from swsc_hf.core.compress import compress_weight
 from swsc_hf.core.lowrank import low_rank
 from swsc_hf.core.spec import LayerSpec
@@ -178,10 +178,46 @@ def test_bits_target_calibrated_follows_measured_sensitivity(tiny_dense_dir, cal
     swsc_hf.compress_model(model, config)
     report = compression_report(model)
     assert report.compressed_bits_per_weight <= 4.0
-    code_bits = {name: m.spec.code_bits for name, m in model.named_modules() if isinstance(m, SWSCLinear)}
-    cheapest = min(code_bits.values())
-    assert code_bits[names[1]] == cheapest < max(code_bits.values())
-    assert code_bits[names[0]] > cheapest
+    specs = {name: m.spec for name, m in model.named_modules() if isinstance(m, SWSCLinear)}
+    spec = specs[names[1]]
+    assert spec == ladder(spec.out_features, spec.in_features, near=4.0, vectors=True)[0]  # its cheapest layout
+    assert spec_bits(specs[names[0]]) > spec_bits(spec)  # same shape, measured sensitivity: more bits
+
+
+def test_lower_hull_keeps_exactly_the_layouts_some_price_per_bit_prefers():
+    """Brute-force oracle: an option is on the hull iff it minimises loss + price * cost for some price >= 0."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        costs, losses = torch.rand(n, generator=gen).tolist(), torch.rand(n, generator=gen).tolist()
+        options = [(LayerSpec(8, 8, n_clusters=i + 1, segment_length=1), cost, loss)
+                   for i, (cost, loss) in enumerate(zip(costs, losses, strict=True))]
+        hull = lower_hull(options)
+        prices = [0.0] + torch.logspace(-4, 4, 4001).tolist()
+        preferred = {min(options, key=lambda o, p=p: (o[2] + p * o[1], o[1]))[0] for p in prices}
+        assert {o[0] for o in hull} == preferred, trial
+        assert [o[1] for o in hull] == sorted(o[1] for o in hull)
+        gains = [(a[2] - b[2]) / (b[1] - a[1]) for a, b in zip(hull, hull[1:], strict=False)]
+        assert all(g > 0 for g in gains) and gains == sorted(gains, reverse=True)
+
+
+def test_calibrated_bits_picks_a_vector_table_where_it_fits_better(tiny_dense_dir):
+    """One 64 x 64 layer made of pairs drawn from 16 points: a 16-entry pair table holds it exactly at ~2.4 bits,
+    scalar tables of 2-4 bits cannot. `bits=2.5` gives that layer the pair table; `vectors=False` cannot."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    gen = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.tensor([[1.0, -0.9]]), torch.rand(15, 2, generator=gen) * 1.6 - 0.8])
+    pairs = points[torch.randint(0, 16, (64, 32), generator=gen)]
+    pairs[:, 0] = points[0]  # every row holds the largest value: its scale is 1 and the table exact
+    planted = SAME_SHAPE[1]
+    with torch.no_grad():
+        model.get_submodule(planted).weight.copy_(pairs.reshape(64, 64) * 0.05)
+    fisher = {n: torch.ones_like(model.get_submodule(n).weight) for n in SAME_SHAPE}
+    layouts = allocate(model, SAME_SHAPE, 2.5, fisher)
+    assert (layouts[planted].segment_length, layouts[planted].n_clusters) == (2, 16), layouts[planted]
+    assert sum(spec_bits(spec) for spec in layouts.values()) / len(layouts) <= 2.5
+    scalar = allocate(model, SAME_SHAPE, 2.5, fisher, vectors=False)
+    assert all(spec.segment_length == 1 for spec in scalar.values())
 
 
 def test_share_selection_by_loss_shares_only_where_it_pays(tiny_dense_dir, input_ids, tmp_path):
