@@ -38,14 +38,11 @@ def ladder(out_features: int, in_features: int, near: float | None = None, vecto
     shapes = [(1, 2**bits) for bits in LADDER_CODE_BITS]
     if vectors:
         shapes += [shape for shape in LADDER_VECTORS if in_features % shape[0] == 0]
-    specs = []
-    for segment, clusters in shapes:
-        code_bits = (clusters.bit_length() - 1) / segment
-        if near is not None and not int(near) - 1 <= code_bits <= int(near) + 2:
-            continue
-        group = fitting_scale_group(LADDER_SCALE_GROUP, in_features, segment)
-        specs.append(LayerSpec(out_features, in_features, n_clusters=clusters, segment_length=segment,
-                               scale_group_size=group))
+    specs = [LayerSpec(out_features, in_features, n_clusters=clusters, segment_length=segment,
+                       scale_group_size=fitting_scale_group(LADDER_SCALE_GROUP, in_features, segment))
+             for segment, clusters in shapes]
+    if near is not None:
+        specs = [spec for spec in specs if int(near) - 1 <= spec.code_bits / spec.segment_length <= int(near) + 2]
     if not specs:
         return ladder(out_features, in_features)[:1]
     return sorted(specs, key=spec_bits)
