@@ -201,8 +201,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                      "compression; compress data-free (no dataset) instead")
 
 
-def calibration_batches(config: SWSCConfig, tokenizer, device: torch.device) -> list[torch.Tensor]:
-    """`n_samples` windows of `seq_len` tokens, taken at seeded random offsets in the calibration text."""
+def calibration_batches(config: SWSCConfig, tokenizer, device: torch.device,
+                        count: int | None = None) -> list[torch.Tensor]:
+    """`count` (default `n_samples`) windows of `seq_len` tokens, taken at seeded random offsets in the calibration
+    text; a larger count extends the same sequence of windows."""
     if tokenizer is None:
         raise ValueError("calibrated compression needs a tokenizer: pass SWSCConfig(tokenizer=...)")
     text = "\n\n".join(calibration_texts(config.dataset))
@@ -210,7 +212,7 @@ def calibration_batches(config: SWSCConfig, tokenizer, device: torch.device) -> 
     if ids.numel() <= config.seq_len:
         raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than seq_len={config.seq_len}")
     generator = torch.Generator().manual_seed(config.seed)
-    starts = torch.randint(0, ids.numel() - config.seq_len, (config.n_samples,), generator=generator)
+    starts = torch.randint(0, ids.numel() - config.seq_len, (count or config.n_samples,), generator=generator)
     return [ids[s : s + config.seq_len][None].to(device) for s in starts.tolist()]
 
 

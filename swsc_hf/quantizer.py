@@ -180,15 +180,17 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
 
 
 def tune_toward_dense(model: nn.Module, config: SWSCConfig, teacher, tokenizer, spent: float = 0.0) -> list[float]:
-    """Distil the compressed tables of `model` toward `teacher` on the calibration windows, as `config`'s tune_*
-    fields say, within what is left of `config.time_budget` after `spent` seconds; returns the losses."""
+    """Distil the compressed tables of `model` toward `teacher` on `config.tune_samples` calibration windows (one
+    per step by default), as `config`'s tune_* fields say, within what is left of `config.time_budget` after `spent`
+    seconds; returns the losses."""
     budget = None if config.time_budget is None else config.time_budget - spent
     if budget is not None and budget <= 0:
         logger.warning("swsc_hf: compression took %.0f s of the %.0f s time budget; tuning skipped", spent,
                        config.time_budget)
         return []
     device = next(model.parameters()).device
+    batches = calibration_batches(config, tokenizer, device, count=config.tune_samples or config.tune_steps)
     return distill_tables(
-        model, teacher, calibration_batches(config, tokenizer, device), steps=config.tune_steps, lr=config.tune_lr,
+        model, teacher, batches, steps=config.tune_steps, lr=config.tune_lr,
         scales_lr=config.tune_scales_lr or None, norms_lr=config.tune_norms_lr or None,
         positions=config.tune_positions or None, time_budget=budget, seed=config.seed)

@@ -93,6 +93,25 @@ def test_tuning_norms_and_sampled_positions(calibration):
     assert not torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
 
 
+def test_tuning_draws_one_fresh_window_per_step_unless_told(calibration, monkeypatch):
+    """Tuning windows extend the fitting windows' sequence: `tune_steps` of them by default (each seen once), or
+    `tune_samples` cycled."""
+    seen = []
+
+    def record(model, teacher, batches, **kwargs):
+        seen.append(batches)
+        return []
+
+    monkeypatch.setattr(swsc_hf.quantizer, "distill_tables", record)
+    kl_after_compression(calibration, tune_steps=24)
+    kl_after_compression(calibration, tune_steps=24, tune_samples=5)
+    fitting = swsc_hf.calibration_batches(SWSCConfig(**{**calibration, "n_samples": 16, "seq_len": 64}),
+                                          calibration["tokenizer"], torch.device("cpu"))
+    assert [len(batches) for batches in seen] == [24, 5]
+    assert all(torch.equal(a, b) for a, b in zip(seen[0][:16], fitting, strict=True))
+    assert len({tuple(batch[0, :8].tolist()) for batch in seen[0]}) > 16  # more windows than fitting saw
+
+
 def test_time_budget_stops_tuning_early(calibration, caplog):
     with caplog.at_level(logging.INFO, logger="swsc_hf"):
         kl_after_compression(calibration, tune_steps=100_000, time_budget=3.0)
