@@ -78,6 +78,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # swsc-3bit's layout everywhere, calibrated and tuned as the presets are (the 3.2-bit preset before `bits=`
     # chose among vector tables)
     "swsc-3bit-cal-tuned": ("swsc_hf", dict(preset="swsc-3bit", **CALIBRATION)),
+    # The 3.2-bit preset as it was before tuning drew fresh windows: 64 steps cycling the 16 fitting windows
+    "swsc-3.2b-cal-t64-cycled": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_steps=64,
+                                                 tune_samples=16)),
+    # The 2.2-bit preset with half its tuning steps
+    "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128)),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
     "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION)),
     # The 4.25-bit preset as it was before vector tables joined the `bits=` ladder (scalar tables only), and the same

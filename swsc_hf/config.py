@@ -37,11 +37,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # `dataset=` (names ending in "-cal"), and tuned toward the dense model after fitting (tune_* fields). At 4.25
     # and 3.2 bits each layer's layout, scalar or vector table, is chosen by measured sensitivity (`bits=`); at 2.2
     # bits quadruples everywhere measured better than that choice (docs/results.md). Tuning draws a fresh window
-    # per step, except at 4.25 bits, where cycling the 16 fitting windows measured as well (20.26 against 20.34).
+    # per step: 128 steps at 3.2 bits (8 windows: 24.38, against 24.67 after 64 steps and 25.14 after 64 steps
+    # cycling the 16 fitting windows), 256 at 2.2 bits (16 windows: 47.18, against 51.98 after 128; 26 minutes in
+    # all); at 4.25 bits 64 steps cycling those 16 measured as well (20.26 against 20.34 on 64 fresh windows).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=16, seq_len=512, tune_samples=16),
-    "swsc-3.2b-cal": dict(bits=3.2, n_samples=16, seq_len=512),
+    "swsc-3.2b-cal": dict(bits=3.2, n_samples=16, seq_len=512, tune_steps=128),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
-                          n_samples=16, seq_len=512),
+                          n_samples=16, seq_len=512, tune_steps=256),
 }
 # Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.
 CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal"))
@@ -221,7 +223,9 @@ class SWSCConfig(QuantizationConfigMixin):
         self.format_version = format_version
         unknown = set(kwargs) - {"quant_method"}
         if unknown:
-            raise ValueError(f"SWSCConfig got unknown fields {sorted(unknown)}; see help(SWSCConfig)")
+            raise ValueError(f"SWSCConfig got unknown fields {sorted(unknown)}; see help(SWSCConfig) (a checkpoint's "
+                             "config.json with fields this swsc_hf does not know was written by a newer one: upgrade "
+                             "swsc_hf to load it)")
         self.post_init()
 
     def post_init(self) -> None:

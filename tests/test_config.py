@@ -57,6 +57,12 @@ def test_round_trip_through_dict_and_json():
     assert again.to_dict() == data
 
 
+def test_a_field_from_a_newer_swsc_hf_asks_for_an_upgrade():
+    saved = {**SWSCConfig(preset="swsc-4bit").to_dict(), "tune_frobnication": 3}
+    with pytest.raises(ValueError, match=r"unknown fields \['tune_frobnication'\].*upgrade swsc_hf"):
+        SWSCConfig.from_dict(saved)
+
+
 def test_presets_fill_fields_and_explicit_arguments_win():
     config = SWSCConfig(preset="swsc-paper")
     assert (config.n_clusters, config.segment_length, config.rank) == (0.5, None, 32)
