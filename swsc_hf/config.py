@@ -268,10 +268,11 @@ class SWSCConfig(QuantizationConfigMixin):
         for field, high in (("n_samples", MAX_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
             if not _is_int(getattr(self, field), 1, high):
                 fail(field, f"use an int from 1 to {high}")
-        for field, high in (("tune_steps", MAX_TUNE_STEPS), ("tune_positions", MAX_SEQ_LEN),
-                            ("tune_samples", MAX_SAMPLES)):
+        for field, high in (("tune_steps", MAX_TUNE_STEPS), ("tune_positions", MAX_SEQ_LEN)):
             if not _is_int(getattr(self, field), 0, high):
                 fail(field, f"use an int from 0 (off) to {high}")
+        if not _is_int(self.tune_samples, 0, MAX_SAMPLES):
+            fail("tune_samples", f"use an int from 0 (a fresh window per tuning step) to {MAX_SAMPLES}")
         for field in ("tune_lr", "tune_scales_lr", "tune_norms_lr"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:

@@ -69,7 +69,7 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune-steps", type=int,
                         help="with --calibration: steps of distillation toward the dense model (default 64; 0 = off)")
     parser.add_argument("--tune-samples", type=int,
-                        help="calibration windows tuning draws, one per step (default: one fresh window per step)")
+                        help="calibration windows tuning cycles through (default: a fresh window for every step)")
     parser.add_argument("--time-budget", type=float,
                         help="seconds for the whole compression; tuning stops early to fit (default: no limit)")
     _add_common_args(parser)
