@@ -102,3 +102,15 @@ def test_compress_bits_ladder_scalar_keeps_every_layer_a_scalar_table(tiny_with_
     assert config["bits_ladder"] == "scalar"
     assert config["tune_samples"] == 3
     assert {layer.get("segment_length", 1) for layer in config["compressed_layers"].values()} == {1}
+
+
+def test_cli_choices_match_the_config_it_builds():
+    """The parser lists choices without importing swsc_hf (fast `--help`), so its literals must follow the config's."""
+    from swsc_hf.config import BITS_LADDERS, CLUSTER_DIMS, TABLE_DTYPES
+    from swsc_hf_cli import build_parser
+
+    compress = build_parser()._subparsers._group_actions[0].choices["compress"]
+    choices = {action.dest: tuple(action.choices) for action in compress._actions if action.choices}
+    assert choices["bits_ladder"] == BITS_LADDERS
+    assert choices["cluster_dim"] == CLUSTER_DIMS
+    assert choices["table_dtype"] == TABLE_DTYPES
