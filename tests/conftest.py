@@ -65,7 +65,12 @@ def calibration() -> dict:
 # `bits=` ladder's layouts (2-8 bit scalar tables, 2- and 4-dim vectors, scales per group), odd sizes, tails.
 KERNEL_LAYOUTS = [
     (48, 96, 16, 1, "output", 32, 0),     # swsc-4bit
+    (37, 64, 12, 1, "output", 64, 4),     # 4-bit codes, odd rows, a codebook per 4 rows
+    (64, 40, 16, 1, "input", 0, 0),       # 4-bit codes without scales, input channels
     (40, 96, 64, 2, "output", 32, 0),     # swsc-3bit
+    (40, 96, 32, 2, "output", 32, 5),     # 5-bit pairs, a codebook per 5 rows
+    (20, 64, 64, 2, "output", 0, 3),      # 6-bit pairs without scales, a codebook per 3 rows
+    (24, 96, 64, 2, "output", 48, 0),     # 6-bit pairs in groups of 48 (not a multiple of 32)
     (48, 64, 256, 4, "output", 16, 0),    # swsc-2bit
     (37, 80, 4, 1, "output", 16, 0),      # 2-bit scalar, odd rows
     (32, 48, 8, 1, "input", 16, 0),       # 3-bit, input channels

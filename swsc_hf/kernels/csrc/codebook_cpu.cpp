@@ -3,8 +3,9 @@
 // The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
 // channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
 // mask), looked up in the codebook (a register permute for tables of <= 16/32 floats; whole codeword loads for 4-
-// and 8-dim vectors; on AVX-512, one gather of whole float16 pairs when the values are float16 exactly; a gather
-// from an L1-resident float table otherwise) and multiplied into the activations.
+// and 8-dim vectors; on AVX-512, when the values are float16 exactly, 16-bit register permutes for pairs of <= 64
+// codewords and one gather of whole float16 pairs for larger ones; a gather from an L1-resident float table
+// otherwise) and multiplied into the activations.
 // Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
@@ -120,6 +121,8 @@ FloatView float_view(const at::Tensor& t, const char* name) {
   return FloatView{t.data_ptr(), t.scalar_type()};
 }
 
+constexpr int64_t kSplitBook = 128;  // float16 values per codebook in Operands::half_split
+
 struct Operands {
   Layout l;
   const uint8_t* codes;
@@ -128,12 +131,18 @@ struct Operands {
   // The same as float16 bits (same padding) for pairs when every value is a float16 exactly (the default
   // table_dtype), so a pair is one 32-bit element: gathered whole and widened in registers.
   std::vector<uint16_t> half_tables;
+  // Pairs of <= 64 codewords whose values are float16 exactly (the default table_dtype), in scale groups of a
+  // multiple of 32 values (or without groups, channels of a multiple of 32), split by element: per
+  // codebook kSplitBook float16 values, the codewords' first elements (64, zero-padded) then their second elements,
+  // so a pair is two 16-bit register permutes (AVX-512 BW) instead of a gather. Empty otherwise.
+  std::vector<uint16_t> half_split;
   at::Tensor scales_held;     // the scales, contiguous (a copy only when they were not)
   FloatView scales;           // (channels, n_groups) in their stored dtype, or data == nullptr without groups
   int64_t n_groups;
 
   ALWAYS_INLINE const float* table(int64_t c) const { return tables.data() + (c / l.rows_per_book) * l.book_stride; }
   ALWAYS_INLINE const uint16_t* half_table(int64_t c) const {  // nullptr without a float16 copy
+    if (!half_split.empty()) return half_split.data() + (c / l.rows_per_book) * kSplitBook;
     return half_tables.empty() ? nullptr : half_tables.data() + (c / l.rows_per_book) * l.book_stride;
   }
   ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
@@ -144,7 +153,7 @@ struct Operands {
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                        at::IntArrayRef layout) {
-  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, {}, 0};
+  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, {}, {}, 0};
   const Layout& l = o.l;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(),
               "swsc_hf_cpu: codes must be a contiguous 1-D uint8 tensor");
@@ -161,15 +170,20 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
     for (int64_t i = 0; i < l.n_clusters * l.seg; ++i)
       o.tables[b * l.book_stride + i] = books[b * l.n_clusters * l.seg + i];
   if (l.seg == 2 && (int64_t(1) << l.bits) * l.seg > 32) {
-    o.half_tables.resize(o.tables.size());
-    for (size_t i = 0; i < o.tables.size(); ++i) {
-      const at::Half h(o.tables[i]);
-      if (static_cast<float>(h) != o.tables[i]) {  // not exact (or NaN): the float32 path keeps the numbers
-        o.half_tables.clear();
-        break;
+    const bool split = l.bits <= 6 && (l.group ? l.group : l.length) % 32 == 0;  // kind 6 decodes 32 values
+    std::vector<uint16_t>& half = split ? o.half_split : o.half_tables;
+    half.assign(split ? n_books * kSplitBook : o.tables.size(), 0);
+    for (int64_t b = 0; b < n_books; ++b)
+      for (int64_t i = 0; i < l.n_clusters * 2; ++i) {
+        const float value = o.tables[b * l.book_stride + i];
+        const at::Half h(value);
+        if (static_cast<float>(h) != value) {  // not exact (or NaN): the float32 path keeps the numbers
+          half.clear();
+          b = n_books;
+          break;
+        }
+        half[split ? b * kSplitBook + (i & 1) * 64 + i / 2 : b * l.book_stride + i] = h.x;
       }
-      o.half_tables[i] = h.x;
-    }
   }
   if (l.group) {
     TORCH_CHECK(scales.has_value() && scales->dim() == 2 && scales->size(0) == l.channels &&
@@ -277,22 +291,22 @@ struct CodeReader {
 // permute (tables of <= 16 or 32 floats) or a gather from the L1-resident float table.
 
 // Per-lane byte indices (for a 128-bit byte shuffle, the chunk's 16 bytes broadcast to every 128-bit lane) and
-// shifts for each s0.
+// shifts for each s0, for lanes of `lane_bytes` bytes (4: 32-bit lanes; 2: 16-bit lanes, shifts as int16).
 struct LanePatterns {
   alignas(64) int8_t bytes[8][64];
-  alignas(64) int32_t shifts[8][16];
+  alignas(64) uint8_t shifts[8][64];
   alignas(64) int32_t elem[16];
 
-  LanePatterns(int lanes, int64_t bits, int64_t seg) {
+  LanePatterns(int lanes, int64_t bits, int64_t seg, int lane_bytes = 4) {
     std::memset(bytes, -128, sizeof(bytes));
     std::memset(shifts, 0, sizeof(shifts));
     for (int s0 = 0; s0 < 8; ++s0)
       for (int i = 0; i < lanes; ++i) {
         const int64_t bit = s0 + (i / seg) * bits;
         const int first = int(bit >> 3);
-        bytes[s0][i * 4] = int8_t(first);
-        if (first + 1 <= 15) bytes[s0][i * 4 + 1] = int8_t(first + 1);
-        shifts[s0][i] = int32_t(bit & 7);
+        bytes[s0][i * lane_bytes] = int8_t(first);
+        if (first + 1 <= 15) bytes[s0][i * lane_bytes + 1] = int8_t(first + 1);
+        shifts[s0][i * lane_bytes] = uint8_t(bit & 7);  // little-endian: the lane's low byte
       }
     for (int i = 0; i < 16; ++i) elem[i] = int32_t(i % seg);
   }
@@ -317,6 +331,7 @@ struct Simd {
   ALWAYS_INLINE static V set1(float v) { return _mm512_set1_ps(v); }
   ALWAYS_INLINE static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   ALWAYS_INLINE static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  ALWAYS_INLINE static V add(V a, V b) { return _mm512_add_ps(a, b); }
   ALWAYS_INLINE static __mmask16 mask(int64_t remaining) {
     return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
   }
@@ -330,6 +345,7 @@ struct Simd {
   using I = __m512i;
   ALWAYS_INLINE static I load_i(const void* p) { return _mm512_load_si512(p); }
   ALWAYS_INLINE static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
+  ALWAYS_INLINE static I set1_w(int16_t v) { return _mm512_set1_epi16(v); }
   ALWAYS_INLINE static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
     const I raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(raw, bytes), shifts), mask);
@@ -340,7 +356,7 @@ struct Simd {
   // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather, 3 = whole codewords loaded one by one (AVX2
   // only, see kernel_isa), 4 = a 64-float table as two two-register permutes merged by index bit 5 (half the time
   // of a gather here; for 128 floats four permutes cost what the gather does), 5 = float16 pairs gathered whole
-  // (half_pairs).
+  // (half_pairs), 6 = float16 pairs of <= 64 codewords permuted in registers (half_split).
   template <int KIND>
   ALWAYS_INLINE static V lookup(I idx, V lo, V hi, const float* table) {
     if constexpr (KIND == 0) return _mm512_permutexvar_ps(idx, lo);
@@ -351,7 +367,7 @@ struct Simd {
           _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32), idx, _mm512_loadu_ps(table + 48)));
     else return _mm512_i32gather_ps(idx, table, 4);
   }
-  static constexpr bool kHalfPairs = true, kCodewords = false;
+  static constexpr bool kHalfPairs = true, kHalfSplit = true, kCodewords = false;
   // Kind 5 (float16 pairs): a pair is one 32-bit element of the float16 table, so the chunk's 8 pairs are one 8-lane
   // gather (codes extracted in lanes by `bytes` and `shifts`, segment length 1 patterns), widened to 16 floats.
   ALWAYS_INLINE static V half_pairs(const uint8_t* src, I bytes, I shifts, I mask, const uint16_t* table) {
@@ -361,6 +377,18 @@ struct Simd {
         _mm512_castsi512_si256(mask));
     return _mm512_cvtph_ps(_mm256_i32gather_epi32(reinterpret_cast<const int*>(table), codes, 4));
   }
+  // Kind 6 (float16 pairs of <= 64 codewords, split by element, Operands::half_split): 32 values (two chunks) at
+  // once. Each 16-bit lane gets its pair's code (16-bit lane patterns); one permute over the 64 first elements and
+  // one over the 64 second elements, even lanes from the first and odd from the second, widened to 2 x 16 floats.
+  ALWAYS_INLINE static void half_split(const uint8_t* src, I bytes, I shifts, I mask, const uint16_t* table, V* out) {
+    const I raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    const I idx = _mm512_and_si512(_mm512_srlv_epi16(_mm512_shuffle_epi8(raw, bytes), shifts), mask);
+    const I first = _mm512_permutex2var_epi16(_mm512_loadu_si512(table), idx, _mm512_loadu_si512(table + 32));
+    const I second = _mm512_permutex2var_epi16(_mm512_loadu_si512(table + 64), idx, _mm512_loadu_si512(table + 96));
+    const I pairs = _mm512_mask_blend_epi16(0xAAAAAAAA, first, second);
+    out[0] = _mm512_cvtph_ps(_mm512_castsi512_si256(pairs));
+    out[1] = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(pairs, 1));
+  }
   ALWAYS_INLINE static int lookup_kind(int64_t table_floats, int64_t seg) {
     if (table_floats <= 32) return table_floats <= 16 ? 0 : 1;
     if (seg > 2) return 2;  // not reached: kernel_isa gives these layouts to the AVX2 kernels (kind 3)
@@ -369,6 +397,71 @@ struct Simd {
 };
 
 #include "codebook_simd.inc"
+
+// 4-bit codes of scalar tables (swsc-4bit, the ladder's 9..16-value tables) in whole 32-value blocks: a block's 16
+// code bytes widen to 16 lanes whose low nibbles are the block's even values and whose next nibbles its odd values.
+// The permute reads only an index's low 4 bits, so one shift and two permutes decode 32 values (no byte shuffle,
+// per-lane shift or mask), multiplied into activations reordered once per call (nibble_order). y[b, c] for R
+// channels from c and NB activation rows from b0.
+template <int NB, int R>
+void gemv_nibble_rows(const Operands& o, const float* x, float* y, int64_t b0, int64_t c) {
+  const Layout& l = o.l;
+  const int64_t group = l.group ? l.group : l.length;
+  const uint8_t* src[R];
+  V table[R], total[R][NB];
+  for (int r = 0; r < R; ++r) {
+    src[r] = o.codes + (c + r) * l.length / 2;
+    table[r] = Simd::load_full(o.table(c + r));
+    for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
+  }
+  for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
+    V acc[R][NB], acc_odd[R][NB];  // two chains per output: an FMA's latency, not its throughput, bounds one
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = acc_odd[r][b] = Simd::zero();
+    for (int64_t p = g0; p < g0 + group; p += 2 * W) {
+      V even[NB], odd[NB];
+      for (int b = 0; b < NB; ++b) {
+        even[b] = Simd::load_full(x + (b0 + b) * l.length + p);
+        odd[b] = Simd::load_full(x + (b0 + b) * l.length + p + W);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[r])));
+        src[r] += W;
+        const V w_even = _mm512_permutexvar_ps(codes, table[r]);
+        const V w_odd = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table[r]);
+        for (int b = 0; b < NB; ++b) {
+          acc[r][b] = Simd::fmadd(w_even, even[b], acc[r][b]);
+          acc_odd[r][b] = Simd::fmadd(w_odd, odd[b], acc_odd[r][b]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const V s = Simd::set1(o.group_scale(c + r, gi));
+      for (int b = 0; b < NB; ++b) total[r][b] = Simd::fmadd(Simd::add(acc[r][b], acc_odd[r][b]), s, total[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) y[(b0 + b) * l.channels + c + r] = Simd::sum(total[r][b]);
+}
+
+template <int NB, int R>
+void gemv_nibble_block(const Operands& o, const float* x, float* y, int64_t b0, int64_t c0, int64_t c1) {
+  int64_t c = c0;
+  for (; c + R <= c1; c += R) gemv_nibble_rows<NB, R>(o, x, y, b0, c);
+  for (; c < c1; ++c) gemv_nibble_rows<NB, 1>(o, x, y, b0, c);
+}
+
+// gemv for nibble layouts (nibble_layout), x in nibble_order.
+void gemv_nibbles(const Operands& o, const float* x, int64_t B, float* y, int64_t c0, int64_t c1) {
+  for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
+    switch (std::min(kBatchBlock, B - b0)) {
+      case 1: gemv_nibble_block<1, 4>(o, x, y, b0, c0, c1); break;
+      case 2: gemv_nibble_block<2, 2>(o, x, y, b0, c0, c1); break;
+      case 3: gemv_nibble_block<3, 2>(o, x, y, b0, c0, c1); break;
+      default: gemv_nibble_block<4, 1>(o, x, y, b0, c0, c1); break;
+    }
+  }
+}
 
 }  // namespace avx512
 #pragma GCC pop_options
@@ -407,6 +500,7 @@ struct Simd {
   using I = __m256i;
   ALWAYS_INLINE static I load_i(const void* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
   ALWAYS_INLINE static I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
+  ALWAYS_INLINE static I set1_w(int16_t v) { return _mm256_set1_epi16(v); }
   ALWAYS_INLINE static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
     const I raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, bytes), shifts), mask);
@@ -425,7 +519,8 @@ struct Simd {
   ALWAYS_INLINE static int lookup_kind(int64_t table_floats, int64_t seg) {
     return table_floats <= 8 ? 0 : table_floats <= 16 ? 1 : seg > 2 ? 3 : 2;
   }
-  static constexpr bool kHalfPairs = false, kCodewords = true;  // a 4-lane gather costs more than kind 2 here
+  // a 4-lane gather costs more than kind 2 here; 16-bit permutes over two registers need AVX-512
+  static constexpr bool kHalfPairs = false, kHalfSplit = false, kCodewords = true;
   template <int BITS>
   ALWAYS_INLINE static V codewords(const uint8_t* src, int s0, const float* table, int64_t bits, int64_t seg) {
     const CodeReader<BITS> code(src, s0, bits);
@@ -457,16 +552,29 @@ int64_t kernel_isa(const Layout& l) {
   return isa == kAvx512 && l.seg > 2 && (int64_t(1) << l.bits) * l.seg > 32 ? kAvx2 : isa;
 }
 
+// Whether avx512::gemv_nibbles runs this layout: 4-bit codes of scalar tables, channels and scale groups of whole
+// 32-value blocks.
+bool nibble_layout(const Layout& l) {
+  return kernel_isa(l) == kAvx512 && l.seg == 1 && l.bits == 4 && l.length % 32 == 0 && l.group % 32 == 0;
+}
+
+// x's rows with each 32-value block reordered as its 16 even values, then its 16 odd ones (gemv_nibbles' order).
+at::Tensor nibble_order(const at::Tensor& x) {
+  return x.view({x.size(0), -1, 16, 2}).transpose(2, 3).contiguous();
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                 const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
-  const at::Tensor xf = float_rows(x, o.l.length, "x");
+  const bool nibbles = nibble_layout(o.l);
+  const at::Tensor xf = nibbles ? nibble_order(float_rows(x, o.l.length, "x")) : float_rows(x, o.l.length, "x");
   at::Tensor y = at::empty({xf.size(0), o.l.channels}, xf.options());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t B = xf.size(0), isa = kernel_isa(o.l);
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-    if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
+    if (nibbles) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
+    else if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
     else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
     else gemv_portable(o, xp, B, yp, c0, c1);
   });
