@@ -24,8 +24,10 @@ bash benchmarks/setup_env.sh            # venv ~/.venvs/swsc-bench: baselines, l
 PY=~/.venvs/swsc-bench/bin/python
 $PY benchmarks/quality.py --windows 32 --prefix-windows 16     # add --resume to continue a run
 $PY benchmarks/speed.py --threads 2 --repeats 3 --out docs/results/speed.jsonl   # + llama.cpp on the same GGUF
-$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head \
-    --compile dense,swsc-4bit-head,swsc-2bit-head --out docs/results/speed-decode.jsonl   # compiled decoding rows
+$PY benchmarks/speed.py --threads 2 --repeats 3 \
+    --methods dense,dense-bf16,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head \
+    --compile dense,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head --cpp-wrapper swsc-4bit-head,swsc-2bit-head \
+    --out docs/results/speed-decode.jsonl   # compiled decoding rows
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
@@ -377,7 +379,8 @@ def speed_section(records: list[dict], title: str = "## Speed and memory", note:
             f"{dense['repeats']} interleaved rounds after a warm-up round; every ratio divides by a model of the same "
             "run (`x fp32`: decode tokens/s over dense fp32's, > 1 = faster; prefill ratios are times, < 1 = "
             "faster). Model = bytes of its parameters and buffers (llama.cpp: the GGUF file); RSS rise = growth of "
-            "the process's peak resident set while that model prefilled and decoded the first time.", ""]
+            "the process's peak resident set while that model prefilled and decoded the first time; warm-up = "
+            "that first prefill and decode, compiling included (`+compile`, `+compile-cpp`).", ""]
 
     def tps(r):
         return r["decode_tokens_per_s"]
@@ -389,9 +392,10 @@ def speed_section(records: list[dict], title: str = "## Speed and memory", note:
             f"`{r['label']}`", fmt(r.get("avg_bits"), 2), fmt(r["prefill_median_s"], 3),
             fmt(r["prefill_median_s"] / dense["prefill_median_s"], 2), fmt(tps(r), 1), fmt(tps(r) / tps(dense), 2),
             fmt(tps(r) / tps(bf16), 2) if bf16 else "-", fmt(tps(r) / tps(llama), 2) if llama else "-",
-            fmt(size / 2**20, 1) if size else "-", fmt(r.get("peak_rss_rise_bytes", 0) / 2**20, 0)])
+            fmt(size / 2**20, 1) if size else "-", fmt(r.get("peak_rss_rise_bytes", 0) / 2**20, 0),
+            fmt(r.get("warmup_seconds"), 0)])
     out += [table(["model", "avg bits", "prefill s", "prefill x fp32", "decode tokens/s", "x fp32", "x bf16",
-                   "x llama.cpp", "model MiB", "RSS rise MiB"], table_rows), ""]
+                   "x llama.cpp", "model MiB", "RSS rise MiB", "warm-up s"], table_rows), ""]
     ours = [r for r in rows if r["family"] == "swsc_hf"]
     lose = [f"`{r['label']}` decodes at x{tps(r) / tps(dense):.2f} of dense fp32" for r in ours if tps(r) < tps(dense)]
     lose += [f"`{r['label']}` prefills in x{r['prefill_median_s'] / dense['prefill_median_s']:.2f} of dense "

@@ -38,16 +38,20 @@ class TorchCase:
 
     kind = "torch"
 
-    def __init__(self, label: str, family: str, model, bits: float, prompt: torch.Tensor, compiled: bool) -> None:
+    def __init__(self, label: str, family: str, model, bits: float, prompt: torch.Tensor, compiled: bool,
+                 cpp_wrapper: bool = False) -> None:
         self.label, self.family, self.model, self.bits, self.prompt = label, family, model, bits, prompt
-        self.compiled = compiled
+        self.compiled, self.cpp_wrapper = compiled, cpp_wrapper
         # compiled: what swsc_hf.compile_decoding makes generate do (a static KV cache, the prefill eager, each
         # decode step one torch.compile'd graph with static shapes, grouped-query attention without key/value
         # copies); compile_decoding's attention switch also reaches the eager case sharing this model, where
-        # transformers already packs single-token steps the same way
+        # transformers already packs single-token steps the same way. cpp_wrapper: the inductor option that
+        # compile_decoding(cpp_wrapper=True) sets
         if compiled:
             compile_decoding(model)
-        self.decode_step = torch.compile(self._static_step, fullgraph=True, dynamic=False) if compiled else None
+        options = {"cpp_wrapper": True} if cpp_wrapper else None
+        self.decode_step = (torch.compile(self._static_step, fullgraph=True, dynamic=False, options=options)
+                            if compiled else None)
         self.cache = None
         self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
         self.info: dict[str, float] = {"model_bytes": common.tensor_bytes(model)}
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="names or patterns from methods.METHODS")
     parser.add_argument("--compile", default="", help="methods to also time with compiled decoding (a static KV "
                         "cache and a torch.compile'd decode step, as swsc_hf.compile_decoding; comma-separated)")
+    parser.add_argument("--cpp-wrapper", default="", help="methods to also time with compiled decoding whose "
+                        "wrapper inductor emits in C++ (compile_decoding(cpp_wrapper=True); comma-separated)")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llama.cpp on the bundled GGUF file (needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
@@ -156,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     names = methods.select(args.methods)
     names = ["dense"] + [name for name in names if name != "dense"]
     to_compile = set(methods.select(args.compile)) if args.compile else set()
+    to_compile_cpp = set(methods.select(args.cpp_wrapper)) if args.cpp_wrapper else set()
     info = common.run_info()
     dense, tokenizer = common.load_dense()
     prompt = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[:, : args.prompt_tokens]
@@ -171,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(TorchCase(name, methods.METHODS[name][0], model, bits, prompt, compiled=False))
         if name in to_compile:
             cases.append(TorchCase(f"{name}+compile", methods.METHODS[name][0], model, bits, prompt, compiled=True))
+        if name in to_compile_cpp:
+            cases.append(TorchCase(f"{name}+compile-cpp", methods.METHODS[name][0], model, bits, prompt,
+                                   compiled=True, cpp_wrapper=True))
     del dense
     if args.llama_cpp:
         try:
@@ -198,8 +208,9 @@ def main(argv: list[str] | None = None) -> None:
             case.times["decode"].append(decode)
     for case in cases:
         decode = statistics.median(case.times["decode"])
-        record = {"method": case.label.removesuffix("+compile"), "label": case.label, "family": case.family,
-                  "kind": case.kind, "compiled": case.compiled, "avg_bits": case.bits, "threads": args.threads,
+        record = {"method": case.label.split("+")[0], "label": case.label, "family": case.family,
+                  "kind": case.kind, "compiled": case.compiled, "cpp_wrapper": getattr(case, "cpp_wrapper", False),
+                  "avg_bits": case.bits, "threads": args.threads,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                   "prefill_median_s": statistics.median(case.times["prefill"]), "decode_median_s": decode,
                   "decode_tokens_per_s": (args.new_tokens - 1) / decode, "prefill_runs_s": case.times["prefill"],

@@ -61,14 +61,23 @@ AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_forward)
 AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)
 
 
-def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = True) -> nn.Module:
+def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = True,
+                     cpp_wrapper: bool = False) -> nn.Module:
     """Make `model.generate` decode with a static KV cache and a compiled step on any device; returns the model.
 
     The first `generate` call compiles (minutes for a 30-layer model on 2 CPU cores; once per process and cache
     length), later calls reuse it. Prefill runs eagerly. Undo with `model.generation_config.cache_implementation =
     None` and `model.generation_config.compile_config = None`.
+
+    `cpp_wrapper=True` has inductor emit the step's wrapper in C++, so kernels are called without Python in between:
+    faster decoding for a much longer first compile (docs/results.md measures both). Inductor only.
     """
-    config = CompileConfig(fullgraph=fullgraph, dynamic=False, backend=backend, mode="default")
+    if cpp_wrapper and backend != "inductor":
+        raise ValueError(f"compile_decoding(cpp_wrapper=True) needs backend='inductor', got backend={backend!r}")
+    # torch.compile takes a mode or options, not both; the options leave the default mode
+    options = {"cpp_wrapper": True} if cpp_wrapper else None
+    config = CompileConfig(fullgraph=fullgraph, dynamic=False, backend=backend,
+                           mode=None if cpp_wrapper else "default", options=options)
     config._compile_all_devices = True  # transformers' documented switch for compiling off-GPU
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config

@@ -274,6 +274,20 @@ def test_compile_decoding_generates_the_same_tokens_through_the_compiled_step(mo
     assert compiled_calls and compiled_calls[0].fullgraph  # the decode steps ran the compiled call
 
 
+@pytest.mark.slow
+def test_compile_decoding_with_the_cpp_wrapper_generates_the_same_tokens():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    swsc_hf.compress_model(model, swsc_hf.SWSCConfig(preset="swsc-4bit"))
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
+    eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    swsc_hf.compile_decoding(model, cpp_wrapper=True)
+    assert model.generation_config.compile_config.options == {"cpp_wrapper": True}
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), eager)
+    with pytest.raises(ValueError, match="needs backend='inductor'"):
+        swsc_hf.compile_decoding(model, backend="eager", cpp_wrapper=True)
+
+
 def test_packed_gqa_attention_matches_sdpa_without_copying_keys(monkeypatch):
     from transformers.integrations import sdpa_attention
 

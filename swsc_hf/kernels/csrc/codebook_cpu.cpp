@@ -331,7 +331,6 @@ struct Simd {
   ALWAYS_INLINE static V set1(float v) { return _mm512_set1_ps(v); }
   ALWAYS_INLINE static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   ALWAYS_INLINE static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  ALWAYS_INLINE static V add(V a, V b) { return _mm512_add_ps(a, b); }
   ALWAYS_INLINE static __mmask16 mask(int64_t remaining) {
     return remaining >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << remaining) - 1);
   }
@@ -346,6 +345,10 @@ struct Simd {
   ALWAYS_INLINE static I load_i(const void* p) { return _mm512_load_si512(p); }
   ALWAYS_INLINE static I set1_i(int32_t v) { return _mm512_set1_epi32(v); }
   ALWAYS_INLINE static I set1_w(int16_t v) { return _mm512_set1_epi16(v); }
+  ALWAYS_INLINE static I widen_bytes(const uint8_t* p) {  // W bytes, zero-extended to 32-bit lanes
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  ALWAYS_INLINE static I high_nibbles(I v) { return _mm512_srli_epi32(v, 4); }
   ALWAYS_INLINE static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
     const I raw = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(raw, bytes), shifts), mask);
@@ -398,71 +401,6 @@ struct Simd {
 
 #include "codebook_simd.inc"
 
-// 4-bit codes of scalar tables (swsc-4bit, the ladder's 9..16-value tables) in whole 32-value blocks: a block's 16
-// code bytes widen to 16 lanes whose low nibbles are the block's even values and whose next nibbles its odd values.
-// The permute reads only an index's low 4 bits, so one shift and two permutes decode 32 values (no byte shuffle,
-// per-lane shift or mask), multiplied into activations reordered once per call (nibble_order). y[b, c] for R
-// channels from c and NB activation rows from b0.
-template <int NB, int R>
-void gemv_nibble_rows(const Operands& o, const float* x, float* y, int64_t b0, int64_t c) {
-  const Layout& l = o.l;
-  const int64_t group = l.group ? l.group : l.length;
-  const uint8_t* src[R];
-  V table[R], total[R][NB];
-  for (int r = 0; r < R; ++r) {
-    src[r] = o.codes + (c + r) * l.length / 2;
-    table[r] = Simd::load_full(o.table(c + r));
-    for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
-  }
-  for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
-    V acc[R][NB], acc_odd[R][NB];  // two chains per output: an FMA's latency, not its throughput, bounds one
-    for (int r = 0; r < R; ++r)
-      for (int b = 0; b < NB; ++b) acc[r][b] = acc_odd[r][b] = Simd::zero();
-    for (int64_t p = g0; p < g0 + group; p += 2 * W) {
-      V even[NB], odd[NB];
-      for (int b = 0; b < NB; ++b) {
-        even[b] = Simd::load_full(x + (b0 + b) * l.length + p);
-        odd[b] = Simd::load_full(x + (b0 + b) * l.length + p + W);
-      }
-      for (int r = 0; r < R; ++r) {
-        const __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[r])));
-        src[r] += W;
-        const V w_even = _mm512_permutexvar_ps(codes, table[r]);
-        const V w_odd = _mm512_permutexvar_ps(_mm512_srli_epi32(codes, 4), table[r]);
-        for (int b = 0; b < NB; ++b) {
-          acc[r][b] = Simd::fmadd(w_even, even[b], acc[r][b]);
-          acc_odd[r][b] = Simd::fmadd(w_odd, odd[b], acc_odd[r][b]);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const V s = Simd::set1(o.group_scale(c + r, gi));
-      for (int b = 0; b < NB; ++b) total[r][b] = Simd::fmadd(Simd::add(acc[r][b], acc_odd[r][b]), s, total[r][b]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) y[(b0 + b) * l.channels + c + r] = Simd::sum(total[r][b]);
-}
-
-template <int NB, int R>
-void gemv_nibble_block(const Operands& o, const float* x, float* y, int64_t b0, int64_t c0, int64_t c1) {
-  int64_t c = c0;
-  for (; c + R <= c1; c += R) gemv_nibble_rows<NB, R>(o, x, y, b0, c);
-  for (; c < c1; ++c) gemv_nibble_rows<NB, 1>(o, x, y, b0, c);
-}
-
-// gemv for nibble layouts (nibble_layout), x in nibble_order.
-void gemv_nibbles(const Operands& o, const float* x, int64_t B, float* y, int64_t c0, int64_t c1) {
-  for (int64_t b0 = 0; b0 < B; b0 += kBatchBlock) {
-    switch (std::min(kBatchBlock, B - b0)) {
-      case 1: gemv_nibble_block<1, 4>(o, x, y, b0, c0, c1); break;
-      case 2: gemv_nibble_block<2, 2>(o, x, y, b0, c0, c1); break;
-      case 3: gemv_nibble_block<3, 2>(o, x, y, b0, c0, c1); break;
-      default: gemv_nibble_block<4, 1>(o, x, y, b0, c0, c1); break;
-    }
-  }
-}
-
 }  // namespace avx512
 #pragma GCC pop_options
 
@@ -501,6 +439,10 @@ struct Simd {
   ALWAYS_INLINE static I load_i(const void* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
   ALWAYS_INLINE static I set1_i(int32_t v) { return _mm256_set1_epi32(v); }
   ALWAYS_INLINE static I set1_w(int16_t v) { return _mm256_set1_epi16(v); }
+  ALWAYS_INLINE static I widen_bytes(const uint8_t* p) {  // W bytes, zero-extended to 32-bit lanes
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  ALWAYS_INLINE static I high_nibbles(I v) { return _mm256_srli_epi32(v, 4); }
   ALWAYS_INLINE static I codes(const uint8_t* src, I bytes, I shifts, I mask) {
     const I raw = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     return _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(raw, bytes), shifts), mask);
@@ -552,28 +494,42 @@ int64_t kernel_isa(const Layout& l) {
   return isa == kAvx512 && l.seg > 2 && (int64_t(1) << l.bits) * l.seg > 32 ? kAvx2 : isa;
 }
 
-// Whether avx512::gemv_nibbles runs this layout: 4-bit codes of scalar tables, channels and scale groups of whole
-// 32-value blocks.
-bool nibble_layout(const Layout& l) {
-  return kernel_isa(l) == kAvx512 && l.seg == 1 && l.bits == 4 && l.length % 32 == 0 && l.group % 32 == 0;
+// SIMD lanes of instruction set `isa` (0: the portable path).
+int64_t simd_lanes(int64_t isa) { return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 : 0; }
+
+// Whether gemv_nibbles runs this layout on `isa`: 4-bit codes of scalar tables, channels and scale groups of whole
+// blocks of two vectors.
+bool nibble_layout(const Layout& l, int64_t isa) {
+  const int64_t block = 2 * simd_lanes(isa);
+  return block && l.seg == 1 && l.bits == 4 && l.length % block == 0 && l.group % block == 0;
 }
 
-// x's rows with each 32-value block reordered as its 16 even values, then its 16 odd ones (gemv_nibbles' order).
-at::Tensor nibble_order(const at::Tensor& x) {
-  return x.view({x.size(0), -1, 16, 2}).transpose(2, 3).contiguous();
+// The n values of x with each block of 2 * lanes reordered as its even values, then its odd ones (gemv_nibbles').
+std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
+  std::vector<float> out(n);
+  for (int64_t block = 0; block < n; block += 2 * lanes)
+    for (int64_t i = 0; i < lanes; ++i) {
+      out[block + i] = x[block + 2 * i];
+      out[block + lanes + i] = x[block + 2 * i + 1];
+    }
+  return out;
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                 const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
-  const bool nibbles = nibble_layout(o.l);
-  const at::Tensor xf = nibbles ? nibble_order(float_rows(x, o.l.length, "x")) : float_rows(x, o.l.length, "x");
+  const int64_t isa = kernel_isa(o.l);
+  const bool nibbles = nibble_layout(o.l, isa);
+  const at::Tensor xf = float_rows(x, o.l.length, "x");
   at::Tensor y = at::empty({xf.size(0), o.l.channels}, xf.options());
-  const float* xp = xf.data_ptr<float>();
+  const int64_t B = xf.size(0);
+  const std::vector<float> reordered = nibbles ? nibble_order(xf.data_ptr<float>(), xf.numel(), simd_lanes(isa))
+                                               : std::vector<float>();
+  const float* xp = nibbles ? reordered.data() : xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t B = xf.size(0), isa = kernel_isa(o.l);
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-    if (nibbles) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
+    if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
+    else if (nibbles) avx2::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
     else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
     else gemv_portable(o, xp, B, yp, c0, c1);
