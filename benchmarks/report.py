@@ -57,20 +57,23 @@ int4 forward is ~30x slower than dense); HQQ, torchao and swsc_hf as their real 
 SLOW_REASONS = {
     "swsc_hf": "eager, a token still runs ~600 small PyTorch ops besides the linears (norms, rotary embeddings, "
                "attention, the KV cache), each with dispatch overhead that llama.cpp's single C++ graph does not pay; "
-               "compiled decoding (`+compile`, swsc_hf.compile_decoding) fuses most of them, and then about half of a "
-               "step (measured at 1 thread) is the look-up-table GEMV (swsc_hf.kernels), which multiplies float32 "
-               "activations where llama.cpp uses int8 dot products; prefill rebuilds float32 tiles for a BLAS GEMM.",
+               "compiled decoding (`+compile`, swsc_hf.compile_decoding) fuses most of them, and then about two "
+               "thirds of a step (measured at 2 threads) is the look-up-table GEMV (swsc_hf.kernels), which "
+               "multiplies float32 activations where llama.cpp uses int8 dot products; prefill rebuilds float32 "
+               "tiles for a BLAS GEMM.",
     "hqq": "HQQ's PyTorch backend dequantizes the whole weight in every forward (its fast kernels are CUDA-only).",
     "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
     "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
 }
 
 DECODE_RUN_NOTE = ("A later run than the table above, of fewer models: the compiled-decoding rows and their "
-                   "references, timed after `compile_decoding` began running single-token grouped-query "
-                   "attention on the key/value heads (no per-head key/value copies), the kernels began reading "
-                   "float16 scales in place, and the vector-table kernels were sped up (4-dim codewords in 256-bit "
-                   "registers with byte codes read at a compile-time width; float16 pairs gathered whole). "
-                   "Settings as above.")
+                   "references, timed after the kernels gained float16 pair tables decoded by 16-bit register "
+                   "permutes (`swsc-3bit`) and 4-bit codes decoded from widened bytes against reordered activations "
+                   "(`swsc-4bit`), with `+compile-cpp` rows for compile_decoding(cpp_wrapper=True). Settings as "
+                   "above. Speeds on this shared machine vary by day (llama.cpp: 77.5 tokens/s in this run, 142 in "
+                   "the previous focused run); compare ratios within a run. The `+compile` warm-ups reused "
+                   "inductor's on-disk cache from earlier runs; cold, a separate measurement took 35 s (`+compile`) "
+                   "and 368 s (`+compile-cpp`) for the first compiled generate.")
 
 
 def series(name: str) -> str:
