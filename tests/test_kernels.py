@@ -28,6 +28,7 @@ from swsc_hf.kernels import (
     reference_codebook_matmul,
     unsupported_reason,
 )
+from swsc_hf.kernels.dispatch import kernel_layout
 
 pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels could not be built here")
 
@@ -164,9 +165,25 @@ def test_compiled_decode_graphs_call_the_cpp_gemv_directly(cluster_dim):
             x = torch.randn(1, tokens, 64)
             torch.testing.assert_close(compiled(x), reference_codebook_matmul(x, packed, codebook, scales, spec),
                                        rtol=1e-5, atol=1e-5)
-    gemv = "swsc_hf_cpu.gemv" if cluster_dim == "output" else "swsc_hf_cpu.gemv_t"
+    gemv = "swsc_hf_cpu.gemv.default" if cluster_dim == "output" else "swsc_hf_cpu.gemv_t.default"
     assert gemv in graphs[0]  # decode: no Python custom op between the graph and the kernel
     assert "swsc_hf.codebook_matmul.default" in graphs[1]  # prefill: the custom op picks tiles + GEMM
+
+
+@pytest.mark.parametrize("cluster_dim", ["output", "input"])
+def test_cpp_gemv_takes_activations_of_any_leading_shape_layout_and_dtype(cluster_dim):
+    spec = LayerSpec(48, 64, n_clusters=16, segment_length=1, cluster_dim=cluster_dim, scale_group_size=16)
+    _, packed, codebook, scales = make_layer_tensors(spec)
+    layout = kernel_layout(spec)
+    gemv = torch.ops.swsc_hf_cpu.gemv if cluster_dim == "output" else torch.ops.swsc_hf_cpu.gemv_t
+    x = torch.randn(3, 64, 2).transpose(1, 2).to(torch.bfloat16)  # (3, 2, 64), not contiguous
+    got = gemv(x, packed, codebook, scales, layout)
+    assert got.shape == (3, 2, 48) and got.dtype == torch.bfloat16
+    expected = reference_codebook_matmul(x.float(), packed, codebook, scales, spec)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2, atol=1e-2 * float(expected.abs().max()))
+    fake = gemv(torch.empty(5, 1, 64, device="meta"), packed.to("meta"), codebook.to("meta"), scales.to("meta"),
+                layout)
+    assert fake.shape == (5, 1, 48)
 
 
 def test_unsupported_layout_falls_back_to_reference_with_a_reason(caplog):
@@ -181,13 +198,13 @@ def test_unsupported_layout_falls_back_to_reference_with_a_reason(caplog):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", [(48, 96, 16, 1, "output", 32, 0), (40, 96, 64, 2, "output", 32, 0),
-                                    (40, 40, 16, 4, "input", 0, 7), (37, 80, 4, 1, "output", 16, 0),
-                                    (30, 48, 16, 3, "output", 24, 0)], ids=lambda t: "-".join(map(str, t)))
+@pytest.mark.parametrize("layout", KERNEL_LAYOUTS + [(30, 48, 16, 3, "output", 24, 0)],
+                         ids=lambda t: "-".join(map(str, t)))
 @pytest.mark.parametrize("kernels", [True, False])
 def test_trainable_tables_get_the_gradients_of_the_definition(layout, kernels):
     """Table training's written-out gradients (x, codebook, scales) equal autograd through scales * codebook[codes]
-    (float64), with the compiled dequant, the reference one, and for a layout the kernels do not cover."""
+    (float64), with the compiled dequant and table gradients, the reference ones, and for a layout the kernels do
+    not cover."""
     out_f, in_f, k, seg, dim, group, rows = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
                      rows_per_codebook=rows)
@@ -209,6 +226,33 @@ def test_trainable_tables_get_the_gradients_of_the_definition(layout, kernels):
     for got, expected in zip(trained, oracle, strict=True):
         scale = float(expected.grad.abs().max())
         torch.testing.assert_close(got.grad, expected.grad.float(), rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("rows", [0, 7])
+def test_compiled_table_gradients_split_over_threads_equal_the_reference(rows):
+    """Chunks of channels on several threads (a codebook of 7 rows spans chunk boundaries) give the reference's
+    gradients, bit for bit the same on every thread count."""
+    from swsc_hf.kernels.dispatch import table_grads
+    from swsc_hf.kernels.reference import reference_table_grads
+
+    spec = LayerSpec(700, 512, n_clusters=16, segment_length=1, scale_group_size=64, rows_per_codebook=rows)
+    _, packed, codebook, scales = make_layer_tensors(spec, seed=5, dtype=torch.float32)
+    grad_m = torch.randn(spec.channels, spec.channel_length, generator=torch.Generator().manual_seed(6))
+    expected = reference_table_grads(grad_m.double(), packed, codebook.double(), scales.double(), spec)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(table_grads(grad_m, packed, codebook, scales, spec))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results:
+        for g, e in zip(got, expected, strict=True):
+            torch.testing.assert_close(g, e.float(), rtol=1e-5, atol=1e-5 * float(e.abs().max()))
+            assert g.dtype == torch.float32
+        for g, first in zip(got, results[0], strict=True):
+            assert torch.equal(g, first)
 
 
 def test_isa_detection_and_limits():

@@ -61,14 +61,15 @@ def _build() -> bool:
 
 
 def _register_fakes() -> None:
-    """Shapes of the C++ ops for torch.compile, which calls the GEMV straight from compiled decode graphs."""
+    """Shapes of the C++ ops for torch.compile, which calls the GEMV straight from compiled decode graphs: (..., n)
+    activations give (..., channels) (gemv) or (..., length) (gemv_t) in their dtype."""
     if _state.get("fakes"):
         return
     _state["fakes"] = True
     for name, size in (("gemv", 0), ("gemv_t", 1)):
         @torch.library.register_fake(f"swsc_hf_cpu::{name}")
         def _(x, codes, codebook, scales, layout, size=size):
-            return x.new_empty(x.shape[0], layout[size], dtype=torch.float32)
+            return x.new_empty(*x.shape[:-1], layout[size])
 
 
 def cpu_isa() -> str:

@@ -24,7 +24,12 @@ import torch.nn.functional as F
 
 from ..core.spec import LayerSpec
 from .cpu import load_cpu_kernels
-from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul, unpacked_codes
+from .reference import (
+    channel_tiles,
+    dequantize_channels,
+    reference_codebook_matmul,
+    reference_table_grads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +156,7 @@ def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, plan: _Plan, tra
     # x W^T is the channel GEMV when the channels are W's rows; otherwise (and for the gradient) the transposed one.
     over_channels = plan.over_channels != transposed
     if x2.shape[0] <= GEMV_MAX_TOKENS:
-        gemv = ops.gemv if over_channels else ops.gemv_t
-        return gemv(x2, codes, codebook, scales, layout)
+        return _cpu_gemv(over_channels)(x2, codes, codebook, scales, layout)
     xf = x2.float()
     tiles = list(channel_tiles(plan.spec))
     out = None
@@ -168,6 +172,13 @@ def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, plan: _Plan, tra
         else:  # M's rows are the inputs: y += x[:, a:b] M[a:b]
             out = torch.addmm(out, xf[:, a:b], tile) if out is not None else xf[:, a:b] @ tile
     return out
+
+
+@functools.cache
+def _cpu_gemv(over_channels: bool):
+    """The C++ GEMV overload (resolved once: a call through the op packet costs a few microseconds more)."""
+    ops = torch.ops.swsc_hf_cpu
+    return ops.gemv.default if over_channels else ops.gemv_t.default
 
 
 def _run(x, codes, codebook, scales, layout: list[int], transposed: bool) -> torch.Tensor:
@@ -239,9 +250,8 @@ class _TrainableTablesMatmul(torch.autograd.Function):
     """x W_c^T, differentiable in x, the codebook and the scales, with the gradients written out.
 
     The weight is rebuilt (forward and again in backward, so nothing weight-sized is kept between them) and never
-    recorded; the codebook's gradient is one scatter-add of dL/dW * scale over the codes, the scales' one grouped sum
-    of dL/dW * codebook[codes]. Autograd through `codebook[codes] * scales` would keep and replay the per-element
-    gather instead.
+    recorded; the tables' gradients come from dL/dW by `table_grads` (on CPU one compiled pass over the code stream).
+    Autograd through `codebook[codes] * scales` would keep and replay the per-element gather instead.
     """
 
     @staticmethod
@@ -262,23 +272,29 @@ class _TrainableTablesMatmul(torch.autograd.Function):
         train_scales = scales is not None and ctx.needs_input_grad[2]
         if not (ctx.needs_input_grad[1] or train_scales):
             return grad_x, None, None, None, None
-        grad_w = grad2.t() @ x.reshape(-1, spec.in_features).float()
-        grad_m = grad_w if spec.cluster_dim == "output" else grad_w.t()  # (channels, channel_length)
-        seg = spec.segment_length
-        book = torch.arange(spec.channels, device=codes.device) // spec.channels_per_codebook
-        flat = (book[:, None] * spec.n_clusters + unpacked_codes(codes, spec)).reshape(-1)  # a codeword per segment
-        if ctx.needs_input_grad[1]:
-            weighted = grad_m
-            if scales is not None:
-                weighted = grad_m * scales.detach().float().repeat_interleave(spec.scale_group_size, dim=1)
-            grad_book = torch.zeros(codebook.numel() // seg, seg, device=grad_m.device).index_add_(
-                0, flat, weighted.reshape(-1, seg))
-            grad_book = grad_book.reshape(codebook.shape).to(codebook.dtype)
-        if train_scales:
-            unscaled = codebook.detach().float().reshape(-1, seg)[flat].reshape(spec.channels, spec.channel_length)
-            grad_scales = (grad_m * unscaled).reshape(spec.channels, -1, spec.scale_group_size).sum(-1)
-            grad_scales = grad_scales.to(scales.dtype)
+        x2 = x.reshape(-1, spec.in_features).float()
+        grad_m = grad2.t() @ x2 if spec.cluster_dim == "output" else x2.t() @ grad2  # (channels, channel_length)
+        grad_book, grad_scales = table_grads(grad_m, codes, codebook.detach(),
+                                             None if scales is None else scales.detach(), spec,
+                                             book_grad=ctx.needs_input_grad[1], scales_grad=train_scales)
+        grad_book = None if grad_book is None else grad_book.to(codebook.dtype)
+        grad_scales = None if grad_scales is None else grad_scales.to(scales.dtype)
         return grad_x, grad_book, grad_scales, None, None
+
+
+def table_grads(grad_m: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
+                spec: LayerSpec, book_grad: bool = True, scales_grad: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The codebook's and the scales' gradients (float32; None where not asked for) from dL/dM, M the channel matrix
+    (channels x channel_length): the compiled single pass over the stream on CPU, else `reference_table_grads`."""
+    plan = _plan(spec)
+    scales_grad = scales_grad and scales is not None
+    if (codes.device.type == "cpu" and plan.reason is None and _enabled["kernels"] and load_cpu_kernels()
+            and (book_grad or scales_grad)):
+        grad_book, grad_scales = torch.ops.swsc_hf_cpu.table_grads(grad_m, codes, codebook, scales,
+                                                                   plan.kernel_layout, book_grad, scales_grad)
+        return (grad_book if book_grad else None), (grad_scales if scales_grad else None)
+    return reference_table_grads(grad_m, codes, codebook, scales, spec, book_grad, scales_grad)
 
 
 def _dense_weight(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec
@@ -307,9 +323,7 @@ def codebook_matmul(
         if (x.device.type == "cpu" and not (grad and x.requires_grad) and tokens <= GEMV_MAX_TOKENS
                 and unsupported_reason(spec) is None and _enabled["kernels"] and load_cpu_kernels()):
             # decode: the C++ GEMV straight from the compiled graph, no Python per call
-            gemv = torch.ops.swsc_hf_cpu.gemv if spec.cluster_dim == "output" else torch.ops.swsc_hf_cpu.gemv_t
-            y = gemv(x.reshape(-1, spec.in_features), codes, codebook, scales, kernel_layout(spec))
-            return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
+            return _cpu_gemv(spec.cluster_dim == "output")(x, codes, codebook, scales, kernel_layout(spec))
         return codebook_matmul_op(x, codes, codebook, scales, list(layout_key(spec)))
     plan = _plan(spec)
     if plan.whole_channel:
@@ -319,7 +333,8 @@ def codebook_matmul(
     if grad and x.requires_grad:
         return codebook_matmul_op(x, codes, codebook, scales, plan.layout)
     if plan.reason is None and x.device.type == "cpu" and _enabled["kernels"] and load_cpu_kernels():  # common case
-        x2 = x.reshape(-1, spec.in_features)
-        y = _compiled_matmul(x2, codes, codebook, scales, plan, transposed=False)
+        if x.numel() <= GEMV_MAX_TOKENS * spec.in_features:  # decode: one C++ call (any leading shape and dtype)
+            return _cpu_gemv(plan.over_channels)(x, codes, codebook, scales, plan.kernel_layout)
+        y = _compiled_matmul(x.reshape(-1, spec.in_features), codes, codebook, scales, plan, transposed=False)
         return y.to(x.dtype).reshape(*x.shape[:-1], spec.out_features)
     return _run(x, codes, codebook, scales, plan.layout, transposed=False)

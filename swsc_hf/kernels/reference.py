@@ -63,6 +63,32 @@ def reference_codebook_matmul(
     return out.to(x.dtype)
 
 
+def reference_table_grads(
+    grad_m: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec,
+    book_grad: bool = True, scales_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The tables' gradients (in grad_m's dtype) from dL/dM, M the (channels, channel_length) channel matrix of `spec`.
+
+    The codebook's is a scatter-add of dL/dM * scale over the codes, the scales' a grouped sum of
+    dL/dM * codebook[codes]: what autograd through `scales * codebook[codes]` gives, without recording the gather.
+    None for a gradient not asked for (or scales_grad without scales).
+    """
+    seg = spec.segment_length
+    book = torch.arange(spec.channels, device=codes.device) // spec.channels_per_codebook
+    flat = (book[:, None] * spec.n_clusters + unpacked_codes(codes, spec)).reshape(-1)  # a codeword per segment
+    grad_book = grad_scales = None
+    if book_grad:
+        weighted = grad_m
+        if scales is not None:
+            weighted = grad_m * scales.to(grad_m.dtype).repeat_interleave(spec.scale_group_size, dim=1)
+        grad_book = torch.zeros(codebook.numel() // seg, seg, dtype=grad_m.dtype, device=grad_m.device).index_add_(
+            0, flat, weighted.reshape(-1, seg)).reshape(codebook.shape)
+    if scales_grad and scales is not None:
+        unscaled = codebook.to(grad_m.dtype).reshape(-1, seg)[flat].reshape(spec.channels, spec.channel_length)
+        grad_scales = (grad_m * unscaled).reshape(spec.channels, -1, spec.scale_group_size).sum(-1)
+    return grad_book, grad_scales
+
+
 def _whole_channel_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, spec: LayerSpec
                           ) -> torch.Tensor:
     """SWSC's layout (one representative per whole channel): gather outputs, or sum inputs per cluster; W is never

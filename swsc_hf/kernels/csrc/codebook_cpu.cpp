@@ -30,6 +30,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -479,11 +482,20 @@ struct Simd {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Ops: pick the instruction set once per call and split rows over torch's threads.
+// Activations t (..., width) as contiguous float32 (t itself when it already is): the ops take any leading shape
+// and dtype, and read the rows as (numel / width, width).
 at::Tensor float_rows(const at::Tensor& t, int64_t width, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "swsc_hf_cpu: ", name, " must be on the CPU");
-  TORCH_CHECK(t.dim() == 2 && t.size(1) == width, "swsc_hf_cpu: ", name, " must be (rows, ", width, "), got ",
+  TORCH_CHECK(t.dim() >= 1 && t.size(-1) == width, "swsc_hf_cpu: ", name, " must be (..., ", width, "), got ",
               t.sizes());
-  return t.to(at::kFloat).contiguous();
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
+// An empty float32 result (..., width) for the activations `like` (..., any).
+at::Tensor float_result(const at::Tensor& like, int64_t width) {
+  std::vector<int64_t> sizes(like.sizes().begin(), like.sizes().end());
+  sizes.back() = width;
+  return at::empty(sizes, like.options().dtype(at::kFloat));
 }
 
 // The instruction set for a layout: 4- and 8-dim vectors with tables over 32 floats run the AVX2 kernels on AVX-512
@@ -521,8 +533,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const int64_t isa = kernel_isa(o.l);
   const bool nibbles = nibble_layout(o.l, isa);
   const at::Tensor xf = float_rows(x, o.l.length, "x");
-  at::Tensor y = at::empty({xf.size(0), o.l.channels}, xf.options());
-  const int64_t B = xf.size(0);
+  at::Tensor y = float_result(x, o.l.channels);
+  const int64_t B = xf.numel() / o.l.length;
   const std::vector<float> reordered = nibbles ? nibble_order(xf.data_ptr<float>(), xf.numel(), simd_lanes(isa))
                                                : std::vector<float>();
   const float* xp = nibbles ? reordered.data() : xf.data_ptr<float>();
@@ -534,24 +546,24 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
     else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
     else gemv_portable(o, xp, B, yp, c0, c1);
   });
-  return y;
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 at::Tensor gemv_t(const at::Tensor& u, const at::Tensor& codes, const at::Tensor& codebook,
                   const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
   const at::Tensor uf = float_rows(u, o.l.channels, "u");
-  at::Tensor z = at::empty({uf.size(0), o.l.length}, uf.options());
+  at::Tensor z = float_result(u, o.l.length);
   const float* up = uf.data_ptr<float>();
   float* zp = z.data_ptr<float>();
-  const int64_t B = uf.size(0), isa = kernel_isa(o.l);
+  const int64_t B = uf.numel() / o.l.channels, isa = kernel_isa(o.l);
   const int64_t blocks = (o.l.length + kColumnBlock - 1) / kColumnBlock;
   at::parallel_for(0, blocks, row_grain(kColumnBlock * o.l.channels), [&](int64_t k0, int64_t k1) {
     if (isa == kAvx512) avx512::gemv_t(o, up, B, zp, k0, k1);
     else if (isa == kAvx2) avx2::gemv_t(o, up, B, zp, k0, k1);
     else gemv_t_portable(o, up, B, zp, k0, k1);
   });
-  return z;
+  return u.scalar_type() == at::kFloat ? z : z.to(u.scalar_type());
 }
 
 at::Tensor dequant(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
@@ -569,6 +581,82 @@ at::Tensor dequant(const at::Tensor& codes, const at::Tensor& codebook, const c1
   return out;
 }
 
+// The tables' gradients from dL/dM (channels x length; M the channel matrix, M[c, p] = scale * book[code][p % seg]):
+// for the codebooks the sum of dL/dM * scale over the values each codeword rebuilds, for the scales per group the
+// sum of dL/dM * book[code]. One pass over the stream, no unpacked codes; per chunk of channels a double accumulator
+// for the codebooks it touches, merged in channel order (the same result for any thread count).
+std::tuple<at::Tensor, at::Tensor> table_grads(const at::Tensor& grad_m, const at::Tensor& codes,
+                                               const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
+                                               at::IntArrayRef layout, bool book_grad, bool scales_grad) {
+  const Operands o = make_operands(codes, codebook, scales, layout);
+  const Layout& l = o.l;
+  TORCH_CHECK(grad_m.device().is_cpu() && grad_m.dim() == 2 && grad_m.size(0) == l.channels &&
+                  grad_m.size(1) == l.length,
+              "swsc_hf_cpu: grad_m must be (channels, length) = (", l.channels, ", ", l.length, "), got ",
+              grad_m.sizes());
+  const at::Tensor g = grad_m.to(at::kFloat).contiguous();
+  const float* gp = g.data_ptr<float>();
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  const int64_t stride = (int64_t(1) << l.bits) * l.seg;  // every representable code: a corrupt one lands in padding
+  const int64_t group = l.group ? l.group : l.length;
+  const uint64_t mask = (uint64_t(1) << l.bits) - 1;
+  scales_grad = scales_grad && l.group;
+  const auto options = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor grad_scales = at::empty({scales_grad ? l.channels : 0, scales_grad ? o.n_groups : 0}, options);
+  float* sp = grad_scales.data_ptr<float>();
+  // Segments j of a channel add into replica j % kReplicas of the sums (and of the dot product): repeated codes
+  // then do not wait on each other's read-modify-write.
+  constexpr int64_t kReplicas = 4;
+  std::mutex merge;
+  std::map<int64_t, std::vector<double>> chunks;  // first channel -> its books' sums, kReplicas per book
+  at::parallel_for(0, l.channels, row_grain(l.length), [&](int64_t c0, int64_t c1) {
+    const int64_t b0 = c0 / l.rows_per_book, b1 = (c1 - 1) / l.rows_per_book + 1;
+    std::vector<double> sums(book_grad ? (b1 - b0) * kReplicas * stride : 0, 0.0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const float* table = o.table(c);
+      const float* gc = gp + c * l.length;
+      double* book = book_grad ? sums.data() + (c / l.rows_per_book - b0) * kReplicas * stride : nullptr;
+      for (int64_t p0 = 0, gi = 0; p0 < l.length; p0 += group, ++gi) {
+        const float scale = o.group_scale(c, gi);
+        double dot[kReplicas] = {0.0, 0.0, 0.0, 0.0};
+        const int64_t p1 = p0 + group;
+        for (int64_t p = p0, n = c * l.segs + p0 / l.seg; p < p1; n += 8) {
+          const uint64_t word = code_word(o, n);  // the next 8 codes
+          const int64_t count = std::min<int64_t>(8, (p1 - p) / l.seg);
+          for (int64_t i = 0; i < count; ++i, p += l.seg) {
+            const int64_t k = int64_t((word >> (i * l.bits)) & mask) * l.seg, j = i % kReplicas;
+            for (int64_t e = 0; e < l.seg; ++e) {
+              if (book_grad) book[j * stride + k + e] += double(gc[p + e]) * scale;
+              dot[j] += double(gc[p + e]) * table[k + e];
+            }
+          }
+        }
+        if (scales_grad) sp[c * o.n_groups + gi] = float((dot[0] + dot[1]) + (dot[2] + dot[3]));
+      }
+    }
+    if (book_grad) {
+      const std::lock_guard<std::mutex> lock(merge);
+      chunks.emplace(c0, std::move(sums));
+    }
+  });
+  at::Tensor grad_book = at::zeros({book_grad ? n_books : 0, l.n_clusters, l.seg}, options);
+  if (book_grad) {
+    std::vector<double> total(n_books * stride, 0.0);
+    for (const auto& [c0, sums] : chunks) {
+      const int64_t first = c0 / l.rows_per_book;
+      for (size_t i = 0; i < sums.size(); ++i) {
+        const int64_t b = int64_t(i) / (kReplicas * stride);
+        total[(first + b) * stride + int64_t(i) % stride] += sums[i];
+      }
+    }
+    float* bp = grad_book.data_ptr<float>();
+    const int64_t book_size = l.n_clusters * l.seg;
+    for (int64_t b = 0; b < n_books; ++b)
+      for (int64_t i = 0; i < book_size; ++i) bp[b * book_size + i] = float(total[b * stride + i]);
+  }
+  return {grad_book, grad_scales};
+}
+
 int64_t set_max_isa(int64_t level) {
   TORCH_CHECK(level >= kPortable && level <= kAvx512, "swsc_hf_cpu: isa level must be 0, 1 or 2");
   return max_isa.exchange(level);
@@ -582,6 +670,8 @@ TORCH_LIBRARY(swsc_hf_cpu, m) {
   m.def("gemv(Tensor x, Tensor codes, Tensor codebook, Tensor? scales, int[] layout) -> Tensor");
   m.def("gemv_t(Tensor u, Tensor codes, Tensor codebook, Tensor? scales, int[] layout) -> Tensor");
   m.def("dequant(Tensor codes, Tensor codebook, Tensor? scales, int[] layout, int start, int stop) -> Tensor");
+  m.def("table_grads(Tensor grad_m, Tensor codes, Tensor codebook, Tensor? scales, int[] layout, bool book_grad, "
+        "bool scales_grad) -> (Tensor, Tensor)");
   m.def("set_max_isa(int level) -> int");
   m.def("isa() -> int");
 }
@@ -590,6 +680,7 @@ TORCH_LIBRARY_IMPL(swsc_hf_cpu, CPU, m) {
   m.impl("gemv", &gemv);
   m.impl("gemv_t", &gemv_t);
   m.impl("dequant", &dequant);
+  m.impl("table_grads", &table_grads);
 }
 
 TORCH_LIBRARY_IMPL(swsc_hf_cpu, CompositeExplicitAutograd, m) {
