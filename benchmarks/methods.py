@@ -81,6 +81,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 3.2-bit preset as it was before tuning drew fresh windows: 64 steps cycling the 16 fitting windows
     "swsc-3.2b-cal-t64-cycled": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_steps=64,
                                                  tune_samples=16)),
+    # The 3.2-bit preset with twice its tuning steps (fresh windows), once a tuning step cost less
+    "swsc-3.2b-cal-t256": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_steps=256)),
     # The 2.2-bit preset with half its tuning steps
     "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128)),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)

@@ -38,7 +38,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and 3.2 bits each layer's layout, scalar or vector table, is chosen by measured sensitivity (`bits=`); at 2.2
     # bits quadruples everywhere measured better than that choice (docs/results.md). Tuning draws a fresh window
     # per step: 128 steps at 3.2 bits (8 windows: 24.38, against 24.67 after 64 steps and 25.14 after 64 steps
-    # cycling the 16 fitting windows), 256 at 2.2 bits (16 windows: 47.18, against 51.98 after 128; 26 minutes in
+    # cycling the 16 fitting windows; 256 steps measured 27.61 against 28.07 on 32 windows, but took 1822 s, over
+    # the 30-minute budget), 256 at 2.2 bits (16 windows: 47.18, against 51.98 after 128; 26 minutes in
     # all); at 4.25 bits 64 steps cycling those 16 measured as well (20.26 against 20.34 on 64 fresh windows and
     # 20.32 on 128, 20.29 with 3x the scales' step size).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=16, seq_len=512, tune_samples=16),
