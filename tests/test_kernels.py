@@ -26,6 +26,8 @@ from swsc_hf.kernels import (
     limit_cpu_isa,
     load_cpu_kernels,
     reference_codebook_matmul,
+    reference_table_grads,
+    table_grads,
     unsupported_reason,
 )
 from swsc_hf.kernels.dispatch import kernel_layout
@@ -232,9 +234,6 @@ def test_trainable_tables_get_the_gradients_of_the_definition(layout, kernels):
 def test_compiled_table_gradients_split_over_threads_equal_the_reference(rows):
     """Chunks of channels on several threads (a codebook of 7 rows spans chunk boundaries) give the reference's
     gradients, bit for bit the same on every thread count."""
-    from swsc_hf.kernels.dispatch import table_grads
-    from swsc_hf.kernels.reference import reference_table_grads
-
     spec = LayerSpec(700, 512, n_clusters=16, segment_length=1, scale_group_size=64, rows_per_codebook=rows)
     _, packed, codebook, scales = make_layer_tensors(spec, seed=5, dtype=torch.float32)
     grad_m = torch.randn(spec.channels, spec.channel_length, generator=torch.Generator().manual_seed(6))

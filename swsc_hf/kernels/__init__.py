@@ -1,8 +1,21 @@
 """Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels."""
 
 from .cpu import cpu_isa, limit_cpu_isa, load_cpu_kernels
-from .dispatch import GEMV_MAX_TOKENS, choose_kernel, codebook_matmul, set_kernels_enabled, unsupported_reason
-from .reference import channel_tiles, dequantize_channels, reference_codebook_matmul, unpacked_codes
+from .dispatch import (
+    GEMV_MAX_TOKENS,
+    choose_kernel,
+    codebook_matmul,
+    set_kernels_enabled,
+    table_grads,
+    unsupported_reason,
+)
+from .reference import (
+    channel_tiles,
+    dequantize_channels,
+    reference_codebook_matmul,
+    reference_table_grads,
+    unpacked_codes,
+)
 
 __all__ = [
     "GEMV_MAX_TOKENS",
@@ -14,7 +27,9 @@ __all__ = [
     "limit_cpu_isa",
     "load_cpu_kernels",
     "reference_codebook_matmul",
+    "reference_table_grads",
     "set_kernels_enabled",
+    "table_grads",
     "unpacked_codes",
     "unsupported_reason",
 ]

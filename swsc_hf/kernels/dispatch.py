@@ -285,8 +285,9 @@ class _TrainableTablesMatmul(torch.autograd.Function):
 def table_grads(grad_m: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
                 spec: LayerSpec, book_grad: bool = True, scales_grad: bool = True
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The codebook's and the scales' gradients (float32; None where not asked for) from dL/dM, M the channel matrix
-    (channels x channel_length): the compiled single pass over the stream on CPU, else `reference_table_grads`."""
+    """The codebook's and the scales' gradients (None where not asked for) from dL/dM, M the channel matrix
+    (channels x channel_length): on CPU the compiled single pass over the stream (float32), else
+    `reference_table_grads` (in grad_m's dtype)."""
     plan = _plan(spec)
     scales_grad = scales_grad and scales is not None
     if (codes.device.type == "cpu" and plan.reason is None and _enabled["kernels"] and load_cpu_kernels()
