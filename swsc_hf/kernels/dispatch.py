@@ -106,9 +106,10 @@ def _plan(spec: LayerSpec) -> _Plan:
                  spec.cluster_dim == "output")
 
 
-def _cpu_kernels_cover(plan: _Plan, device: torch.device) -> bool:
-    """Whether the compiled CPU kernels run `plan`'s layout on tensors of `device` (enabled, built, supported)."""
-    return device.type == "cpu" and plan.reason is None and _enabled["kernels"] and load_cpu_kernels()
+def _cpu_kernels_cover(reason: str | None, device: torch.device) -> bool:
+    """Whether the compiled CPU kernels run a layout on tensors of `device` (enabled, built, supported): `reason` is
+    the layout's `unsupported_reason` (a plan's, outside compilation)."""
+    return device.type == "cpu" and reason is None and _enabled["kernels"] and load_cpu_kernels()
 
 
 @functools.cache
@@ -246,7 +247,7 @@ def _channel_matrix(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
                     ) -> torch.Tensor:
     """The channel matrix M (channels x channel_length, float32): the compiled dequant where it applies."""
     plan = _plan(spec)
-    if _cpu_kernels_cover(plan, codes.device):
+    if _cpu_kernels_cover(plan.reason, codes.device):
         return torch.ops.swsc_hf_cpu.dequant(codes, codebook, scales, plan.kernel_layout, 0, spec.channels)
     return torch.cat([dequantize_channels(codes, codebook, scales, spec, a, b) for a, b in channel_tiles(spec)])
 
@@ -295,7 +296,7 @@ def table_grads(grad_m: torch.Tensor, codes: torch.Tensor, codebook: torch.Tenso
     `reference_table_grads` (in grad_m's dtype)."""
     plan = _plan(spec)
     scales_grad = scales_grad and scales is not None
-    if _cpu_kernels_cover(plan, codes.device) and (book_grad or scales_grad):
+    if _cpu_kernels_cover(plan.reason, codes.device) and (book_grad or scales_grad):
         grad_book, grad_scales = torch.ops.swsc_hf_cpu.table_grads(grad_m, codes, codebook, scales,
                                                                    plan.kernel_layout, book_grad, scales_grad)
         return (grad_book if book_grad else None), (grad_scales if scales_grad else None)
@@ -325,8 +326,8 @@ def codebook_matmul(
         if _whole_channel(spec) or trains_tables:
             return reference_codebook_matmul(x, codes, codebook, scales, spec)
         tokens = x.numel() // spec.in_features
-        if (x.device.type == "cpu" and not (grad and x.requires_grad) and tokens <= GEMV_MAX_TOKENS
-                and unsupported_reason(spec) is None and _enabled["kernels"] and load_cpu_kernels()):
+        if (not (grad and x.requires_grad) and tokens <= GEMV_MAX_TOKENS
+                and _cpu_kernels_cover(unsupported_reason(spec), x.device)):
             # decode: the C++ GEMV straight from the compiled graph, no Python per call
             return _cpu_gemv(spec.cluster_dim == "output")(x, codes, codebook, scales, kernel_layout(spec))
         return codebook_matmul_op(x, codes, codebook, scales, list(layout_key(spec)))
@@ -337,7 +338,7 @@ def codebook_matmul(
         return _TrainableTablesMatmul.apply(x, codebook, scales, codes, spec)
     if grad and x.requires_grad:
         return codebook_matmul_op(x, codes, codebook, scales, plan.layout)
-    if _cpu_kernels_cover(plan, x.device):  # the common case
+    if _cpu_kernels_cover(plan.reason, x.device):  # the common case
         if x.numel() <= GEMV_MAX_TOKENS * spec.in_features:  # decode: one C++ call (any leading shape and dtype)
             return _cpu_gemv(plan.over_channels)(x, codes, codebook, scales, plan.kernel_layout)
         y = _compiled_matmul(x.reshape(-1, spec.in_features), codes, codebook, scales, plan, transposed=False)
