@@ -28,6 +28,9 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --methods dense,dense-bf16,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head \
     --compile dense,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head --cpp-wrapper swsc-4bit-head,swsc-2bit-head \
     --out docs/results/speed-decode.jsonl   # compiled decoding rows
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head \
+    --compile swsc-4bit-head,swsc-2bit-head --integer-dot swsc-2bit-head \
+    --out docs/results/speed-integer.jsonl  # integer dot product rows
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
@@ -74,6 +77,32 @@ DECODE_RUN_NOTE = ("A separate run of fewer models (the same kernels as the tabl
                    "run, 142 in the previous focused run); compare ratios within a run. The `+compile` warm-ups "
                    "reused inductor's on-disk cache from earlier runs; cold, a separate measurement took 35 s "
                    "(`+compile`) and 368 s (`+compile-cpp`) for the first compiled generate.")
+
+INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the `swsc-2bit` quadruples' GEMV on "
+                    "integer dot products (the codebook as 14-bit and the activations as 15-bit integers per 32 "
+                    "values, AVX-512 VBMI byte permutes and VNNI; docs/design.md). Opt-in because its outputs differ "
+                    "from the float kernels by about 1e-4 of their scale. Prefill is unchanged (the many-token path "
+                    "has no integer kernel). Settings as above. This machine was slow on the day of this run "
+                    "(dense fp32 12.7 tokens/s against 22-23 in the runs above, llama.cpp 58.8 against 77.5): compare "
+                    "ratios within a run.")
+
+
+def integer_agreement(records: list[dict]) -> list[str]:
+    """For each `+int` row of the latest run, how many of its first greedy tokens equal its float twin's
+    before the two first differ."""
+    ok = [r for r in records if "error" not in r and "first_tokens" in r]
+    if not ok:
+        return []
+    run = max(r["run"] for r in ok)
+    by_label = {r["label"]: r for r in ok if r["run"] == run}
+    lines = []
+    for label, r in by_label.items():
+        twin = by_label.get(label.replace("+int", ""))
+        if "+int" in label and twin:
+            mine, theirs = r["first_tokens"], twin["first_tokens"]
+            same = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b), len(mine))
+            lines.append(f"`{label}`: the first {same} of {len(mine)} greedy tokens equal `{twin['label']}`'s.")
+    return [" ".join(lines), ""] if lines else []
 
 
 def series(name: str) -> str:
@@ -536,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     quality = common.read_jsonl(folder / "quality.jsonl")
     speed = common.read_jsonl(folder / "speed.jsonl")
     speed_decode = common.read_jsonl(folder / "speed-decode.jsonl")
+    speed_integer = common.read_jsonl(folder / "speed-integer.jsonl")
     compression = common.read_jsonl(folder / "compression_time.jsonl")
     second_domain = common.read_jsonl(folder / "quality-shakespeare.jsonl")
     others = {path.stem.removeprefix("quality-"): common.read_jsonl(path)
@@ -560,6 +590,9 @@ def main(argv: list[str] | None = None) -> None:
     lines += speed_section(speed)
     if speed_decode:
         lines += speed_section(speed_decode, "## Decode speed, compiled rows (latest focused run)", DECODE_RUN_NOTE)
+    if speed_integer:
+        lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run)", INTEGER_RUN_NOTE)
+        lines += integer_agreement(speed_integer)
     lines += compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
                                  + second_domain)

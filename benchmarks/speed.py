@@ -27,7 +27,7 @@ import methods
 import torch
 from tqdm.auto import tqdm
 
-from swsc_hf import compile_decoding, wikitext2_test_text
+from swsc_hf import compile_decoding, set_integer_dot, wikitext2_test_text
 
 DEFAULT_METHODS = ("dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-3bit,swsc-3bit-head,swsc-2bit,swsc-2bit-head,"
                    "swsc-bits4.25,hqq-4b-g64")
@@ -39,9 +39,9 @@ class TorchCase:
     kind = "torch"
 
     def __init__(self, label: str, family: str, model, bits: float, prompt: torch.Tensor, compiled: bool,
-                 cpp_wrapper: bool = False) -> None:
+                 cpp_wrapper: bool = False, integer_dot: bool = False) -> None:
         self.label, self.family, self.model, self.bits, self.prompt = label, family, model, bits, prompt
-        self.compiled, self.cpp_wrapper = compiled, cpp_wrapper
+        self.compiled, self.cpp_wrapper, self.integer_dot = compiled, cpp_wrapper, integer_dot
         # compiled: what swsc_hf.compile_decoding makes generate do (a static KV cache, the prefill eager, each
         # decode step one torch.compile'd graph with static shapes, grouped-query attention without key/value
         # copies); compile_decoding's attention switch also reaches the eager case sharing this model, where
@@ -63,8 +63,13 @@ class TorchCase:
 
     @torch.no_grad()
     def run(self, new_tokens: int) -> tuple[float, float]:
-        if self.compiled:
-            return self._run_static(new_tokens)
+        previous = set_integer_dot(self.integer_dot)  # swsc_hf.set_integer_dot: this case's kernels only
+        try:
+            return self._run_static(new_tokens) if self.compiled else self._run_eager(new_tokens)
+        finally:
+            set_integer_dot(previous)
+
+    def _run_eager(self, new_tokens: int) -> tuple[float, float]:
         start = time.perf_counter()
         out = self.model(input_ids=self.prompt, use_cache=True)
         prefill = time.perf_counter() - start
@@ -149,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                         "cache and a torch.compile'd decode step, as swsc_hf.compile_decoding; comma-separated)")
     parser.add_argument("--cpp-wrapper", default="", help="methods to also time with compiled decoding whose "
                         "wrapper inductor emits in C++ (compile_decoding(cpp_wrapper=True); comma-separated)")
+    parser.add_argument("--integer-dot", default="", help="methods to also time with integer dot products "
+                        "(swsc_hf.set_integer_dot), eager and, for those in --compile, compiled; comma-separated")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llama.cpp on the bundled GGUF file (needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     names = ["dense"] + [name for name in names if name != "dense"]
     to_compile = set(methods.select(args.compile)) if args.compile else set()
     to_compile_cpp = set(methods.select(args.cpp_wrapper)) if args.cpp_wrapper else set()
+    to_integer = set(methods.select(args.integer_dot)) if args.integer_dot else set()
     info = common.run_info()
     dense, tokenizer = common.load_dense()
     prompt = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[:, : args.prompt_tokens]
@@ -178,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(TorchCase(name, methods.METHODS[name][0], model, bits, prompt, compiled=False))
         if name in to_compile:
             cases.append(TorchCase(f"{name}+compile", methods.METHODS[name][0], model, bits, prompt, compiled=True))
+        if name in to_integer:
+            cases.append(TorchCase(f"{name}+int", methods.METHODS[name][0], model, bits, prompt, compiled=False,
+                                   integer_dot=True))
+            if name in to_compile:
+                cases.append(TorchCase(f"{name}+int+compile", methods.METHODS[name][0], model, bits, prompt,
+                                       compiled=True, integer_dot=True))
         if name in to_compile_cpp:
             cases.append(TorchCase(f"{name}+compile-cpp", methods.METHODS[name][0], model, bits, prompt,
                                    compiled=True, cpp_wrapper=True))
@@ -210,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         decode = statistics.median(case.times["decode"])
         record = {"method": case.label.split("+")[0], "label": case.label, "family": case.family,
                   "kind": case.kind, "compiled": case.compiled, "cpp_wrapper": getattr(case, "cpp_wrapper", False),
+                  "integer_dot": getattr(case, "integer_dot", False),
                   "avg_bits": case.bits, "threads": args.threads,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                   "prefill_median_s": statistics.median(case.times["prefill"]), "decode_median_s": decode,

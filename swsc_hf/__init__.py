@@ -18,7 +18,7 @@ from .distill import distill_tables
 from .evaluation import PerplexityResult, perplexity
 from .generation import compile_decoding
 from .hub import build_model_card, push_compressed
-from .kernels import cpu_isa, set_kernels_enabled
+from .kernels import cpu_isa, set_integer_dot, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
 from .model_ops import dequantize_model
 from .modules import SWSCLinear
@@ -62,6 +62,7 @@ __all__ = [
     "push_compressed",
     "register_with_peft",
     "save_atomically",
+    "set_integer_dot",
     "set_kernels_enabled",
     "sync_compressed_layers",
     "verify_checksums",

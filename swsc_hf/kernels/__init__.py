@@ -1,6 +1,6 @@
 """Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels."""
 
-from .cpu import cpu_isa, limit_cpu_isa, load_cpu_kernels
+from .cpu import cpu_isa, integer_dot_available, limit_cpu_isa, load_cpu_kernels, set_integer_dot
 from .dispatch import (
     GEMV_MAX_TOKENS,
     choose_kernel,
@@ -24,10 +24,12 @@ __all__ = [
     "codebook_matmul",
     "cpu_isa",
     "dequantize_channels",
+    "integer_dot_available",
     "limit_cpu_isa",
     "load_cpu_kernels",
     "reference_codebook_matmul",
     "reference_table_grads",
+    "set_integer_dot",
     "set_kernels_enabled",
     "table_grads",
     "unpacked_codes",

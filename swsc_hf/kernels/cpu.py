@@ -3,8 +3,8 @@
 `torch.utils.cpp_extension.load` compiles the source once per source hash and torch version into
 `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) and later imports reuse it (about 10 s the first time).
 Without a working compiler `load_cpu_kernels()` returns False after one logged warning (with `SWSC_HF_KERNELS=0`, after
-an info line) and layers use the reference path. The instruction set (AVX-512F+BW, AVX2+FMA or portable C++) is
-chosen at run time.
+an info line) and layers use the reference path. The instruction set (AVX-512F+BW, AVX2+FMA+F16C or portable C++) is
+chosen at run time. `set_integer_dot(True)` opts in to integer dot products where the CPU and layout have them.
 """
 
 from __future__ import annotations
@@ -86,3 +86,22 @@ def limit_cpu_isa(name: str) -> str:
     if not load_cpu_kernels():
         raise RuntimeError("swsc_hf CPU kernels are not available")
     return ISA_NAMES[torch.ops.swsc_hf_cpu.set_max_isa(ISA_NAMES.index(name))]
+
+
+def integer_dot_available() -> bool:
+    """Whether this CPU has set_integer_dot's kernel (AVX-512 VBMI and VNNI, within limit_cpu_isa's cap)."""
+    return load_cpu_kernels() and bool(torch.ops.swsc_hf_cpu.integer_dot_available())
+
+
+def set_integer_dot(enabled: bool) -> bool:
+    """Opt in to integer dot products for decode-sized calls; returns the previous setting.
+
+    Covers 8-bit codes of 4-dim vectors over output channels (the `swsc-2bit` layout: channels of whole 64 values,
+    scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI; other layouts and CPUs keep the float kernels. The
+    codebook is rounded to 14-bit and the activations to 15-bit integers per 32 values, so outputs differ from the
+    float kernels' by about 1e-4 of their scale; that GEMV runs 1.4-1.6x faster (docs/design.md). Process-wide,
+    eager and compiled alike.
+    """
+    if not load_cpu_kernels():
+        raise RuntimeError("swsc_hf CPU kernels are not available (see the warning logged when they were built)")
+    return bool(torch.ops.swsc_hf_cpu.set_integer_dot(bool(enabled)))
