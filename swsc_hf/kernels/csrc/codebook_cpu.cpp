@@ -49,8 +49,9 @@ enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int64_t detect_isa() {
   __builtin_cpu_init();
+  if (!__builtin_cpu_supports("f16c")) return kPortable;  // every instruction set below converts float16 by F16C
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
   return kPortable;
 }
 
@@ -127,6 +128,15 @@ FloatView float_view(const at::Tensor& t, const char* name) {
   return FloatView{t.data_ptr(), t.scalar_type()};
 }
 
+// n float16 values to float32 by F16C: the same values as half_to_float, one instruction per 8 (a 256 x 4 codebook
+// is converted in every call).
+__attribute__((target("avx,f16c"))) void halves_to_floats(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
+}
+
 constexpr int64_t kSplitBook = 128;  // float16 values per codebook in Operands::half_split
 
 struct Operands {
@@ -172,9 +182,15 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
               "swsc_hf_cpu: codebook shape ", codebook.sizes(), " does not match the layout");
   const FloatView books = float_view(codebook, "codebook");
   o.tables.assign(n_books * l.book_stride, 0.0f);
-  for (int64_t b = 0; b < n_books; ++b)
-    for (int64_t i = 0; i < l.n_clusters * l.seg; ++i)
-      o.tables[b * l.book_stride + i] = books[b * l.n_clusters * l.seg + i];
+  const int64_t book_size = l.n_clusters * l.seg;
+  for (int64_t b = 0; b < n_books; ++b) {
+    if (books.type == at::kHalf && active_isa() != kPortable) {
+      halves_to_floats(static_cast<const uint16_t*>(books.data) + b * book_size, o.tables.data() + b * l.book_stride,
+                       book_size);
+      continue;
+    }
+    for (int64_t i = 0; i < book_size; ++i) o.tables[b * l.book_stride + i] = books[b * book_size + i];
+  }
   if (l.seg == 2 && (int64_t(1) << l.bits) * l.seg > 32) {
     const bool split = l.bits <= 6 && (l.group ? l.group : l.length) % 32 == 0;  // kind 6 decodes 32 values
     std::vector<uint16_t>& half = split ? o.half_split : o.half_tables;
@@ -530,22 +546,40 @@ struct IntTables {
   }
 };
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx512vnni,f16c")
+namespace vbmi {
+
+ALWAYS_INLINE __m512i load_lane(const int16_t* p) {  // 8 activations, repeated in every 128-bit lane
+  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Rounds 16 floats to integers in [-limit, limit] (to nearest, ties to even: what lrint does) into q.
+ALWAYS_INLINE void round_clamped(__m512 v, int32_t limit, int32_t* q) {
+  const __m512i r = _mm512_cvtps_epi32(v);
+  _mm512_store_si512(q, _mm512_max_epi32(_mm512_min_epi32(r, _mm512_set1_epi32(limit)), _mm512_set1_epi32(-limit)));
+}
+
 IntTables int_tables(const Operands& o) {
   const Layout& l = o.l;
-  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book, n = l.n_clusters * 4;
   IntTables t{std::vector<uint8_t>(n_books * kIntBookBytes, 0), std::vector<float>(n_books, 1.0f)};
+  alignas(64) int32_t q[1024];
   for (int64_t b = 0; b < n_books; ++b) {
-    const float* book = o.tables.data() + b * l.book_stride;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < l.n_clusters * l.seg; ++i) amax = std::max(amax, std::fabs(book[i]));
-    if (amax > 0.0f) t.step[b] = amax / kIntBookMax;
-    for (int64_t k = 0; k < l.n_clusters; ++k)
-      for (int64_t e = 0; e < l.seg; ++e) {
-        const int32_t q = std::clamp(int32_t(std::lrint(book[k * l.seg + e] / t.step[b])), -kIntBookMax, kIntBookMax);
-        uint8_t* plane = t.planes.data() + b * kIntBookBytes + e * 512;
-        plane[k] = uint8_t(q & 0xFF);
-        plane[256 + k] = uint8_t((q >> 8) & 0xFF);
+    const float* book = o.tables.data() + b * l.book_stride;  // padded past n: whole vectors stay in the table
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(book + i)));
+    const float top = _mm512_reduce_max_ps(amax);
+    if (top > 0.0f) t.step[b] = top / kIntBookMax;
+    for (int64_t i = 0; i < n; i += 16)
+      round_clamped(_mm512_div_ps(_mm512_loadu_ps(book + i), _mm512_set1_ps(t.step[b])), kIntBookMax, q + i);
+    for (int64_t e = 0; e < 4; ++e) {
+      uint8_t* low = t.planes.data() + b * kIntBookBytes + e * 512;
+      for (int64_t k = 0; k < l.n_clusters; ++k) {
+        low[k] = uint8_t(q[4 * k + e] & 0xFF);
+        low[256 + k] = uint8_t((q[4 * k + e] >> 8) & 0xFF);
       }
+    }
   }
   return t;
 }
@@ -553,26 +587,19 @@ IntTables int_tables(const Operands& o) {
 // Activations as integers (xq, B x length) in the order the kernel multiplies them, and their steps (xs, one per
 // unit): per block of two units and element e, the e-th values of the block's first 8 quadruples, then of its last 8.
 void int_activations(const float* x, int64_t B, int64_t length, int16_t* xq, float* xs) {
+  alignas(64) int32_t q[kIntUnit];
   for (int64_t b = 0; b < B; ++b)
     for (int64_t u = 0; u < length / kIntUnit; ++u) {
       const float* xu = x + b * length + u * kIntUnit;
-      float amax = 0.0f;
-      for (int64_t i = 0; i < kIntUnit; ++i) amax = std::max(amax, std::fabs(xu[i]));
+      const __m512 lo = _mm512_loadu_ps(xu), hi = _mm512_loadu_ps(xu + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
       const float inv = amax > 0.0f ? kIntActMax / amax : 0.0f;
       xs[b * (length / kIntUnit) + u] = amax > 0.0f ? amax / kIntActMax : 0.0f;
-      for (int64_t i = 0; i < kIntUnit; ++i) {
-        const int64_t at = (u / 2) * 2 * kIntUnit + (u % 2) * 8 + (i % 4) * 16 + i / 4;
-        xq[b * length + at] = int16_t(std::clamp(int32_t(std::lrint(xu[i] * inv)), -kIntActMax, kIntActMax));
-      }
+      round_clamped(_mm512_mul_ps(lo, _mm512_set1_ps(inv)), kIntActMax, q);
+      round_clamped(_mm512_mul_ps(hi, _mm512_set1_ps(inv)), kIntActMax, q + 16);
+      int16_t* out = xq + b * length + (u / 2) * 2 * kIntUnit + (u % 2) * 8;
+      for (int64_t i = 0; i < kIntUnit; ++i) out[(i % 4) * 16 + i / 4] = int16_t(q[i]);  // element i % 4
     }
-}
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx512vnni,f16c")
-namespace vbmi {
-
-ALWAYS_INLINE __m512i load_lane(const int16_t* p) {  // 8 activations, repeated in every 128-bit lane
-  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Lane k (4 floats): channel rows[k]'s scale of group g, times `step`. Reads the four stored scales in one vector
@@ -733,10 +760,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   at::Tensor y = float_result(x, o.l.channels);
   const int64_t B = xf.numel() / o.l.length;
   if (int_layout(o.l)) {
-    const IntTables t = int_tables(o);
+    const IntTables t = vbmi::int_tables(o);
     std::vector<int16_t> xq(B * o.l.length);
     std::vector<float> xs(B * (o.l.length / kIntUnit));
-    int_activations(xf.data_ptr<float>(), B, o.l.length, xq.data(), xs.data());
+    vbmi::int_activations(xf.data_ptr<float>(), B, o.l.length, xq.data(), xs.data());
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
       vbmi::int_dot(o, t, xq.data(), xs.data(), B, yp, c0, c1);
