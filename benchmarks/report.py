@@ -83,7 +83,7 @@ INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the 
                     "values, AVX-512 VBMI byte permutes and VNNI; docs/design.md). Opt-in because its outputs differ "
                     "from the float kernels by about 1e-4 of their scale. Prefill is unchanged (the many-token path "
                     "has no integer kernel). Settings as above. This machine was slow on the day of this run "
-                    "(dense fp32 12.7 tokens/s against 22-23 in the runs above, llama.cpp 58.8 against 77.5): compare "
+                    "(dense fp32 12.6 tokens/s against 22-23 in the runs above, llama.cpp 47.9 against 77.5): compare "
                     "ratios within a run.")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import KERNEL_LAYOUTS
@@ -120,3 +122,15 @@ def test_integer_dot_is_off_by_default_and_returns_the_previous_setting():
     assert set_integer_dot(False) is False
     assert set_integer_dot(True) is False
     assert set_integer_dot(False) is True
+
+
+def test_opting_in_where_the_cpu_lacks_the_integer_kernel_warns(caplog):
+    previous_isa = limit_cpu_isa("avx2")
+    try:
+        with caplog.at_level(logging.WARNING, logger="swsc_hf"):
+            previous = set_integer_dot(True)
+        assert "needs AVX-512 VBMI and VNNI" in caplog.text and "avx2" in caplog.text
+        assert not integer_dot_available()
+    finally:
+        set_integer_dot(previous)
+        limit_cpu_isa(previous_isa)

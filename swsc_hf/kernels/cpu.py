@@ -100,8 +100,14 @@ def set_integer_dot(enabled: bool) -> bool:
     scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI; other layouts and CPUs keep the float kernels. The
     codebook is rounded to 14-bit and the activations to 15-bit integers per 32 values, so outputs differ from the
     float kernels' by about 1e-4 of their scale; that GEMV runs 1.4-1.6x faster (docs/design.md). Process-wide,
-    eager and compiled alike.
+    eager and compiled alike. Without the kernels or those instructions it logs a warning and changes nothing.
     """
     if not load_cpu_kernels():
-        raise RuntimeError("swsc_hf CPU kernels are not available (see the warning logged when they were built)")
+        if enabled:
+            logger.warning("swsc_hf: set_integer_dot(True) has no effect: the CPU kernels are not available (see the "
+                           "warning logged when they were built)")
+        return False
+    if enabled and not torch.ops.swsc_hf_cpu.integer_dot_available():
+        logger.warning("swsc_hf: set_integer_dot(True) has no effect on this CPU: the integer kernel needs AVX-512 "
+                       "VBMI and VNNI (the kernels use %s here); the float kernels keep running", cpu_isa())
     return bool(torch.ops.swsc_hf_cpu.set_integer_dot(bool(enabled)))
