@@ -28,9 +28,10 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --methods dense,dense-bf16,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head \
     --compile dense,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head --cpp-wrapper swsc-4bit-head,swsc-2bit-head \
     --out docs/results/speed-decode.jsonl   # compiled decoding rows
-$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head \
-    --compile swsc-4bit-head,swsc-2bit-head --integer-dot swsc-2bit-head \
-    --out docs/results/speed-integer.jsonl  # integer dot product rows
+$PY benchmarks/speed.py --threads 2 --repeats 3 \
+    --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128 \
+    --compile swsc-4bit-head,swsc-2bit-head --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128 \
+    --out docs/results/speed-integer.jsonl  # integer dot product rows and their decode-kernel perplexity
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
@@ -62,7 +63,8 @@ SLOW_REASONS = {
                "attention, the KV cache), each with dispatch overhead that llama.cpp's single C++ graph does not pay; "
                "compiled decoding (`+compile`, swsc_hf.compile_decoding) fuses most of them, and then about two "
                "thirds of a step (measured at 2 threads) is the look-up-table GEMV (swsc_hf.kernels), which "
-               "multiplies float32 activations where llama.cpp uses int8 dot products; prefill rebuilds float32 "
+               "multiplies float32 activations where llama.cpp uses int8 dot products (integer dot products are "
+               "opt-in here, for the 2-bit quadruples only: swsc_hf.set_integer_dot); prefill rebuilds float32 "
                "tiles for a BLAS GEMM.",
     "hqq": "HQQ's PyTorch backend dequantizes the whole weight in every forward (its fast kernels are CUDA-only).",
     "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
@@ -79,17 +81,19 @@ DECODE_RUN_NOTE = ("A separate run of fewer models (the same kernels as the tabl
                    "(`+compile`) and 368 s (`+compile-cpp`) for the first compiled generate.")
 
 INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the `swsc-2bit` quadruples' GEMV on "
-                    "integer dot products (the codebook as 14-bit and the activations as 15-bit integers per 32 "
-                    "values, AVX-512 VBMI byte permutes and VNNI; docs/design.md). Opt-in because its outputs differ "
-                    "from the float kernels by about 1e-4 of their scale. Prefill is unchanged (the many-token path "
-                    "has no integer kernel). Settings as above. This machine was slow on the day of this run "
-                    "(dense fp32 12.6 tokens/s against 22-23 in the runs above, llama.cpp 47.9 against 77.5): compare "
-                    "ratios within a run.")
+                    "integer dot products (the codebook as 8-bit integers, the activations as 15-bit integers per 32 "
+                    "values in two bytes; AVX-512 VBMI byte permutes and VNNI `vpdpbusd`; docs/design.md). Opt-in "
+                    "because the codebook's rounding changes the outputs; the perplexities below measure what it "
+                    "costs. Prefill is unchanged (the many-token path has no integer kernel). `swsc-2.2b-cal-t128` "
+                    "is the calibrated and tuned 2.2-bit recipe (128 tuning steps; quadruples everywhere, output "
+                    "head dense). The data-free `swsc-2bit-head` is a speed row: its perplexity (about 3e5) says "
+                    "nothing about quality, and its greedy tokens flip at the smallest change. Settings as above; "
+                    "compare ratios within a run.")
 
 
 def integer_agreement(records: list[dict]) -> list[str]:
     """For each `+int` row of the latest run, how many of its first greedy tokens equal its float twin's
-    before the two first differ."""
+    before the two first differ, and its decode-kernel perplexity with and without integer dot products."""
     ok = [r for r in records if "error" not in r and "first_tokens" in r]
     if not ok:
         return []
@@ -102,6 +106,13 @@ def integer_agreement(records: list[dict]) -> list[str]:
             mine, theirs = r["first_tokens"], twin["first_tokens"]
             same = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b), len(mine))
             lines.append(f"`{label}`: the first {same} of {len(mine)} greedy tokens equal `{twin['label']}`'s.")
+        ppl = r.get("gemv_perplexity")
+        if ppl:
+            change = 100 * (ppl["integer"] / ppl["float"] - 1)
+            lines.append(f"Its perplexity through the decode kernel (WikiText-2 test, {ppl['windows']} windows of "
+                         f"{ppl['tokens_per_window']} tokens fed {ppl['tokens_per_forward']} per forward on the KV "
+                         f"cache): {ppl['float']:.6g} with the float kernel, {ppl['integer']:.6g} with integer dot "
+                         f"products ({change:+.2f}%).")
     return [" ".join(lines), ""] if lines else []
 
 

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from swsc_hf import compile_decoding, set_integer_dot, wikitext2_test_text
+from swsc_hf.kernels import GEMV_MAX_TOKENS
 
 DEFAULT_METHODS = ("dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-3bit,swsc-3bit-head,swsc-2bit,swsc-2bit-head,"
                    "swsc-bits4.25,hqq-4b-g64")
@@ -104,6 +105,36 @@ class TorchCase:
         return prefill, decode
 
 
+@torch.no_grad()
+def decode_kernel_perplexity(model, windows: torch.Tensor) -> float:
+    """Perplexity of each row of `windows` (windows x tokens) fed GEMV_MAX_TOKENS tokens per forward on the KV cache,
+    so every compressed linear runs its decode kernel (a prompt in one forward would take the prefill path)."""
+    nll, count = 0.0, 0
+    for window in windows:
+        cache = None
+        for start in range(0, window.numel() - 1, GEMV_MAX_TOKENS):
+            chunk = window[start: start + GEMV_MAX_TOKENS][None]
+            out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            targets = window[start + 1: start + 1 + GEMV_MAX_TOKENS]
+            logits = out.logits[0, : targets.numel()].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            count += targets.numel()
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def integer_perplexities(case: TorchCase, windows: torch.Tensor) -> dict:
+    """The decode-kernel perplexity of an integer-dot case's model with the float and the integer kernels."""
+    out = {"windows": windows.shape[0], "tokens_per_window": windows.shape[1], "tokens_per_forward": GEMV_MAX_TOKENS}
+    for name, integer in (("float", False), ("integer", True)):
+        previous = set_integer_dot(integer)
+        try:
+            out[name] = decode_kernel_perplexity(case.model, windows)
+        finally:
+            set_integer_dot(previous)
+    return out
+
+
 class LlamaCppCase:
     """llama.cpp through llama-cpp-python on a GGUF file: the same prompt token ids, greedy decode."""
 
@@ -156,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
                         "wrapper inductor emits in C++ (compile_decoding(cpp_wrapper=True); comma-separated)")
     parser.add_argument("--integer-dot", default="", help="methods to also time with integer dot products "
                         "(swsc_hf.set_integer_dot), eager and, for those in --compile, compiled; comma-separated")
+    parser.add_argument("--integer-windows", type=int, default=4, help="WikiText-2 test windows of 512 tokens on "
+                        "which to compare the decode kernel's perplexity with and without integer dot products, per "
+                        "eager --integer-dot case (0: skip)")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="also time llama.cpp on the bundled GGUF file (needs llama-cpp-python)")
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
@@ -220,6 +254,12 @@ def main(argv: list[str] | None = None) -> None:
             prefill, decode = case.run(args.new_tokens)
             case.times["prefill"].append(prefill)
             case.times["decode"].append(decode)
+    integer_cases = [case for case in cases if getattr(case, "integer_dot", False) and not case.compiled]
+    if args.integer_windows and integer_cases:
+        text_ids = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[0]
+        windows = text_ids[: args.integer_windows * 512].reshape(-1, 512)
+        for case in tqdm(integer_cases, desc="decode-kernel perplexity", unit="model"):
+            case.info["gemv_perplexity"] = integer_perplexities(case, windows)
     for case in cases:
         decode = statistics.median(case.times["decode"])
         record = {"method": case.label.split("+")[0], "label": case.label, "family": case.family,

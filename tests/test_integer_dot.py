@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels 
 needs_vbmi = pytest.mark.skipif(not integer_dot_available(),
                                 reason="this CPU lacks AVX-512 VBMI and VNNI, which the integer kernel needs")
 
-BOOK_MAX, ACT_MAX, UNIT = 8191, 16383, 32
+BOOK_MAX, ACT_MAX, UNIT = 127, 127 * 128, 32
 
 # 8-bit codes of 4-dim vectors over output channels: the layouts the integer kernel takes
 INTEGER_LAYOUTS = [
@@ -33,6 +33,12 @@ INTEGER_LAYOUTS = [
     (13, 192, 256, 4, "output", 0, 0),    # no scales
     (9, 256, 256, 4, "output", 64, 2),    # a codebook per 2 rows
 ]
+
+
+def integer_covered(spec: LayerSpec) -> bool:
+    """Whether set_integer_dot(True) moves `spec` to the integer kernel on a CPU that has it."""
+    return (spec.cluster_dim == "output" and spec.segment_length == 4 and spec.code_bits == 8
+            and spec.in_features % 64 == 0 and spec.scale_group_size % UNIT == 0)
 
 
 @pytest.fixture
@@ -84,8 +90,8 @@ def test_integer_kernel_equals_its_arithmetic_and_stays_near_the_float_path(layo
         scale = float(model.abs().max())
         torch.testing.assert_close(got.double(), model, rtol=0, atol=3e-5 * scale)  # float32 sums of the units
         exact = x.double() @ weight.t()
-        assert float((got.double() - exact).abs().max()) <= 5e-4 * float(exact.abs().max())
-        assert float((got.double() - exact).abs().max()) > 0  # the integer path ran, not the float one
+        error = float((got.double() - exact).norm() / exact.norm())
+        assert 0 < error <= 3e-2  # mostly the codebook rounded to 8 bits; 0: the float path ran
 
 
 @needs_vbmi
@@ -106,9 +112,7 @@ def test_layouts_and_cpus_without_the_integer_kernel_keep_exact_results(layout, 
     spec, codes, packed, codebook, scales, weight = random_layer(layout)
     x = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(5))
     expected = x.double() @ weight.t()
-    covered = (spec.cluster_dim == "output" and spec.segment_length == 4 and spec.code_bits == 8
-               and spec.in_features % 64 == 0 and spec.scale_group_size % UNIT == 0)
-    previous = limit_cpu_isa("avx2") if covered else None
+    previous = limit_cpu_isa("avx2") if integer_covered(spec) else None
     try:
         with torch.no_grad():
             got = codebook_matmul(x, packed, codebook, scales, spec)

@@ -98,9 +98,10 @@ def set_integer_dot(enabled: bool) -> bool:
 
     Covers 8-bit codes of 4-dim vectors over output channels (the `swsc-2bit` layout: channels of whole 64 values,
     scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI; other layouts and CPUs keep the float kernels. The
-    codebook is rounded to 14-bit and the activations to 15-bit integers per 32 values, so outputs differ from the
-    float kernels' by about 1e-4 of their scale; that GEMV runs 1.4-1.6x faster (docs/design.md). Process-wide,
-    eager and compiled alike. Without the kernels or those instructions it logs a warning and changes nothing.
+    codebook is rounded to 8-bit integers and the activations to 15-bit integers per 32 values, so outputs differ
+    from the float kernels' by the codebook's rounding (docs/results.md measures the perplexity cost); that GEMV runs
+    1.6-2.6x faster per layer (docs/design.md). Process-wide, eager and compiled alike. Without the kernels
+    or those instructions it logs a warning and changes nothing.
     """
     if not load_cpu_kernels():
         if enabled:

@@ -20,7 +20,8 @@
 // All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
 // Instruction sets are chosen at run time (AVX-512F+BW, AVX2+FMA+F16C, portable C++); set_max_isa caps the choice.
 // set_integer_dot(true) opts gemv in to integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI;
-// integer_dot_available says whether this CPU has them): faster, about 1e-4 away from the float path.
+// integer_dot_available says whether this CPU has them): faster, a codebook rounded to 8 bits away from the float
+// path.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -502,17 +503,20 @@ struct Simd {
 // ---------------------------------------------------------------------------------------------------------------
 // Integer dot products, opt-in (set_integer_dot), for 8-bit codes of 4-dim vectors over output channels
 // (swsc-2bit), where the float kernels spend a load and an insert per 4-value codeword. The codebook is rounded to
-// 14-bit integers (one step per codebook) kept as byte planes, per element a plane of low bytes and one of high
-// bytes; the activations to 15-bit integers per unit of 32 values; 16-bit integer dot products (AVX-512 VNNI)
-// multiply them. Four channels share a 512-bit register, 16 code bytes each in a 128-bit lane, so every look-up
-// decodes four channels: a 256-entry plane is four byte permutes over 64 bytes (AVX-512 VBMI) merged by code bits 6
-// and 7, and two unpacks turn a low and a high plane into 16-bit weights. A unit's products are summed in 32-bit
-// integers (8 per lane: 8 * 8191 * 16383 < 2^31) and converted to float once, times the group scale, codebook step
-// and activation step. The outputs differ from the float kernels by the two roundings (about 1e-4 of their scale),
-// which is why this path is not the default.
-constexpr int32_t kIntBookMax = 8191;   // codebook integers in [-8191, 8191]
-constexpr int32_t kIntActMax = 16383;   // activation integers in [-16383, 16383]
-constexpr int64_t kIntUnit = 32;        // values per activation step and per conversion to float
+// 8-bit integers (one step per codebook) kept as byte planes, one per element, offset by 128 to unsigned bytes; the
+// activations to 15-bit integers per unit of 32 values, each as two signed bytes (hi * 128 + lo); unsigned-by-signed
+// byte dot products (AVX-512 VNNI `vpdpbusd`, 64 per instruction) multiply the codebook bytes by each activation
+// byte. Four channels share a 512-bit register, 16 code bytes each in a 128-bit lane, so every look-up decodes four
+// channels: a 256-entry plane is four byte permutes over 64 bytes (AVX-512 VBMI), each merging the bytes whose codes
+// it holds (bits 6 and 7). Each 32-bit lane sums 16 products of one unit (the low bytes' sum started at -128 times
+// the sum of the activations: the offset), is converted to float once, times the activation step, group scale and
+// codebook step. The outputs differ from the float kernels by the codebook's rounding, which is why this path is
+// not the default.
+constexpr int32_t kIntBookMax = 127;       // codebook integers in [-127, 127]
+constexpr int32_t kIntActMax = 127 * 128;  // activation integers in [-16256, 16256]: two signed bytes, hi * 128 + lo
+constexpr int64_t kIntUnit = 32;           // values per activation step
+constexpr int64_t kIntBlock = 64;          // values per pass: 16 quadruples of each of four channels
+constexpr int64_t kIntBookBytes = 4 * 256;  // per codebook: 4 elements, 256 codes
 
 std::atomic<bool> integer_dot{false};
 
@@ -530,29 +534,36 @@ bool int_dot_available() { return active_isa() == kAvx512 && int_dot_supported()
 // Whether gemv runs a layout on the integer kernel: opted in, the CPU has it (within the cap), 8-bit codes of 4-dim
 // vectors in channels of whole 64 values and scale groups of whole units.
 bool int_layout(const Layout& l) {
-  return integer_dot.load() && int_dot_available() && l.seg == 4 && l.bits == 8 && l.length % (2 * kIntUnit) == 0 &&
+  return integer_dot.load() && int_dot_available() && l.seg == 4 && l.bits == 8 && l.length % kIntBlock == 0 &&
          l.group % kIntUnit == 0;
 }
 
-constexpr int64_t kIntBookBytes = 4 * 2 * 256;  // per codebook: 4 elements, 2 planes, 256 codes
-
-// The codebooks as integers: per book and element a plane of low bytes, then one of high bytes, an entry per code
-// (past n_clusters: zero); per book the float value of one integer step.
+// The codebooks as integers plus 128: per book and element a plane of bytes, an entry per code (past n_clusters:
+// 128, the value 0); per book the float value of one integer step.
 struct IntTables {
   std::vector<uint8_t> planes;
   std::vector<float> step;
-  ALWAYS_INLINE const uint8_t* book(int64_t c, const Layout& l) const {
-    return planes.data() + (c / l.rows_per_book) * kIntBookBytes;
+  // Channel c's codebook; one per matrix needs no division (about 15 cycles, per pack of channels here).
+  static ALWAYS_INLINE int64_t index(int64_t c, const Layout& l) {
+    return l.rows_per_book >= l.channels ? 0 : c / l.rows_per_book;
   }
+  ALWAYS_INLINE const uint8_t* book(int64_t c, const Layout& l) const {
+    return planes.data() + index(c, l) * kIntBookBytes;
+  }
+  ALWAYS_INLINE float book_step(int64_t c, const Layout& l) const { return step[index(c, l)]; }
+};
+
+// The activations as two signed bytes each (hi * 128 + lo) in the order the kernel multiplies them, the 32-bit lane
+// starts (-128 times the sum of the integers each lane multiplies) and the activation steps (int_activations).
+struct IntActivations {
+  std::vector<int8_t> hi, lo;
+  std::vector<int32_t> offset;
+  std::vector<float> step;
 };
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vbmi,avx512vnni,f16c")
 namespace vbmi {
-
-ALWAYS_INLINE __m512i load_lane(const int16_t* p) {  // 8 activations, repeated in every 128-bit lane
-  return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // Rounds 16 floats to integers in [-limit, limit] (to nearest, ties to even: what lrint does) into q.
 ALWAYS_INLINE void round_clamped(__m512 v, int32_t limit, int32_t* q) {
@@ -563,7 +574,7 @@ ALWAYS_INLINE void round_clamped(__m512 v, int32_t limit, int32_t* q) {
 IntTables int_tables(const Operands& o) {
   const Layout& l = o.l;
   const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book, n = l.n_clusters * 4;
-  IntTables t{std::vector<uint8_t>(n_books * kIntBookBytes, 0), std::vector<float>(n_books, 1.0f)};
+  IntTables t{std::vector<uint8_t>(n_books * kIntBookBytes, 128), std::vector<float>(n_books, 1.0f)};
   alignas(64) int32_t q[1024];
   for (int64_t b = 0; b < n_books; ++b) {
     const float* book = o.tables.data() + b * l.book_stride;  // padded past n: whole vectors stay in the table
@@ -574,105 +585,131 @@ IntTables int_tables(const Operands& o) {
     for (int64_t i = 0; i < n; i += 16)
       round_clamped(_mm512_div_ps(_mm512_loadu_ps(book + i), _mm512_set1_ps(t.step[b])), kIntBookMax, q + i);
     for (int64_t e = 0; e < 4; ++e) {
-      uint8_t* low = t.planes.data() + b * kIntBookBytes + e * 512;
-      for (int64_t k = 0; k < l.n_clusters; ++k) {
-        low[k] = uint8_t(q[4 * k + e] & 0xFF);
-        low[256 + k] = uint8_t((q[4 * k + e] >> 8) & 0xFF);
-      }
+      uint8_t* plane = t.planes.data() + b * kIntBookBytes + e * 256;
+      for (int64_t k = 0; k < l.n_clusters; ++k) plane[k] = uint8_t(q[4 * k + e] + 128);
     }
   }
   return t;
 }
 
-// Activations as integers (xq, B x length) in the order the kernel multiplies them, and their steps (xs, one per
-// unit): per block of two units and element e, the e-th values of the block's first 8 quadruples, then of its last 8.
-void int_activations(const float* x, int64_t B, int64_t length, int16_t* xq, float* xs) {
+// A unit's 32 activations as integers (q) and the float value of one integer step.
+ALWAYS_INLINE float unit_integers(const float* xu, int32_t* q) {
+  const __m512 lo = _mm512_loadu_ps(xu), hi = _mm512_loadu_ps(xu + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const float inv = amax > 0.0f ? kIntActMax / amax : 0.0f;
+  round_clamped(_mm512_mul_ps(lo, _mm512_set1_ps(inv)), kIntActMax, q);
+  round_clamped(_mm512_mul_ps(hi, _mm512_set1_ps(inv)), kIntActMax, q + 16);
+  return amax > 0.0f ? amax / kIntActMax : 0.0f;
+}
+
+// q as hi * 128 + lo (lo in [-64, 63]) at index i of a.hi and a.lo.
+ALWAYS_INLINE void split(int32_t q, IntActivations& a, int64_t i) {
+  const int32_t hi = (q + 64) >> 7;
+  a.hi[i] = int8_t(hi);
+  a.lo[i] = int8_t(q - 128 * hi);
+}
+
+// For the quadruples, B rows of `length` values: per row and pass of 64 values, element e's 16 values (of its 16
+// quadruples) at e * 16; per pass four lane starts and four steps (lanes 0-1: the pass's first unit, 2-3: its
+// second), repeated in each 128-bit lane by the kernel.
+IntActivations int_activations(const float* x, int64_t B, int64_t length) {
+  const int64_t passes = length / kIntBlock;
+  IntActivations a{std::vector<int8_t>(B * length), std::vector<int8_t>(B * length),
+                   std::vector<int32_t>(B * passes * 4), std::vector<float>(B * passes * 4)};
   alignas(64) int32_t q[kIntUnit];
   for (int64_t b = 0; b < B; ++b)
     for (int64_t u = 0; u < length / kIntUnit; ++u) {
-      const float* xu = x + b * length + u * kIntUnit;
-      const __m512 lo = _mm512_loadu_ps(xu), hi = _mm512_loadu_ps(xu + 16);
-      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-      const float inv = amax > 0.0f ? kIntActMax / amax : 0.0f;
-      xs[b * (length / kIntUnit) + u] = amax > 0.0f ? amax / kIntActMax : 0.0f;
-      round_clamped(_mm512_mul_ps(lo, _mm512_set1_ps(inv)), kIntActMax, q);
-      round_clamped(_mm512_mul_ps(hi, _mm512_set1_ps(inv)), kIntActMax, q + 16);
-      int16_t* out = xq + b * length + (u / 2) * 2 * kIntUnit + (u % 2) * 8;
-      for (int64_t i = 0; i < kIntUnit; ++i) out[(i % 4) * 16 + i / 4] = int16_t(q[i]);  // element i % 4
+      const float step = unit_integers(x + b * length + u * kIntUnit, q);
+      const int64_t pass = b * passes + u / 2, half = u % 2;
+      const int64_t at = pass * kIntBlock + half * 8;  // quadruples 8 * half .. 8 * half + 7 of the pass
+      for (int64_t i = 0; i < kIntUnit; ++i) split(q[i], a, at + (i % 4) * 16 + i / 4);  // element i % 4
+      for (int64_t lane = 0; lane < 2; ++lane) {  // a 32-bit lane multiplies 4 quadruples: 16 values
+        int32_t sum = 0;
+        for (int64_t i = 16 * lane; i < 16 * lane + 16; ++i) sum += q[i];
+        a.offset[pass * 4 + 2 * half + lane] = -128 * sum;
+        a.step[pass * 4 + 2 * half + lane] = step;
+      }
     }
+  return a;
 }
 
-// Lane k (4 floats): channel rows[k]'s scale of group g, times `step`. Reads the four stored scales in one vector
-// conversion (a scalar conversion each costs more than a unit's products here).
-ALWAYS_INLINE __m512 lane_scales(const Operands& o, const int64_t* rows, int64_t g, __m512 step, __m512i lane_of) {
+// Lane k (4 floats): the scale of group g of the channel whose scale row starts at first[k], times `step`. Reads the
+// four stored scales in one vector conversion (a scalar conversion each costs more than a unit's products here).
+ALWAYS_INLINE __m512 lane_scales(const Operands& o, const int64_t* first, int64_t g, __m512 step, __m512i lane_of) {
   __m128 s = _mm_set1_ps(1.0f);
   if (o.scales.data && o.scales.type == at::kFloat) {
     const float* p = static_cast<const float*>(o.scales.data) + g;
-    s = _mm_setr_ps(p[rows[0] * o.n_groups], p[rows[1] * o.n_groups], p[rows[2] * o.n_groups],
-                    p[rows[3] * o.n_groups]);
+    s = _mm_setr_ps(p[first[0]], p[first[1]], p[first[2]], p[first[3]]);
   } else if (o.scales.data) {  // float16 or bfloat16
     const uint16_t* p = static_cast<const uint16_t*>(o.scales.data) + g;
-    const __m128i h = _mm_setr_epi32(p[rows[0] * o.n_groups], p[rows[1] * o.n_groups], p[rows[2] * o.n_groups],
-                                     p[rows[3] * o.n_groups]);
+    const __m128i h = _mm_setr_epi32(p[first[0]], p[first[1]], p[first[2]], p[first[3]]);
     s = o.scales.type == at::kHalf ? _mm_cvtph_ps(_mm_packus_epi32(h, h)) : _mm_castsi128_ps(_mm_slli_epi32(h, 16));
   }
   return _mm512_mul_ps(_mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(s)), step);
 }
 
+ALWAYS_INLINE __m128i load128(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
 // y[b, c] for the `live` (1..4) channels from c, which share a codebook, and NB activation rows from b0.
 template <int NB>
-void int_rows(const Operands& o, const IntTables& t, const int16_t* xq, const float* xs, float* y, int64_t b0,
-              int64_t c, int64_t live) {
+void int_rows(const Operands& o, const IntTables& t, const IntActivations& a, float* y, int64_t b0, int64_t c,
+              int64_t live) {
   const Layout& l = o.l;
-  const int64_t units = l.length / kIntUnit, units_per_group = (l.group ? l.group : l.length) / kIntUnit;
-  int64_t rows[4];  // lanes past `live` repeat the last channel
+  const int64_t passes = l.length / kIntBlock, units_per_group = (l.group ? l.group : l.length) / kIntUnit;
+  int64_t scale_row[4];  // lanes past `live` repeat the last channel
   const uint8_t* src[4];
   for (int k = 0; k < 4; ++k) {
-    rows[k] = c + std::min<int64_t>(k, live - 1);
-    src[k] = o.codes + rows[k] * l.segs;  // a byte per code
+    const int64_t row = c + std::min<int64_t>(k, live - 1);
+    scale_row[k] = row * o.n_groups;
+    src[k] = o.codes + row * l.segs;  // a byte per code
   }
   const uint8_t* book = t.book(c, l);
-  const __m512 step = _mm512_set1_ps(t.step[c / l.rows_per_book]);
+  __m512i plane[4][4];  // element e's 256 entries as four 64-byte registers
+  for (int e = 0; e < 4; ++e)
+    for (int k = 0; k < 4; ++k) plane[e][k] = _mm512_loadu_si512(book + e * 256 + 64 * k);
+  const __m512 step = _mm512_set1_ps(t.book_step(c, l));
   const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i bit6_of = _mm512_set1_epi8(0x40);
   __m512 total[NB], scale = _mm512_setzero_ps();
   for (int b = 0; b < NB; ++b) total[b] = _mm512_setzero_ps();
-  int64_t group = -1, next_group_unit = 0;
-  for (int64_t j = 0; j < units / 2; ++j) {  // 16 code bytes per channel: 16 quadruples, two units
-    __m512i codes = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[0] + 16 * j)));
-    codes = _mm512_inserti32x4(codes, _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[1] + 16 * j)), 1);
-    codes = _mm512_inserti32x4(codes, _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[2] + 16 * j)), 2);
-    codes = _mm512_inserti32x4(codes, _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[3] + 16 * j)), 3);
-    __m512i acc[2][NB];
-    for (int h = 0; h < 2; ++h)
-      for (int b = 0; b < NB; ++b) acc[h][b] = _mm512_setzero_si512();
-    // a byte permute reads a code's low 6 bits: bits 6 and 7 pick one of a plane's four 64-byte registers
+  int64_t group_first = -1, group_second = -1, unit_group = 0, left_in_group = units_per_group;
+  for (int64_t j = 0; j < passes; ++j) {  // 16 code bytes per channel: 16 quadruples, two units
+    __m512i codes = _mm512_castsi128_si512(load128(src[0] + 16 * j));
+    codes = _mm512_inserti32x4(codes, load128(src[1] + 16 * j), 1);
+    codes = _mm512_inserti32x4(codes, load128(src[2] + 16 * j), 2);
+    codes = _mm512_inserti32x4(codes, load128(src[3] + 16 * j), 3);
+    __m512i acc[NB], acc_hi[NB];  // sums of the low activation bytes (and the offset), of the high ones
+    for (int b = 0; b < NB; ++b) {
+      acc[b] = _mm512_broadcast_i32x4(load128(a.offset.data() + ((b0 + b) * passes + j) * 4));
+      acc_hi[b] = _mm512_setzero_si512();
+    }
+    // a byte permute reads a code's low 6 bits: bits 6 and 7 pick one of a plane's four 64-byte registers, each
+    // permute writing only the bytes whose codes it holds
     const __mmask64 bit6 = _mm512_test_epi8_mask(codes, bit6_of), bit7 = _mm512_movepi8_mask(codes);
+    const __mmask64 in[3] = {_kandn_mask64(bit7, bit6), _kandn_mask64(bit6, bit7), _kand_mask64(bit6, bit7)};
     for (int e = 0; e < 4; ++e) {
-      __m512i plane[2];
-      for (int h = 0; h < 2; ++h) {
-        const uint8_t* p = book + (2 * e + h) * 256;
-        __m512i part[4];
-        for (int k = 0; k < 4; ++k) part[k] = _mm512_permutexvar_epi8(codes, _mm512_loadu_si512(p + 64 * k));
-        plane[h] = _mm512_mask_blend_epi8(bit7, _mm512_mask_blend_epi8(bit6, part[0], part[1]),
-                                          _mm512_mask_blend_epi8(bit6, part[2], part[3]));
-      }
-      // per 128-bit lane, element e of the lane's first 8 quadruples (unit 2 j), then of its last 8 (2 j + 1)
-      const __m512i w[2] = {_mm512_unpacklo_epi8(plane[0], plane[1]), _mm512_unpackhi_epi8(plane[0], plane[1])};
+      __m512i w = _mm512_permutexvar_epi8(codes, plane[e][0]);
+      for (int k = 1; k < 4; ++k) w = _mm512_mask_permutexvar_epi8(w, in[k - 1], codes, plane[e][k]);
       for (int b = 0; b < NB; ++b) {
-        const int16_t* xb = xq + (b0 + b) * l.length + j * 2 * kIntUnit + e * 16;
-        for (int h = 0; h < 2; ++h) acc[h][b] = _mm512_dpwssd_epi32(acc[h][b], w[h], load_lane(xb + 8 * h));
+        const int64_t at = ((b0 + b) * passes + j) * kIntBlock + e * 16;
+        acc[b] = _mm512_dpbusd_epi32(acc[b], w, _mm512_broadcast_i32x4(load128(a.lo.data() + at)));
+        acc_hi[b] = _mm512_dpbusd_epi32(acc_hi[b], w, _mm512_broadcast_i32x4(load128(a.hi.data() + at)));
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const int64_t u = 2 * j + h;
-      if (u == next_group_unit) {  // the unit's group scales times the codebook's step
-        next_group_unit += units_per_group;
-        scale = lane_scales(o, rows, ++group, step, lane_of);
-      }
-      for (int b = 0; b < NB; ++b)
-        total[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h][b]),
-                                   _mm512_mul_ps(scale, _mm512_set1_ps(xs[(b0 + b) * units + u])), total[b]);
+    const int64_t first = unit_group;  // the groups of units 2 j and 2 j + 1, counted (a division costs ~15 cycles)
+    if (--left_in_group == 0) left_in_group = units_per_group, ++unit_group;
+    const int64_t second = unit_group;
+    if (--left_in_group == 0) left_in_group = units_per_group, ++unit_group;
+    if (first != group_first || second != group_second) {  // lanes 0-1: the first unit's group, 2-3: the second's
+      const __m512 s = lane_scales(o, scale_row, first, step, lane_of);
+      scale = second == first ? s : _mm512_mask_blend_ps(0xCCCC, s, lane_scales(o, scale_row, second, step, lane_of));
+      group_first = first;
+      group_second = second;
+    }
+    for (int b = 0; b < NB; ++b) {
+      const __m512 xs = _mm512_broadcast_f32x4(_mm_loadu_ps(a.step.data() + ((b0 + b) * passes + j) * 4));
+      const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(acc_hi[b], 7), acc[b]);
+      total[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(scale, xs), total[b]);
     }
   }
   for (int b = 0; b < NB; ++b) {
@@ -684,17 +721,18 @@ void int_rows(const Operands& o, const IntTables& t, const int16_t* xq, const fl
 }
 
 // y[b, c] for channels c0 .. c1 - 1, in packs of up to four channels that share a codebook.
-void int_dot(const Operands& o, const IntTables& t, const int16_t* xq, const float* xs, int64_t B, float* y,
-             int64_t c0, int64_t c1) {
+void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int64_t B, float* y, int64_t c0,
+             int64_t c1) {
   const Layout& l = o.l;
   for (int64_t c = c0; c < c1;) {
-    const int64_t live = std::min({int64_t(4), c1 - c, l.rows_per_book - c % l.rows_per_book});
+    const int64_t book_left = l.rows_per_book >= l.channels ? c1 - c : l.rows_per_book - c % l.rows_per_book;
+    const int64_t live = std::min({int64_t(4), c1 - c, book_left});
     for (int64_t b0 = 0; b0 < B; b0 += 4) {
       switch (std::min<int64_t>(4, B - b0)) {
-        case 1: int_rows<1>(o, t, xq, xs, y, b0, c, live); break;
-        case 2: int_rows<2>(o, t, xq, xs, y, b0, c, live); break;
-        case 3: int_rows<3>(o, t, xq, xs, y, b0, c, live); break;
-        default: int_rows<4>(o, t, xq, xs, y, b0, c, live); break;
+        case 1: int_rows<1>(o, t, a, y, b0, c, live); break;
+        case 2: int_rows<2>(o, t, a, y, b0, c, live); break;
+        case 3: int_rows<3>(o, t, a, y, b0, c, live); break;
+        default: int_rows<4>(o, t, a, y, b0, c, live); break;
       }
     }
     c += live;
@@ -761,12 +799,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const int64_t B = xf.numel() / o.l.length;
   if (int_layout(o.l)) {
     const IntTables t = vbmi::int_tables(o);
-    std::vector<int16_t> xq(B * o.l.length);
-    std::vector<float> xs(B * (o.l.length / kIntUnit));
-    vbmi::int_activations(xf.data_ptr<float>(), B, o.l.length, xq.data(), xs.data());
+    const IntActivations a = vbmi::int_activations(xf.data_ptr<float>(), B, o.l.length);
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-      vbmi::int_dot(o, t, xq.data(), xs.data(), B, yp, c0, c1);
+      vbmi::int_dot(o, t, a, B, yp, c0, c1);
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
