@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import statistics
 import time
@@ -120,7 +121,7 @@ def decode_kernel_perplexity(model, windows: torch.Tensor) -> float:
             logits = out.logits[0, : targets.numel()].float()
             nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             count += targets.numel()
-    return float(torch.exp(torch.tensor(nll / count)))
+    return math.exp(nll / count)
 
 
 def integer_perplexities(case: TorchCase, windows: torch.Tensor) -> dict:

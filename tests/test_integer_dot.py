@@ -35,12 +35,6 @@ INTEGER_LAYOUTS = [
 ]
 
 
-def integer_covered(spec: LayerSpec) -> bool:
-    """Whether set_integer_dot(True) moves `spec` to the integer kernel on a CPU that has it."""
-    return (spec.cluster_dim == "output" and spec.segment_length == 4 and spec.code_bits == 8
-            and spec.in_features % 64 == 0 and spec.scale_group_size % UNIT == 0)
-
-
 @pytest.fixture
 def integer_dot():
     previous = set_integer_dot(True)
@@ -112,7 +106,9 @@ def test_layouts_and_cpus_without_the_integer_kernel_keep_exact_results(layout, 
     spec, codes, packed, codebook, scales, weight = random_layer(layout)
     x = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(5))
     expected = x.double() @ weight.t()
-    previous = limit_cpu_isa("avx2") if integer_covered(spec) else None
+    covered = (spec.cluster_dim == "output" and spec.segment_length == 4 and spec.code_bits == 8
+               and spec.in_features % 64 == 0 and spec.scale_group_size % UNIT == 0)
+    previous = limit_cpu_isa("avx2") if covered else None
     try:
         with torch.no_grad():
             got = codebook_matmul(x, packed, codebook, scales, spec)

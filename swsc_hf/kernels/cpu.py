@@ -100,8 +100,8 @@ def set_integer_dot(enabled: bool) -> bool:
     scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI; other layouts and CPUs keep the float kernels. The
     codebook is rounded to 8-bit integers and the activations to 15-bit integers per 32 values, so outputs differ
     from the float kernels' by the codebook's rounding (docs/results.md measures the perplexity cost); that GEMV runs
-    1.6-2.6x faster per layer (docs/design.md). Process-wide, eager and compiled alike. Without the kernels
-    or those instructions it logs a warning and changes nothing.
+    1.6-2.6x faster per layer (docs/design.md). Process-wide, eager and compiled alike. Without the kernels or
+    those instructions it logs a warning and changes nothing.
     """
     if not load_cpu_kernels():
         if enabled:
