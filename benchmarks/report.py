@@ -29,8 +29,9 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --compile dense,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head --cpp-wrapper swsc-4bit-head,swsc-2bit-head \
     --out docs/results/speed-decode.jsonl   # compiled decoding rows
 $PY benchmarks/speed.py --threads 2 --repeats 3 \
-    --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128 \
-    --compile swsc-4bit-head,swsc-2bit-head --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128 \
+    --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
+    --compile swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128-head6 \
+    --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
     --out docs/results/speed-integer.jsonl  # integer dot product rows and their decode-kernel perplexity
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
@@ -43,8 +44,9 @@ evaluates each model on the second text domain (Shakespeare), recorded in `docs/
 """
 
 BITS_NOTE = """\
-**Average bits** are stored bits per compressed weight over the same layers (every `nn.Linear` but `lm_head`;
-the tied embedding stays dense for every method), every byte counted, float metadata at 16 bits:
+**Average bits** are stored bits per compressed weight over the same layers (every `nn.Linear` but `lm_head`,
+which rows named `-head` or `-head6` compress too and count in their average; the tied embedding stays dense for
+every method), every byte counted, float metadata at 16 bits:
 swsc_hf: `compression_report(model).compressed_bits_per_weight` (codebooks, packed codes, scales, low-rank factors,
 shared bases). RTN: bits + 32 per group (fp16 scale and minimum); groups never straddle rows, so a 576-wide row
 in groups of 128 is 4 x 128 + 64 and pays for 5 groups. HQQ: its packed codes as it packs them (3-bit: 10 codes
@@ -86,9 +88,10 @@ INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the 
                     "because the codebook's rounding changes the outputs; the perplexities below measure what it "
                     "costs. Prefill is unchanged (the many-token path has no integer kernel). `swsc-2.2b-cal-t128` "
                     "is the calibrated and tuned 2.2-bit recipe (128 tuning steps; quadruples everywhere, output "
-                    "head dense). The data-free `swsc-2bit-head` is a speed row: its perplexity (about 3e5) says "
-                    "nothing about quality, and its greedy tokens flip at the smallest change. Settings as above; "
-                    "compare ratios within a run.")
+                    "head dense, float32); `-head6` compresses its head too, to a 6-bit table (`head_bits=6`, "
+                    "calibrated and tuned with the rest; the embedding stays dense). The data-free `swsc-2bit-head` "
+                    "is a speed row: its perplexity (about 3e5) says nothing about quality, and its greedy tokens "
+                    "flip at the smallest change. Settings as above; compare ratios within a run.")
 
 
 def integer_agreement(records: list[dict]) -> list[str]:

@@ -13,9 +13,11 @@ quantizer does), so the quantizer and the multi-process path can both use it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -251,18 +253,19 @@ def run_layers(layers, inputs):
 
 @torch.no_grad()
 def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: list[str]) -> None:
-    """GPTQ-style sequential pass over the decoder layers on calibration data; other linears are compressed
-    data-free."""
+    """GPTQ-style sequential pass over the decoder layers on calibration data; then the linears outside the stack
+    (the output head, when compressed) are fitted on what a forward of the compressed stack feeds them."""
     device = next(model.parameters()).device
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     batches = calibration_batches(config, tokenizer, device)
     allocation = None
-    if config.bits is not None:
-        views = matrix_views(model, names)
+    sized = [n for n in names if n not in config.compressed_layers]  # not a head sized by head_bits
+    if config.bits is not None and sized:
+        views = matrix_views(model, sized)
         with torch.enable_grad():
-            fisher = fisher_diagonals(model, names, batches, views)
-        allocation = allocate(model, names, config.bits, fisher, seed=config.seed, views=views,
+            fisher = fisher_diagonals(model, sized, batches, views)
+        allocation = allocate(model, sized, config.bits, fisher, seed=config.seed, views=views,
                               vectors=config.bits_ladder == "all")
         del fisher
     inputs = capture_first_layer_inputs(model, layers, batches)
@@ -271,20 +274,29 @@ def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: 
     for first in tqdm(range(0, len(layers), step), desc="swsc_hf: calibrated compression", unit="layer"):
         group_layers = list(range(first, min(first + step, len(layers))))
         members = [n for n in names if n.startswith(prefix + ".") and layer_index(n) in group_layers]
-        hessians = collect_hessians(model, members, [layers[i] for i in group_layers], inputs)
+        part = [layers[i] for i in group_layers]
+        hessians = collect_hessians(model, members, functools.partial(run_layers, part, inputs))
         for group in compression_groups(members, config):
             compress_group(model, group, config, hessians, allocation)
         handled.update(members)
-        inputs = run_layers([layers[i] for i in group_layers], inputs)
-    rest = [n for n in names if n not in handled]
-    for group in compression_groups(rest, config):  # linears outside the decoder stack: compressed data-free
-        compress_group(model, group, config, None, allocation)
+        inputs = run_layers(part, inputs)
+    rest = [n for n in names if n not in handled]  # outside the decoder stack: the output head, when compressed
+    if rest:
+        hessians = collect_hessians(model, rest, functools.partial(run_model, model, batches))
+        for group in compression_groups(rest, config):
+            compress_group(model, group, config, hessians, allocation)
 
 
-def collect_hessians(model, members, layers, inputs) -> dict[str, torch.Tensor]:
-    """Run the dense `layers` on `inputs`, accumulating X^T X of every member linear's inputs, and of every expert's
-    routed tokens for fused experts (an expert that saw fewer than `MIN_EXPERT_TOKENS` tokens gets none: it is
-    compressed data-free)."""
+def run_model(model: nn.Module, batches: list[torch.Tensor]) -> None:
+    """A forward of the whole model on each batch (outputs dropped)."""
+    for batch in batches:
+        model(input_ids=batch, use_cache=False)
+
+
+def collect_hessians(model, members, run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """X^T X of every member linear's inputs, and of every expert's routed tokens for fused experts, while `run()`
+    runs the part of the model that feeds them; an expert that saw fewer than `MIN_EXPERT_TOKENS`
+    tokens gets none (it is compressed data-free), and so does a linear `run()` never reaches."""
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     experts = [name for name in members if is_fused_experts(model.get_submodule(name))]
@@ -302,7 +314,7 @@ def collect_hessians(model, members, layers, inputs) -> dict[str, torch.Tensor]:
     handles += [model.get_submodule(name).register_forward_hook(
         expert_gram_hook(model.get_submodule(name), hessians, counts, name), with_kwargs=True) for name in experts]
     try:
-        run_layers(layers, inputs)
+        run()
     finally:
         for handle in handles:
             handle.remove()

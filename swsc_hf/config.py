@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = dict(
     parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", bits_ladder="all",
     n_samples=64, seq_len=512,
     table_dtype="float16", tune_steps=64, tune_lr=3e-3, tune_scales_lr=1e-4, tune_norms_lr=0.0, tune_positions=0,
-    tune_samples=0, time_budget=None,
+    tune_samples=0, time_budget=None, head_bits=None,
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 SHARE_SELECTIONS = ("types", "loss")
@@ -64,6 +64,10 @@ BITS_LADDERS = ("all", "scalar")
 BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
 DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
+# The output heads among them, compressed when `head_bits` is set.
+HEAD_NAMES = ("lm_head", "embed_out")
+# The output head's layout with `head_bits`: a table of 2**head_bits scalars per matrix, scales per 128 weights.
+HEAD_SCALE_GROUP = 128
 # Bounds that keep a config from a stranger from costing minutes before it fails (a 70B dense model has 560 linears;
 # the largest mixture-of-experts models about 70 000 expert matrices).
 MAX_COMPRESSED_LAYERS = 1 << 17
@@ -104,7 +108,13 @@ class SWSCConfig(QuantizationConfigMixin):
         rows_per_codebook: channels sharing one codebook; 0 = one codebook per matrix.
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
             float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
-        modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings.
+        modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings
+            (and only the embeddings with `head_bits`).
+        head_bits: compress the output head (`get_output_embeddings()`, e.g. lm_head) with a table of
+            2**head_bits scalars scaled per 128 weights, whatever the other layers' layout (as llama.cpp's
+            `--output-tensor-type`); an int from 2 to 8, None = the head stays as `modules_to_not_convert` says. Its
+            inputs calibrate it like any layer; a tied input embedding stays dense and is untied; a `bits=` budget
+            leaves it out. The head is read in full for every generated token (SmolLM2-135M: 21% of the weights).
 
     Basis Sharing (layers sharing one input-side basis):
         parameter_ratio: fraction of a layer's parameters kept by its low-rank term.
@@ -174,6 +184,7 @@ class SWSCConfig(QuantizationConfigMixin):
         tune_positions: int | None = None,
         tune_samples: int | None = None,
         time_budget: float | None = ...,  # type: ignore[assignment]
+        head_bits: int | None = None,
         bits: float | None = None,
         preset: str | None = None,
         modules_to_not_convert: list[str] | None = None,
@@ -217,7 +228,9 @@ class SWSCConfig(QuantizationConfigMixin):
         self.preset = preset
         self.dataset = dataset
         self.tokenizer = tokenizer
-        keep_dense = DEFAULT_NOT_CONVERT if modules_to_not_convert is None else modules_to_not_convert
+        keep_dense = modules_to_not_convert
+        if keep_dense is None:
+            keep_dense = [name for name in DEFAULT_NOT_CONVERT if not (self.head_bits and name in HEAD_NAMES)]
         # anything but a list or tuple is left for post_init to reject
         self.modules_to_not_convert = list(keep_dense) if isinstance(keep_dense, (list, tuple)) else keep_dense
         self.compressed_layers = dict(compressed_layers) if isinstance(compressed_layers, dict) else (
@@ -273,6 +286,9 @@ class SWSCConfig(QuantizationConfigMixin):
         for field, high in (("tune_steps", MAX_TUNE_STEPS), ("tune_positions", MAX_SEQ_LEN)):
             if not _is_int(getattr(self, field), 0, high):
                 fail(field, f"use an int from 0 (off) to {high}")
+        if self.head_bits is not None and not _is_int(self.head_bits, 2, 8):
+            fail("head_bits", "use None (the head stays as modules_to_not_convert says) or an int from 2 to 8 (a "
+                 "table of 2**head_bits values)")
         if not _is_int(self.tune_samples, 0, MAX_SAMPLES):
             fail("tune_samples", f"use an int from 0 (a fresh window per tuning step) to {MAX_SAMPLES}")
         for field in ("tune_lr", "tune_scales_lr", "tune_norms_lr"):
@@ -344,6 +360,11 @@ class SWSCConfig(QuantizationConfigMixin):
             scale_group_size=group if n else 0, rows_per_codebook=self.rows_per_codebook,
         )
 
+    def head_spec(self, out_features: int, in_features: int) -> LayerSpec:
+        """The output head's layout with `head_bits`: 2**head_bits scalars per matrix, scales per 128 weights."""
+        return LayerSpec(out_features, in_features, n_clusters=2**self.head_bits, segment_length=1,
+                         scale_group_size=fitting_scale_group(HEAD_SCALE_GROUP, in_features))
+
     def check_compressible(self) -> None:
         """Refuse to compress with a calibrated preset (a name ending in "-cal") but no calibration text."""
         if self.preset in CALIBRATED_PRESETS and not self.is_calibrated:
@@ -353,11 +374,15 @@ class SWSCConfig(QuantizationConfigMixin):
 
     def plan_bits(self, shapes: dict[str, tuple[int, int]]) -> None:
         """Data-free `bits=`: resolve the layouts of the layers `shapes` (name -> (out, in)) together so their average
-        fills the budget (`allocation.fill_budget`), recorded in `compressed_layers` before compression. No-op for
-        other configs, calibrated `bits=` (sized by measured sensitivity) or a config that already has layouts."""
-        if self.bits is None or self.is_calibrated or self.compressed_layers or not shapes:
+        fills the budget (`allocation.fill_budget`), recorded in `compressed_layers` before compression. Layers
+        with a recorded layout (a head sized by `head_bits`) are left out. No-op for other configs, calibrated
+        `bits=` (sized by measured sensitivity) or a config whose layers all have layouts."""
+        if self.bits is None or self.is_calibrated:
             return
-        self.compressed_layers = {name: spec.to_dict() for name, spec in fill_budget(shapes, self.bits).items()}
+        unplanned = {name: shape for name, shape in shapes.items() if name not in self.compressed_layers}
+        if unplanned:
+            self.compressed_layers.update(
+                (name, spec.to_dict()) for name, spec in fill_budget(unplanned, self.bits).items())
 
     def table_torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The dtype compressed tables are stored in for a model of `model_dtype`."""

@@ -37,7 +37,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from .compression import compress_group, compression_groups
 from .config import SWSCConfig
 from .hub import install_model_card
-from .model_ops import SHARED_BASES_ATTR, find_targets, is_conv1d, swap_module
+from .model_ops import SHARED_BASES_ATTR, find_targets, is_conv1d, plan_head, swap_module
 
 logger = logging.getLogger(__name__)
 RENDEZVOUS_FILE = "SWSC_HF_RENDEZVOUS_FILE"  # set by `launch`: local ranks meet through this file, not a TCP store
@@ -164,6 +164,7 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
             raise ValueError(f"multi-process compression handles nn.Linear layers only, not {unsupported[:3]} "
                              "(mixture-of-experts or Conv1D); run it in one process")
         targets = found.linears
+        plan_head(skeleton, config)
         config.plan_bits({name: (m.out_features, m.in_features) for name, m in targets})  # as one process does
         groups = compression_groups([name for name, _ in targets], config)
         sizes = [sum(skeleton.get_submodule(name).weight.numel() for name in group) for group in groups]

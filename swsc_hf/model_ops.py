@@ -120,6 +120,34 @@ def target_shapes(model: nn.Module, modules_to_not_convert: list[str]) -> dict[s
     return shapes
 
 
+def output_head_name(model: nn.Module) -> str | None:
+    """The module name of the model's output head (`get_output_embeddings()`), None without one."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is None:
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
+def plan_head(model: nn.Module, config: SWSCConfig) -> None:
+    """With `config.head_bits`, record the output head's layout in `config.compressed_layers` before compression, so
+    every path (on load, after load, `bits=` budgets, which leave it out) compresses it so."""
+    if config.head_bits is None:
+        return
+    name = output_head_name(model)
+    if name is None:
+        raise ValueError(f"SWSCConfig.head_bits={config.head_bits} compresses the output head, but "
+                         f"{type(model).__name__} has none (get_output_embeddings() is None); drop head_bits")
+    if name in config.compressed_layers:
+        return
+    linears = dict(find_targets(model, config.modules_to_not_convert, log=False).linears)
+    if name not in linears:
+        raise ValueError(f"SWSCConfig.head_bits={config.head_bits} compresses the output head {name!r}, but "
+                         f"modules_to_not_convert={config.modules_to_not_convert} keeps it dense (or it is not a "
+                         "linear layer); remove it from modules_to_not_convert or drop head_bits")
+    config.compressed_layers[name] = config.head_spec(*dense_weight(linears[name]).shape).to_dict()
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """Whether `module` is transformers' `Conv1D` (GPT-2's linear, its weight stored (in, out))."""
     return isinstance(module, Conv1D)

@@ -29,6 +29,7 @@ from .model_ops import (
     finalize_compressed_model,
     find_targets,
     mark_compressed,
+    plan_head,
     record_layouts,
     replace_with_shells,
     target_shapes,
@@ -93,6 +94,7 @@ class SWSCQuantizer(HfQuantizer):
                 check_checkpoint(model, checkpoint_files, config.compressed_layers, f"{SHARED_BASES_ATTR}.bases")
         elif not config.compresses_after_load:
             config.check_compressible()
+            plan_head(model, config)
             config.plan_bits(linear_shapes(model, config))
             replace_with_shells(model, config, placeholder=True)
             tied = tied_weight_names(model)
@@ -167,6 +169,7 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
     """
     start = time.perf_counter()
     config.check_compressible()
+    plan_head(model, config)
     config.plan_bits(linear_shapes(model, config))
     teacher = DenseTeacher.before_compression(model, target_names(model, config)) if config.tunes else None
     compress_linears(model, config, tokenizer)

@@ -63,6 +63,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-dim", choices=["output", "input"])
     parser.add_argument("--scale-group-size", type=int, help="values per scale; 0 none, -1 one per channel")
     parser.add_argument("--table-dtype", choices=["float16", "bfloat16", "float32", "auto"])
+    parser.add_argument("--head-bits", type=int,
+                        help="also compress the output head (lm_head) with 2**N shared values scaled per 128 weights "
+                             "(2-8; default: the head stays dense)")
     parser.add_argument("--calibration", help='calibration text file or "wikitext2" (enables data-aware mode)')
     parser.add_argument("--n-samples", type=int, help="calibration sequences")
     parser.add_argument("--calibration-seq-len", type=int, help="calibration sequence length")
