@@ -88,7 +88,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
     "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128,
                                                  head_bits=6)),
+    # The 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head inside the budget (the
+    # `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
     "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", head_bits=6)),
+    "swsc-4.25b-cal-headin": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2",
+                                              modules_to_not_convert=["embed_tokens"])),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
     "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION)),
     # The 4.25-bit preset as it was before vector tables joined the `bits=` ladder (scalar tables only), and the same

@@ -155,24 +155,41 @@ def test_dispatch_picks_triton_for_cuda_tensors_and_says_why_not(caplog):
     assert "9-bit codes" in messages and "set_kernels_enabled(False)" in messages
 
 
+def test_word_stream_covers_the_presets_and_says_why_not():
+    """The GEMV reads whole 32-bit words of codes for the 4- and 2-bit presets; other layouts keep the byte reader."""
+    assert triton_gpu.word_stream_reason(LayerSpec(576, 1536, n_clusters=16, scale_group_size=128)) is None
+    assert triton_gpu.word_stream_reason(LayerSpec(576, 1536, n_clusters=256, segment_length=4,
+                                                    scale_group_size=128)) is None
+    assert "6-bit codes" in triton_gpu.word_stream_reason(LayerSpec(576, 1536, n_clusters=64, segment_length=2))
+    assert "segments of 3" in triton_gpu.word_stream_reason(LayerSpec(30, 48, n_clusters=16, segment_length=3))
+    assert "whole words" in triton_gpu.word_stream_reason(LayerSpec(48, 36, n_clusters=16))  # 144 bits a channel
+    assert "split a word" in triton_gpu.word_stream_reason(LayerSpec(48, 96, n_clusters=256, segment_length=4,
+                                                                     scale_group_size=8))
+
+
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter replaces compilation")
 @pytest.mark.parametrize("kernel,over,seg,bits,tokens", [
     ("gemv", True, 1, 4, 1), ("gemv", False, 1, 4, 1), ("gemv", True, 2, 6, 8), ("gemv", False, 3, 5, 2),
-    ("dequant", None, 4, 8, None), ("dequant", None, 1, 3, None)])
+    ("dequant", None, 4, 8, None), ("dequant", None, 1, 3, None), ("words", None, 1, 4, 1), ("words", None, 4, 8, 4),
+    ("words", None, 1, 2, 8)])
 def test_kernels_compile_for_hopper_without_a_gpu(kernel, over, seg, bits, tokens):
     """Triton's ahead-of-time compile for sm_90 (its bundled ptxas; no driver needed) of the kernels' variants."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = triton_gpu._gemv_kernel if kernel == "gemv" else triton_gpu._dequant_kernel
+    fn = {"gemv": triton_gpu._gemv_kernel, "dequant": triton_gpu._dequant_kernel,
+          "words": triton_gpu._gemv_words_kernel}[kernel]
     const = dict(SEG=seg, BITS=bits, K=2**bits, GROUP=128, HAS_SCALES=True)
     if kernel == "gemv":
         block_t = tokens
         const.update(OVER_CHANNELS=over, BLOCK_T=block_t, BLOCK_N=8 if over else 256 // block_t,
                      BLOCK_K=256 // block_t if over else 8)
+    elif kernel == "words":
+        const.update(BLOCK_T=tokens, BLOCK_N=4, BLOCK_W=4096 // (4 * tokens * 32 // bits * seg))
     else:
         const.update(BLOCK_R=16, BLOCK_C=128)
-    pointers = {"x_ptr": "*bf16", "codes_ptr": "*u8", "book_ptr": "*fp16", "scales_ptr": "*fp16", "out_ptr": "*bf16"}
+    pointers = {"x_ptr": "*bf16", "codes_ptr": "*u8", "words_ptr": "*i32", "book_ptr": "*fp16", "scales_ptr": "*fp16",
+                "out_ptr": "*bf16"}
     signature = {name: "constexpr" if name in const else pointers.get(name, "i32") for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
                               options={"enable_fp_fusion": True})

@@ -4,6 +4,10 @@
   registers, straight from the packed code stream, the tables and the scales, and multiplies it with the tile of
   up to 8 tokens' activations it shares (float32 accumulation). W is never written; the long axis is split over
   programs (partial sums added by torch) so that small matrices still fill the GPU.
+  When a channel's codes fill whole 32-bit words (1-, 2-, 4- or 8-bit codes, segments of 1, 2, 4 or 8 values,
+  scale groups a multiple of a word's values) and the outputs are channels, the GEMV reads the stream a word at a
+  time instead (`_gemv_words_kernel`): one load per 4-32 codes and one scale load per word, not one of each per
+  weight, and the products accumulate per lane until the end (one reduction per program, not one per step).
 - `dequant_gemm` (many tokens, prefill): a kernel writes tiles of at most `TILE_ELEMENTS` weights of M in the
   activations' dtype and cuBLAS multiplies them (the same structure as the CPU path).
 
@@ -100,6 +104,45 @@ def _gemv_kernel(x_ptr, codes_ptr, book_ptr, scales_ptr, out_ptr,
 
 
 @triton.jit
+def _gemv_words_kernel(x_ptr, words_ptr, book_ptr, scales_ptr, out_ptr,
+                       n_tokens, n_rows, length, words_per_row, n_groups, rows_per_book, split_words,
+                       SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+                       HAS_SCALES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
+    """out[split, t, n] = sum over this program's words of channel n of x[t, p] M[n, p], M's rows being outputs.
+
+    A word holds CPW = 32 / BITS codes; word w of a row covers positions [w CPW SEG, (w + 1) CPW SEG), all in one
+    scale group. Tiles are (tokens, channels, words, codes in a word).
+    """
+    CPW: tl.constexpr = 32 // BITS
+    t = tl.program_id(2) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, CPW)[None, None, :]
+    rows = n[:, None, None]
+    tokens = t[:, None, None, None]
+    book = (rows // rows_per_book) * K
+    acc = tl.zeros((BLOCK_T, BLOCK_N, BLOCK_W, CPW), dtype=tl.float32)
+    for w0 in range(0, split_words, BLOCK_W):
+        w = (tl.program_id(1) * split_words + w0 + tl.arange(0, BLOCK_W))[None, :, None]
+        mask = (rows < n_rows) & (w < words_per_row)
+        word = tl.load(words_ptr + rows * words_per_row + w, mask=mask, other=0)
+        entry = (book + ((word >> (j * BITS)) & ((1 << BITS) - 1))) * SEG
+        position = (w * CPW + j) * SEG
+        x_mask = (tokens < n_tokens) & (w[None] < words_per_row)
+        if HAS_SCALES:
+            scale = tl.load(scales_ptr + rows * n_groups + (w * (CPW * SEG)) // GROUP, mask=mask, other=0.0)
+        for s in tl.static_range(SEG):
+            value = tl.load(book_ptr + entry + s, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SCALES:
+                value *= scale.to(tl.float32)
+            x = tl.load(x_ptr + tokens.to(tl.int64) * length + position[None] + s, mask=x_mask, other=0.0)
+            acc += x.to(tl.float32) * value[None]
+    total = tl.sum(tl.sum(acc, axis=3), axis=2)
+    out = out_ptr + (tl.program_id(1) * n_tokens + t[:, None].to(tl.int64)) * n_rows + n[None, :]
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(t[:, None] < n_tokens) & (n[None, :] < n_rows))
+
+
+@triton.jit
 def _dequant_kernel(codes_ptr, book_ptr, scales_ptr, out_ptr, start, stop, length, n_bytes, n_groups,
                     rows_per_book, SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
                     HAS_SCALES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -140,8 +183,59 @@ def dequantize_tile(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
     return out
 
 
+def word_stream_reason(spec: LayerSpec) -> str | None:
+    """Why `_gemv_words_kernel` cannot read this layout's codes a 32-bit word at a time, or None when it can."""
+    if spec.code_bits not in (1, 2, 4, 8):
+        return f"{spec.code_bits}-bit codes do not tile a 32-bit word"
+    if spec.segment_length not in (1, 2, 4, 8):
+        return f"segments of {spec.segment_length} values (1, 2, 4 or 8 read by word)"
+    if spec.segments_per_channel * spec.code_bits % 32:
+        return f"a channel's {spec.segments_per_channel * spec.code_bits} code bits do not fill whole words"
+    values_per_word = 32 // spec.code_bits * spec.segment_length
+    if spec.scale_groups and spec.scale_group_size % values_per_word:
+        return f"scale groups of {spec.scale_group_size} split a word's {values_per_word} values"
+    return None
+
+
+def _code_words(codes: torch.Tensor) -> torch.Tensor | None:
+    """The packed byte stream viewed as little-endian int32 words, or None when its size or address do not allow."""
+    if codes.numel() % 4 or codes.data_ptr() % 4:
+        return None
+    return codes.view(torch.int32)
+
+
+def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: LayerSpec, split: int | None,
+                block_w: int | None = None) -> torch.Tensor:
+    tokens = x2.shape[0]
+    words_per_row = spec.segments_per_channel * spec.code_bits // 32
+    block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
+    block_n = 4
+    if block_w is None:  # about 4096 weights a tile for one token, fewer for more
+        block_w = max(1, min(triton.next_power_of_2(words_per_row),
+                             4096 // (block_n * block_t * (32 // spec.code_bits) * spec.segment_length)))
+    n_blocks = triton.cdiv(spec.channels, block_n)
+    if split is None:
+        split = max(1, -(-4 * _sm_count(x2.device) // n_blocks))
+    split_words = triton.cdiv(triton.cdiv(words_per_row, min(split, triton.cdiv(words_per_row, block_w))),
+                              block_w) * block_w
+    split = triton.cdiv(words_per_row, split_words)
+    out = torch.empty(split, tokens, spec.channels, dtype=x2.dtype if split == 1 else torch.float32,
+                      device=x2.device)
+    group = spec.scale_group_size if spec.scale_groups else 1
+    grid = (n_blocks, split, triton.cdiv(tokens, block_t))
+    _gemv_words_kernel[grid](x2, words, codebook, codebook if scales is None else scales, out, tokens, spec.channels,
+                             spec.channel_length, words_per_row, max(spec.scale_groups, 1),
+                             spec.channels_per_codebook, split_words, SEG=spec.segment_length, BITS=spec.code_bits,
+                             K=spec.n_clusters, GROUP=group, HAS_SCALES=bool(spec.scale_groups), BLOCK_T=block_t,
+                             BLOCK_N=block_n, BLOCK_W=block_w, enable_fp_fusion=True)
+    return out[0] if split == 1 else out.sum(0)
+
+
 def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_channels: bool,
           split: int | None) -> torch.Tensor:
+    words = _code_words(codes) if over_channels and word_stream_reason(spec) is None else None
+    if words is not None:
+        return _gemv_words(x2, words, codebook, scales, spec, split)
     tokens, n_reduce = x2.shape
     n_out = spec.channels if over_channels else spec.channel_length
     block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
