@@ -4,11 +4,12 @@
 
 Needs a CUDA GPU and triton (it exits with a message otherwise). Every (model, layer shape, layout, tokens) case
 times dense `F.linear` with the activations' dtype, the dispatch (`codebook_matmul`, what `SWSCLinear` runs) and
-each Triton kernel forced (`gemv`, `dequant_gemm`) on random codes, tables and scales. Up to --graph-tokens tokens
-(decode) the calls are captured in a CUDA graph and replayed, so launch overhead is what a graphed decoder pays;
-above, they run eagerly. A timed call sweeps over enough copies of the layer to exceed the L2 cache four times, so
-the weights come from HBM as in a real decoder; the time per layer is the sweep's over the copies (median of
---repeats sweeps after a warm-up). Each JSON line also has the bytes one call reads and the achieved GB/s.
+each Triton kernel forced (`gemv`; `gemv_bytes`, its byte reader where the word reader would run; `dequant_gemm`)
+on random codes, tables and scales. Up to --graph-tokens tokens (decode) the calls are captured in a CUDA graph and
+replayed, so launch overhead is what a graphed decoder pays; above, they run eagerly. A timed call sweeps over
+enough copies of the layer to exceed the L2 cache four times, so the weights come from HBM as in a real decoder;
+the time per layer is the sweep's over the copies (median of --repeats sweeps after a warm-up). Each JSON line also
+has the bytes one call reads and the achieved GB/s.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def time_sweep(calls: list, graphed: bool, repeats: int) -> float:
 
 
 def bench_shape(args, model: str, out_f: int, in_f: int, name: str, dtype: torch.dtype) -> list[dict]:
-    from swsc_hf.kernels.triton_gpu import triton_codebook_matmul
+    from swsc_hf.kernels import triton_gpu
 
     spec, tensors = random_layer(out_f, in_f, LAYOUTS[name], dtype, seed=out_f * 7 + in_f)
     compressed_bytes = sum(t.numel() * t.element_size() for t in tensors)
@@ -111,10 +112,11 @@ def bench_shape(args, model: str, out_f: int, in_f: int, name: str, dtype: torch
         methods = {f"dense-{args.dtype}": ([lambda x=x, w=w: F.linear(x, w) for w in weights], dense_bytes),
                    "swsc-dispatch": ([lambda x=x, t=t: codebook_matmul(x, *t, spec) for t in layers],
                                      compressed_bytes)}
-        for kernel in ("gemv", "dequant_gemm"):
-            if kernel == "gemv" and tokens > 64:
+        for kernel in triton_gpu.KERNELS:
+            if kernel.startswith("gemv") and tokens > 64:
                 continue
-            calls = [lambda x=x, t=t, k=kernel: triton_codebook_matmul(x, *t, spec, kernel=k) for t in layers]
+            calls = [lambda x=x, t=t, k=kernel: triton_gpu.triton_codebook_matmul(x, *t, spec, kernel=k)
+                     for t in layers]
             methods[f"swsc-triton-{kernel}"] = (calls, compressed_bytes)
         for method, (calls, nbytes) in methods.items():
             with torch.no_grad():

@@ -34,7 +34,7 @@ from .reference import channel_tiles
 # Up to this many tokens a call runs the GEMV; beyond, dequantized tiles and cuBLAS. Not measured yet (no GPU when
 # this was written): benchmarks/gpu_speed.py times both sides of it.
 GEMV_MAX_TOKENS = 8
-KERNELS = ("gemv", "dequant_gemm")
+KERNELS = ("gemv", "gemv_bytes", "dequant_gemm")  # "gemv_bytes": the byte reader even where words fit
 MAX_CODES = 2**31 - 1  # offsets are int32: codes, weights of a tile and table entries all stay below
 
 
@@ -232,8 +232,8 @@ def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: L
 
 
 def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_channels: bool,
-          split: int | None) -> torch.Tensor:
-    words = _code_words(codes) if over_channels and word_stream_reason(spec) is None else None
+          split: int | None, by_words: bool) -> torch.Tensor:
+    words = _code_words(codes) if by_words and over_channels and word_stream_reason(spec) is None else None
     if words is not None:
         return _gemv_words(x2, words, codebook, scales, spec, split)
     tokens, n_reduce = x2.shape
@@ -281,7 +281,8 @@ def triton_codebook_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch
                            split: int | None = None) -> torch.Tensor:
     """x W_c^T (or x W_c when `transposed`, the input gradient) with the Triton kernels, in x's dtype.
 
-    `kernel` is "gemv", "dequant_gemm" or None (by the number of tokens); `split` fixes how many programs share the
+    `kernel` is "gemv", "dequant_gemm" or None (by the number of tokens), or "gemv_bytes" (the GEMV's byte reader
+    where the word reader would run, to compare them); `split` fixes how many programs share the
     reduced axis of the GEMV (None: enough to fill the GPU). The dispatch calls this for CUDA tensors; tests call it
     directly on CPU tensors with TRITON_INTERPRET=1 set before triton is imported.
     """
@@ -298,8 +299,8 @@ def triton_codebook_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch
     args = (codes.contiguous(), codebook.contiguous(), None if scales is None else scales.contiguous(), spec)
     if x2.shape[0] == 0:
         y = x2.new_zeros(0, spec.in_features if transposed else spec.out_features)
-    elif kernel == "gemv":
-        y = _gemv(x2, *args, over_channels, split)
+    elif kernel in ("gemv", "gemv_bytes"):
+        y = _gemv(x2, *args, over_channels, split, by_words=kernel == "gemv")
     else:
         y = _dequant_gemm(x2, *args, over_channels)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
