@@ -204,15 +204,15 @@ def _code_words(codes: torch.Tensor) -> torch.Tensor | None:
     return codes.view(torch.int32)
 
 
-def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: LayerSpec, split: int | None,
-                block_w: int | None = None) -> torch.Tensor:
+def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: LayerSpec,
+                split: int | None) -> torch.Tensor:
     tokens = x2.shape[0]
     words_per_row = spec.segments_per_channel * spec.code_bits // 32
     block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
     block_n = 4
-    if block_w is None:  # about 4096 weights a tile for one token, fewer for more
-        block_w = max(1, min(triton.next_power_of_2(words_per_row),
-                             4096 // (block_n * block_t * (32 // spec.code_bits) * spec.segment_length)))
+    # about 4096 weights a tile for one token, fewer for more (an unmeasured choice: no GPU yet)
+    block_w = max(1, min(triton.next_power_of_2(words_per_row),
+                         4096 // (block_n * block_t * (32 // spec.code_bits) * spec.segment_length)))
     n_blocks = triton.cdiv(spec.channels, block_n)
     if split is None:
         split = max(1, -(-4 * _sm_count(x2.device) // n_blocks))
