@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -34,6 +35,7 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
     --out docs/results/speed-integer.jsonl  # integer dot product rows and their decode-kernel perplexity
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
+python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
 `--methods` takes registry names or patterns (`rtn-*,swsc-*`); the registry is `METHODS` in `benchmarks/methods.py`.
@@ -552,6 +554,62 @@ def scale_section(records: list[dict]) -> list[str]:
     return out + [""]
 
 
+def gpu_section(records: list[dict]) -> list[str]:
+    """`gpu_speed.py`: the Triton kernels against dense F.linear on Llama layer shapes, each ratio within one run."""
+    if not records:
+        return []
+    by = {(r["run"], r["model"], r["out_features"], r["in_features"], r["layout"], r["tokens"], r["method"]): r
+          for r in records}
+
+    def against_dense(method: str, tokens: int, case: tuple) -> tuple[dict, dict] | None:
+        """The latest record of `method` for `case` and the dense record of the same run."""
+        runs = [key[0] for key in by if key[1:] == (*case, tokens, method)]
+        if not runs:
+            return None
+        run = max(runs)
+        dense = by.get((run, *case, tokens, f"dense-{by[(run, *case, tokens, method)]['dtype']}"))
+        return (by[(run, *case, tokens, method)], dense) if dense else None
+
+    cases = list(dict.fromkeys((r["model"], r["out_features"], r["in_features"], r["layout"]) for r in records))
+    gpus = sorted({f"{r['gpu']}, triton {r['triton']}, torch {r['versions']['torch']}" for r in records})
+    out = ["## GPU: Triton kernels on Llama layer shapes", "",
+           f"`benchmarks/gpu_speed.py` on {'; '.join(gpus)}: fp16 activations, random codes, tables and scales in "
+           "the presets' layouts. A timed call sweeps over copies of the layer exceeding the L2 cache four times, so "
+           "weights stream from HBM; decode (1 token) replays a CUDA graph, prefill (2048 tokens) runs eagerly; "
+           "medians. x dense = dense time / swsc time (above 1: faster than dense `F.linear` in fp16). GEMV: the "
+           "decode kernel as dispatched (whole 32-bit words of codes where a channel's codes fill them, the 4- and "
+           "2-bit presets; the byte reader otherwise); byte reader: the same GEMV forced to read bytes. Each ratio "
+           "is within one run; decode and prefill can come from different runs (the `note` field of each JSON "
+           "line says why). Uncaptured calls pay Python's launch cost, about 70-150 us a call on this machine (the "
+           "JSON lines' GEMV rows above 8 tokens show the same floor), so the prefill ratios of the smaller layers "
+           "measure that launch, not the GPU; the 8B layers' prefill is GPU-bound.", ""]
+    rows, ratios = [], {}
+    for case in cases:
+        decode = against_dense("swsc-triton-gemv", 1, case)
+        nbytes = against_dense("swsc-triton-gemv_bytes", 1, case)
+        prefill = against_dense("swsc-triton-dequant_gemm", 2048, case)
+        if not (decode or prefill):
+            continue
+        row = [case[0], f"{case[1]}x{case[2]}", f"`{case[3]}`"]
+        for pair in (decode, prefill):
+            if pair:
+                swsc, dense = pair
+                ratios.setdefault((case[3], pair is decode), []).append(dense["us"] / swsc["us"])
+                row += [fmt(dense["us"], 1), fmt(swsc["us"], 1), fmt(dense["us"] / swsc["us"])]
+            else:
+                row += ["-", "-", "-"]
+            if pair is decode:
+                row.append(fmt(nbytes[0]["us"], 1) if nbytes else "-")
+        rows.append(row)
+    out += [table(["model", "layer (out x in)", "layout", "decode: dense us", "swsc GEMV us", "x dense",
+                   "byte reader us", "prefill: dense us", "swsc dequant + cuBLAS us", "x dense"], rows), ""]
+    for (layout, is_decode), values in sorted(ratios.items()):
+        geomean = math.exp(sum(math.log(v) for v in values) / len(values))
+        out.append(f"- `{layout}` {'decode' if is_decode else 'prefill'}: {geomean:.2f}x dense "
+                   f"(geometric mean over {len(values)} layers, range {min(values):.2f}-{max(values):.2f})")
+    return out + [""]
+
+
 # ---- environment --------------------------------------------------------------------------------------------------
 def environment_section(all_records: list[dict]) -> list[str]:
     out = ["## Machine, versions and commands", ""]
@@ -585,6 +643,7 @@ def main(argv: list[str] | None = None) -> None:
     others = {path.stem.removeprefix("quality-"): common.read_jsonl(path)
               for path in sorted(folder.glob("quality-*.jsonl")) if path.name != "quality-shakespeare.jsonl"}
     scale = common.read_jsonl(folder / "scale.jsonl")
+    gpu = common.read_jsonl(folder / "gpu_speed.jsonl")
     chosen, failures, key = quality_records(quality)
     partial = {name: r for name, r in chosen.items() if name.endswith(("-qk", "-qk-cal"))}
     chosen = {name: r for name, r in chosen.items() if name not in partial}
@@ -607,9 +666,9 @@ def main(argv: list[str] | None = None) -> None:
     if speed_integer:
         lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run)", INTEGER_RUN_NOTE)
         lines += integer_agreement(speed_integer)
-    lines += compression_section(compression) + scale_section(scale)
+    lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
-                                 + second_domain)
+                                 + second_domain + gpu)
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {args.out}" + (f" and {plot}" if has_plot else ""))
 

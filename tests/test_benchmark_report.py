@@ -36,3 +36,20 @@ def test_papers_table_pairs_data_free_and_calibrated_runs_with_the_nearest_rtn()
     rows = [line for line in lines if line.startswith("| SWSC | ours: 16 scalars")]
     assert rows == ["| SWSC | ours: 16 scalars per matrix, scales per 128 (~4.2 bits) | 4.16 bits: 29 | "
                     "`rtn-4b-g128` 34 | 0.853 | not run | - | - |"]
+
+
+def gpu_record(run: str, method: str, tokens: int, us: float) -> dict:
+    return dict(run=run, model="llama-3.1-8b", out_features=4096, in_features=4096, layout="swsc-4bit",
+                tokens=tokens, dtype="fp16", method=method, us=us, gpu="NVIDIA H200", triton="3.6.0",
+                versions={"torch": "2.11.0"})
+
+
+def test_gpu_table_divides_each_kernel_by_the_dense_time_of_its_own_run():
+    records = [gpu_record("r1", "dense-fp16", 1, 13.0), gpu_record("r1", "swsc-triton-gemv", 1, 26.0),
+               gpu_record("r1", "swsc-triton-gemv_bytes", 1, 65.0), gpu_record("r1", "dense-fp16", 2048, 90.0),
+               gpu_record("r2", "dense-fp16", 1, 10.0), gpu_record("r2", "dense-fp16", 2048, 80.0),
+               gpu_record("r2", "swsc-triton-dequant_gemm", 2048, 100.0)]
+    text = "\n".join(report.gpu_section(records))
+    assert "| llama-3.1-8b | 4096x4096 | `swsc-4bit` | 13.0 | 26.0 | 0.50 | 65.0 | 80.0 | 100.0 | 0.80 |" in text
+    assert "`swsc-4bit` decode: 0.50x dense" in text and "`swsc-4bit` prefill: 0.80x dense" in text
+    assert report.gpu_section([]) == []

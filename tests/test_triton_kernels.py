@@ -171,14 +171,14 @@ def test_word_stream_covers_the_presets_and_says_why_not():
 @pytest.mark.parametrize("kernel,over,seg,bits,tokens", [
     ("gemv", True, 1, 4, 1), ("gemv", False, 1, 4, 1), ("gemv", True, 2, 6, 8), ("gemv", False, 3, 5, 2),
     ("dequant", None, 4, 8, None), ("dequant", None, 1, 3, None), ("words", None, 1, 4, 1), ("words", None, 4, 8, 4),
-    ("words", None, 1, 2, 8)])
+    ("words", None, 1, 2, 8), ("dequant_words", None, 1, 4, None), ("dequant_words", None, 4, 8, None)])
 def test_kernels_compile_for_hopper_without_a_gpu(kernel, over, seg, bits, tokens):
     """Triton's ahead-of-time compile for sm_90 (its bundled ptxas; no driver needed) of the kernels' variants."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = {"gemv": triton_gpu._gemv_kernel, "dequant": triton_gpu._dequant_kernel,
-          "words": triton_gpu._gemv_words_kernel}[kernel]
+          "words": triton_gpu._gemv_words_kernel, "dequant_words": triton_gpu._dequant_words_kernel}[kernel]
     const = dict(SEG=seg, BITS=bits, K=2**bits, GROUP=128, HAS_SCALES=True)
     if kernel == "gemv":
         block_t = tokens
@@ -186,6 +186,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel, over, seg, bits, token
                      BLOCK_K=256 // block_t if over else 8)
     elif kernel == "words":
         const.update(BLOCK_T=tokens, BLOCK_N=4, BLOCK_W=4096 // (4 * tokens * 32 // bits * seg))
+    elif kernel == "dequant_words":
+        const.update(BLOCK_R=4, BLOCK_W=1024 // (32 // bits * seg))
     else:
         const.update(BLOCK_R=16, BLOCK_C=128)
     pointers = {"x_ptr": "*bf16", "codes_ptr": "*u8", "words_ptr": "*i32", "book_ptr": "*fp16", "scales_ptr": "*fp16",

@@ -38,9 +38,9 @@ def dequantize_channels(
     return reconstruct_channels(spec, codebook.float(), channel_codes, channel_scales, start)
 
 
-def channel_tiles(spec: LayerSpec) -> Iterator[tuple[int, int]]:
-    """(start, stop) channel ranges of at most TILE_ELEMENTS weights each."""
-    rows = max(1, TILE_ELEMENTS // spec.channel_length)
+def channel_tiles(spec: LayerSpec, max_elements: int = TILE_ELEMENTS) -> Iterator[tuple[int, int]]:
+    """(start, stop) channel ranges of at most `max_elements` weights each (at least one channel)."""
+    rows = max(1, max_elements // spec.channel_length)
     for start in range(0, spec.channels, rows):
         yield start, min(start + rows, spec.channels)
 

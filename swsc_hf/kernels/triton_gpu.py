@@ -8,8 +8,9 @@
   scale groups a multiple of a word's values) and the outputs are channels, the GEMV reads the stream a word at a
   time instead (`_gemv_words_kernel`): one load per 4-32 codes and one scale load per word, not one of each per
   weight, and the products accumulate per lane until the end (one reduction per program, not one per step).
-- `dequant_gemm` (many tokens, prefill): a kernel writes tiles of at most `TILE_ELEMENTS` weights of M in the
-  activations' dtype and cuBLAS multiplies them (the same structure as the CPU path).
+- `dequant_gemm` (more tokens, prefill): a kernel writes M in the activations' dtype, whole or in tiles of at most
+  `GPU_TILE_ELEMENTS` weights, and cuBLAS multiplies it (the structure of the CPU path, with larger tiles). Where
+  the GEMV's word reader applies, so does the dequantizer's (`_dequant_words_kernel`, a tile of words a program).
 
 The codes are read as stored (no load-time repacking, no extra memory): code i is bits [i b, (i + 1) b) of the
 little-endian stream (core/packing.py), so one byte holds it when b is 1, 2, 4 or 8 and two adjacent bytes
@@ -31,10 +32,20 @@ import triton.language as tl
 from ..core.spec import LayerSpec
 from .reference import channel_tiles
 
-# Up to this many tokens a call runs the GEMV; beyond, dequantized tiles and cuBLAS. Not measured yet (no GPU when
-# this was written): benchmarks/gpu_speed.py times both sides of it.
-GEMV_MAX_TOKENS = 8
+# Up to this many tokens a call runs the GEMV; beyond, dequantized weights and cuBLAS. Measured on an H200
+# (benchmarks/gpu_speed.py, docs/results.md): dequantization + cuBLAS costs about 1.5 GEMV tokens and hardly grows
+# up to 8 tokens, while each token adds about 40% to the GEMV. A GEMV program takes up to GEMV_BLOCK_TOKENS tokens.
+GEMV_MAX_TOKENS = 2
+GEMV_BLOCK_TOKENS = 8
 KERNELS = ("gemv", "gemv_bytes", "dequant_gemm")  # "gemv_bytes": the byte reader even where words fit
+# Prefill dequantizes at most this many weights at a time (a transient buffer in the activations' dtype, 128 MiB in
+# 16 bits): whole layers of 8B models in one launch and one cuBLAS call, tiles of the largest heads.
+GPU_TILE_ELEMENTS = 1 << 26
+# The word readers' launch shapes, the best of a sweep on an H200 (docs/design.md). GEMV: WORDS_BLOCK_N channels a
+# program, WORDS_TILE weights x tokens a step. Dequantizer: DEQUANT_TILE weights a program, DEQUANT_TILE_WIDTH of
+# them along a channel.
+WORDS_BLOCK_N, WORDS_TILE, WORDS_WARPS = 4, 4096, 4
+DEQUANT_TILE, DEQUANT_TILE_WIDTH, DEQUANT_WARPS = 4096, 1024, 8
 MAX_CODES = 2**31 - 1  # offsets are int32: codes, weights of a tile and table entries all stay below
 
 
@@ -156,6 +167,32 @@ def _dequant_kernel(codes_ptr, book_ptr, scales_ptr, out_ptr, start, stop, lengt
     tl.store(out, w.to(out_ptr.dtype.element_ty), mask=(rows < stop) & (c[None, :] < length))
 
 
+@triton.jit
+def _dequant_words_kernel(words_ptr, book_ptr, scales_ptr, out_ptr, start, stop, words_per_row, n_groups,
+                          rows_per_book, SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+                          HAS_SCALES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out[r, :] = M[start + r, :] for channels start:stop, reading the codes a 32-bit word at a time.
+
+    Tiles are (channels, words, codes in a word, values in a segment); a word's values share one scale.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None, None]
+    w = (tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :, None]
+    j = tl.arange(0, CPW)[None, None, :]
+    rows = start + r
+    mask = (rows < stop) & (w < words_per_row)
+    word = tl.load(words_ptr + rows * words_per_row + w, mask=mask, other=0)
+    entry = ((rows // rows_per_book) * K + ((word >> (j * BITS)) & ((1 << BITS) - 1))) * SEG
+    s = tl.arange(0, SEG)[None, None, None, :]
+    value = tl.load(book_ptr + entry[:, :, :, None] + s, mask=mask[:, :, :, None], other=0.0).to(tl.float32)
+    if HAS_SCALES:
+        scale = tl.load(scales_ptr + rows * n_groups + (w * (CPW * SEG)) // GROUP, mask=mask, other=0.0)
+        value *= scale.to(tl.float32)[:, :, :, None]
+    position = ((w * CPW + j) * SEG)[:, :, :, None] + s
+    out = out_ptr + r[:, :, :, None].to(tl.int64) * (words_per_row * CPW * SEG) + position
+    tl.store(out, value.to(out_ptr.dtype.element_ty), mask=mask[:, :, :, None])
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -175,11 +212,22 @@ def dequantize_tile(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
     """Channels start:stop of the codebook term as a (stop - start, channel_length) tensor of `dtype`."""
     out = torch.empty(stop - start, spec.channel_length, dtype=dtype, device=codes.device)
     (length, n_bytes, n_groups, rows_per_book), const = _table_args(spec, codes)
+    scales = codebook if scales is None else scales
+    words = _code_words(codes) if word_stream_reason(spec) is None else None
+    if words is not None:
+        words_per_row = spec.segments_per_channel * spec.code_bits // 32
+        values_per_word = 32 // spec.code_bits * spec.segment_length
+        block_w = min(triton.next_power_of_2(words_per_row), max(1, DEQUANT_TILE_WIDTH // values_per_word))
+        block_r = max(1, DEQUANT_TILE // (block_w * values_per_word))
+        grid = (triton.cdiv(stop - start, block_r), triton.cdiv(words_per_row, block_w))
+        _dequant_words_kernel[grid](words, codebook, scales, out, start, stop, words_per_row, n_groups,
+                                    rows_per_book, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=DEQUANT_WARPS,
+                                    **const)
+        return out
     block_r, block_c = 16, 128
     grid = (triton.cdiv(stop - start, block_r), triton.cdiv(length, block_c))
-    _dequant_kernel[grid](codes, codebook, codebook if scales is None else scales, out, start, stop, length,
-                          n_bytes, n_groups, rows_per_book, BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=True,
-                          **const)
+    _dequant_kernel[grid](codes, codebook, scales, out, start, stop, length, n_bytes, n_groups, rows_per_book,
+                          BLOCK_R=block_r, BLOCK_C=block_c, enable_fp_fusion=True, **const)
     return out
 
 
@@ -208,11 +256,10 @@ def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: L
                 split: int | None) -> torch.Tensor:
     tokens = x2.shape[0]
     words_per_row = spec.segments_per_channel * spec.code_bits // 32
-    block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
-    block_n = 4
-    # about 4096 weights a tile for one token, fewer for more (an unmeasured choice: no GPU yet)
+    block_t = min(triton.next_power_of_2(tokens), GEMV_BLOCK_TOKENS)
+    block_n = WORDS_BLOCK_N
     block_w = max(1, min(triton.next_power_of_2(words_per_row),
-                         4096 // (block_n * block_t * (32 // spec.code_bits) * spec.segment_length)))
+                         WORDS_TILE // (block_n * block_t * (32 // spec.code_bits) * spec.segment_length)))
     n_blocks = triton.cdiv(spec.channels, block_n)
     if split is None:
         split = max(1, -(-4 * _sm_count(x2.device) // n_blocks))
@@ -227,7 +274,7 @@ def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: L
                              spec.channel_length, words_per_row, max(spec.scale_groups, 1),
                              spec.channels_per_codebook, split_words, SEG=spec.segment_length, BITS=spec.code_bits,
                              K=spec.n_clusters, GROUP=group, HAS_SCALES=bool(spec.scale_groups), BLOCK_T=block_t,
-                             BLOCK_N=block_n, BLOCK_W=block_w, enable_fp_fusion=True)
+                             BLOCK_N=block_n, BLOCK_W=block_w, num_warps=WORDS_WARPS, enable_fp_fusion=True)
     return out[0] if split == 1 else out.sum(0)
 
 
@@ -238,7 +285,7 @@ def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_chann
         return _gemv_words(x2, words, codebook, scales, spec, split)
     tokens, n_reduce = x2.shape
     n_out = spec.channels if over_channels else spec.channel_length
-    block_t = min(triton.next_power_of_2(tokens), GEMV_MAX_TOKENS)
+    block_t = min(triton.next_power_of_2(tokens), GEMV_BLOCK_TOKENS)
     # Tiles run along M's rows, whose bytes are contiguous: wide in k over channels, wide in n otherwise. About 2048
     # weights a tile keeps the sm_90 build under 100 registers a thread (cuobjdump) for one or two tokens.
     block_n, block_k = (8, max(32, 256 // block_t)) if over_channels else (max(32, 256 // block_t), 8)
@@ -261,7 +308,7 @@ def _dequant_gemm(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, ov
     dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.float32
     xd = x2.to(dtype)
     out = None
-    for a, b in channel_tiles(spec):
+    for a, b in channel_tiles(spec, GPU_TILE_ELEMENTS):
         tile = dequantize_tile(codes, codebook, scales, spec, a, b, dtype)
         if over_channels:  # M's rows are the outputs: y[:, a:b] = x M[a:b]^T
             part = F.linear(xd, tile)
