@@ -113,6 +113,19 @@ def test_gemv_split_over_programs_adds_the_same_sum(layout):
 
 
 @runs_kernels
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[4], LAYOUTS[8], LAYOUTS[9]],
+                         ids=["words", "bytes", "words-odd-rows", "input"])
+def test_dequant_gemm_in_channel_tiles_adds_up_to_the_whole(layout, monkeypatch):
+    """Layers over GPU_TILE_ELEMENTS weights are dequantized a few channels at a time (outputs written per tile,
+    or partial products summed when the channels are inputs)."""
+    spec, tensors = make_layer(layout, seed=8)
+    x = torch.randn(5, spec.in_features, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    expected = reference_codebook_matmul(x.cpu(), *[t if t is None else t.cpu() for t in tensors], spec)
+    monkeypatch.setattr(triton_gpu, "GPU_TILE_ELEMENTS", 3 * spec.channel_length)
+    assert_close(triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel="dequant_gemm"), expected, 1e-5)
+
+
+@runs_kernels
 def test_leading_dims_and_zero_tokens():
     spec, tensors = make_layer(LAYOUTS[1], seed=6)
     x = torch.randn(2, 3, spec.in_features, generator=torch.Generator().manual_seed(7)).to(DEVICE)
