@@ -78,11 +78,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # swsc-3bit's layout everywhere, calibrated and tuned as the presets are (the 3.2-bit preset before `bits=`
     # chose among vector tables)
     "swsc-3bit-cal-tuned": ("swsc_hf", dict(preset="swsc-3bit", **CALIBRATION)),
-    # The 3.2-bit preset as it was before tuning drew fresh windows: 64 steps cycling the 16 fitting windows
-    "swsc-3.2b-cal-t64-cycled": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_steps=64,
-                                                 tune_samples=16)),
-    # The 3.2-bit preset with twice its tuning steps (fresh windows), once a tuning step cost less
-    "swsc-3.2b-cal-t256": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_steps=256)),
+    # The 3.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 128 steps on fresh windows
+    "swsc-3.2b-cal-n16": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=128)),
+    # ... as it was before tuning drew fresh windows: 64 steps cycling the 16 fitting windows
+    "swsc-3.2b-cal-t64-cycled": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
+                                                 tune_steps=64, tune_samples=16)),
+    # ... with twice its tuning steps (fresh windows), once a tuning step cost less
+    "swsc-3.2b-cal-t256": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
+                                           tune_steps=256)),
     # The 2.2-bit preset with half its tuning steps
     "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128)),
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
@@ -100,12 +103,17 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "swsc-4.25b-cal-scalar": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", bits_ladder="scalar")),
     "swsc-4.25b-cal-scalar-n32-t256": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2",
                                                        bits_ladder="scalar", n_samples=32, tune_steps=256)),
-    # The 3.2-bit preset fitted on 4x its calibration windows (64 x 512 tokens; tuning unchanged)
-    "swsc-3.2b-cal-n64": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=64)),
+    # The former 3.2-bit preset fitted on 4x its calibration windows (64 x 512 tokens; 128 tuning steps); with 96
+    # steps instead, it became the preset
+    "swsc-3.2b-cal-n64": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=64,
+                                          tune_steps=128)),
+    # The 4.25-bit preset fitted on 4x its calibration windows (tuning unchanged: 64 steps cycling 16 windows)
+    "swsc-4.25b-cal-n64": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=64)),
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_norms_lr=1e-3)),
-    "swsc-3.2b-cal-norms": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_norms_lr=3e-4)),
+    "swsc-3.2b-cal-norms": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
+                                            tune_steps=128, tune_norms_lr=3e-4)),
     # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come
     # from), against per-row RTN on the same projections; every other linear stays dense.
     "swsc-paper-qk": ("swsc_hf", dict(preset="swsc-paper", modules_to_not_convert=NOT_QK)),
