@@ -91,27 +91,30 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
     "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128,
                                                  head_bits=6)),
-    # The 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head inside the budget (the
-    # `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
-    "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", head_bits=6)),
-    "swsc-4.25b-cal-headin": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2",
+    # The former (16-window) 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head
+    # inside the budget (the `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
+    "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
+                                             head_bits=6)),
+    "swsc-4.25b-cal-headin": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
                                               modules_to_not_convert=["embed_tokens"])),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
     "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION)),
     # The 4.25-bit preset as it was before vector tables joined the `bits=` ladder (scalar tables only), and the same
     # with twice the calibration windows and four times the tuning steps (each window seen 8 times, not 4)
-    "swsc-4.25b-cal-scalar": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", bits_ladder="scalar")),
+    "swsc-4.25b-cal-scalar": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
+                                              bits_ladder="scalar")),
     "swsc-4.25b-cal-scalar-n32-t256": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2",
                                                        bits_ladder="scalar", n_samples=32, tune_steps=256)),
     # The former 3.2-bit preset fitted on 4x its calibration windows (64 x 512 tokens; 128 tuning steps); with 96
     # steps instead, it became the preset
     "swsc-3.2b-cal-n64": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=64,
                                           tune_steps=128)),
-    # The 4.25-bit preset fitted on 4x its calibration windows (tuning unchanged: 64 steps cycling 16 windows)
-    "swsc-4.25b-cal-n64": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=64)),
+    # The 4.25-bit preset as it was until 2026-12-04, fitted on 16 windows (tuning the same: 64 steps cycling 16)
+    "swsc-4.25b-cal-n16": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16)),
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
-    "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_norms_lr=1e-3)),
+    "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
+                                             tune_norms_lr=1e-3)),
     "swsc-3.2b-cal-norms": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
                                             tune_steps=128, tune_norms_lr=3e-4)),
     # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come
