@@ -111,6 +111,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                           tune_steps=128)),
     # The 4.25-bit preset as it was until 2026-12-04, fitted on 16 windows (tuning the same: 64 steps cycling 16)
     "swsc-4.25b-cal-n16": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16)),
+    # The 4.25-bit preset tuned twice as long, cycling 32 of its 64 windows
+    "swsc-4.25b-cal-t128-s32": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=128,
+                                                tune_samples=32)),
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,

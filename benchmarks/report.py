@@ -591,21 +591,21 @@ def gpu_section(records: list[dict]) -> list[str]:
         if not (decode or prefill):
             continue
         row = [case[0], f"{case[1]}x{case[2]}", f"`{case[3]}`"]
-        for pair in (decode, prefill):
+        for phase, pair in (("decode", decode), ("prefill", prefill)):
             if pair:
                 swsc, dense = pair
-                ratios.setdefault((case[3], pair is decode), []).append(dense["us"] / swsc["us"])
+                ratios.setdefault((case[3], phase), []).append(dense["us"] / swsc["us"])
                 row += [fmt(dense["us"], 1), fmt(swsc["us"], 1), fmt(dense["us"] / swsc["us"])]
             else:
                 row += ["-", "-", "-"]
-            if pair is decode:
+            if phase == "decode":
                 row.append(fmt(nbytes[0]["us"], 1) if nbytes else "-")
         rows.append(row)
     out += [table(["model", "layer (out x in)", "layout", "decode: dense us", "swsc GEMV us", "x dense",
                    "byte reader us", "prefill: dense us", "swsc dequant + cuBLAS us", "x dense"], rows), ""]
-    for (layout, is_decode), values in sorted(ratios.items()):
+    for (layout, phase), values in sorted(ratios.items()):
         geomean = math.exp(sum(math.log(v) for v in values) / len(values))
-        out.append(f"- `{layout}` {'decode' if is_decode else 'prefill'}: {geomean:.2f}x dense "
+        out.append(f"- `{layout}` {phase}: {geomean:.2f}x dense "
                    f"(geometric mean over {len(values)} layers, range {min(values):.2f}-{max(values):.2f})")
     return out + [""]
 
