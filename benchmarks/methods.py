@@ -87,10 +87,13 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "swsc-3.2b-cal-t256": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
                                            tune_steps=256)),
     # The 2.2-bit preset with half its tuning steps
-    "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128)),
+    "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
+                                           tune_steps=128)),
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
-    "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=128,
-                                                 head_bits=6)),
+    "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
+                                                 tune_steps=128, head_bits=6)),
+    # The 2.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 256 steps
+    "swsc-2.2b-cal-n16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=256)),
     # The former (16-window) 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head
     # inside the budget (the `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
     "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
