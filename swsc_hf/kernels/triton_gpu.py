@@ -215,8 +215,7 @@ def dequantize_tile(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
     scales = codebook if scales is None else scales
     words = _code_words(codes) if word_stream_reason(spec) is None else None
     if words is not None:
-        words_per_row = spec.segments_per_channel * spec.code_bits // 32
-        values_per_word = 32 // spec.code_bits * spec.segment_length
+        words_per_row, values_per_word = _word_shape(spec)
         block_w = min(triton.next_power_of_2(words_per_row), max(1, DEQUANT_TILE_WIDTH // values_per_word))
         block_r = max(1, DEQUANT_TILE // (block_w * values_per_word))
         grid = (triton.cdiv(stop - start, block_r), triton.cdiv(words_per_row, block_w))
@@ -231,6 +230,11 @@ def dequantize_tile(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
     return out
 
 
+def _word_shape(spec: LayerSpec) -> tuple[int, int]:
+    """(32-bit words a channel's codes fill, weights a word decodes to) for the word readers."""
+    return spec.segments_per_channel * spec.code_bits // 32, 32 // spec.code_bits * spec.segment_length
+
+
 def word_stream_reason(spec: LayerSpec) -> str | None:
     """Why `_gemv_words_kernel` cannot read this layout's codes a 32-bit word at a time, or None when it can."""
     if spec.code_bits not in (1, 2, 4, 8):
@@ -239,7 +243,7 @@ def word_stream_reason(spec: LayerSpec) -> str | None:
         return f"segments of {spec.segment_length} values (1, 2, 4 or 8 read by word)"
     if spec.segments_per_channel * spec.code_bits % 32:
         return f"a channel's {spec.segments_per_channel * spec.code_bits} code bits do not fill whole words"
-    values_per_word = 32 // spec.code_bits * spec.segment_length
+    values_per_word = _word_shape(spec)[1]
     if spec.scale_groups and spec.scale_group_size % values_per_word:
         return f"scale groups of {spec.scale_group_size} split a word's {values_per_word} values"
     return None
@@ -255,11 +259,10 @@ def _code_words(codes: torch.Tensor) -> torch.Tensor | None:
 def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: LayerSpec,
                 split: int | None) -> torch.Tensor:
     tokens = x2.shape[0]
-    words_per_row = spec.segments_per_channel * spec.code_bits // 32
+    words_per_row, values_per_word = _word_shape(spec)
     block_t = min(triton.next_power_of_2(tokens), GEMV_BLOCK_TOKENS)
     block_n = WORDS_BLOCK_N
-    block_w = max(1, min(triton.next_power_of_2(words_per_row),
-                         WORDS_TILE // (block_n * block_t * (32 // spec.code_bits) * spec.segment_length)))
+    block_w = max(1, min(triton.next_power_of_2(words_per_row), WORDS_TILE // (block_n * block_t * values_per_word)))
     n_blocks = triton.cdiv(spec.channels, block_n)
     if split is None:
         split = max(1, -(-4 * _sm_count(x2.device) // n_blocks))
