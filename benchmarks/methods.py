@@ -117,6 +117,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 4.25-bit preset tuned twice as long, cycling 32 of its 64 windows
     "swsc-4.25b-cal-t128-s32": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=128,
                                                 tune_samples=32)),
+    # The calibrated presets with each decoder layer's tables tuned 32 steps toward the dense layer's outputs right
+    # after it is fitted (swsc_hf.layer_tuning), before the end-to-end tuning
+    **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32))
+       for b in ("4.25", "3.2", "2.2")},
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,

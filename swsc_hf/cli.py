@@ -86,7 +86,8 @@ def _config_from_args(args):
         "scale_group_size": args.scale_group_size, "dataset": args.calibration, "n_samples": args.n_samples,
         "seq_len": args.calibration_seq_len, "table_dtype": args.table_dtype, "bits": args.bits,
         "bits_ladder": args.bits_ladder, "head_bits": args.head_bits,
-        "tune_steps": args.tune_steps, "tune_samples": args.tune_samples, "time_budget": args.time_budget,
+        "tune_steps": args.tune_steps, "layer_tune_steps": args.layer_tune_steps, "tune_samples": args.tune_samples,
+        "time_budget": args.time_budget,
     }
     if args.segment_length is not None:
         fields["segment_length"] = None if args.segment_length == 0 else args.segment_length

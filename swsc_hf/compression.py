@@ -6,8 +6,11 @@ linear gets the Gram matrix X^T X of its inputs, the group is compressed, and it
 group (GPTQ's sequential pass). Layers that share a basis (Basis Sharing) are compressed together within their group.
 With `bits=` and calibration, the layouts are first chosen by measured sensitivity (`allocation`).
 
-May import `config`, `core`, `data`, `allocation` and `model_ops`; it never marks a model compressed (the
-quantizer does), so the quantizer and the multi-process path can both use it.
+With `layer_tune_steps`, each fitted group's tables are tuned toward the dense group's outputs before they feed the
+next group (`layer_tuning`).
+
+May import `config`, `core`, `data`, `allocation`, `experts`, `layer_tuning` and `model_ops`; it never marks a model
+compressed (the quantizer does), so the quantizer and the multi-process path can both use it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .experts import (
     expert_projections,
     is_fused_experts,
 )
+from .layer_tuning import layers_output, relative_error, tune_layer_tables
 from .model_ops import (
     dense_weight,
     experts_specs,
@@ -242,13 +246,7 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, batches:
 
 def run_layers(layers, inputs):
     """Run captured (hidden states, kwargs) pairs through `layers`; returns the outputs in the same form."""
-    outputs = []
-    for hidden, kwargs in inputs:
-        for layer in layers:
-            hidden = layer(hidden, **kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        outputs.append((hidden, kwargs))
-    return outputs
+    return [(layers_output(layers, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
 
 
 @torch.no_grad()
@@ -275,14 +273,24 @@ def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: 
         group_layers = list(range(first, min(first + step, len(layers))))
         members = [n for n in names if n.startswith(prefix + ".") and layer_index(n) in group_layers]
         part = [layers[i] for i in group_layers]
-        hessians = collect_hessians(model, members, functools.partial(run_layers, part, inputs))
+        hessians, outputs = collect_hessians(model, members, functools.partial(run_layers, part, inputs))
+        tune = bool(config.layer_tune_steps and members)
+        targets = [hidden for hidden, _ in outputs] if tune else []  # the dense layers' outputs, for layer tuning
+        del outputs
         for group in compression_groups(members, config):
             compress_group(model, group, config, hessians, allocation)
         handled.update(members)
+        if tune:
+            before = relative_error(part, inputs[0], targets[0])
+            tune_layer_tables(part, inputs, targets, config.layer_tune_steps, config.layer_tune_lr,
+                              scales_lr=config.tune_scales_lr)
+            logger.debug("swsc_hf: layers %s tuned toward the dense outputs: relative error %.4f -> %.4f on the "
+                         "first window", group_layers, before, relative_error(part, inputs[0], targets[0]))
+        del targets
         inputs = run_layers(part, inputs)
     rest = [n for n in names if n not in handled]  # outside the decoder stack: the output head, when compressed
     if rest:
-        hessians = collect_hessians(model, rest, functools.partial(run_model, model, batches))
+        hessians, _ = collect_hessians(model, rest, functools.partial(run_model, model, batches))
         for group in compression_groups(rest, config):
             compress_group(model, group, config, hessians, allocation)
 
@@ -293,10 +301,10 @@ def run_model(model: nn.Module, batches: list[torch.Tensor]) -> None:
         model(input_ids=batch, use_cache=False)
 
 
-def collect_hessians(model, members, run: Callable[[], object]) -> dict[str, torch.Tensor]:
+def collect_hessians(model, members, run: Callable[[], object]) -> tuple[dict[str, torch.Tensor], object]:
     """X^T X of every member linear's inputs, and of every expert's routed tokens for fused experts, while `run()`
-    runs the part of the model that feeds them; an expert that saw fewer than `MIN_EXPERT_TOKENS`
-    tokens gets none (it is compressed data-free), and so does a linear `run()` never reaches."""
+    runs the part of the model that feeds them, and what `run()` returned; an expert that saw fewer than
+    `MIN_EXPERT_TOKENS` tokens gets none (it is compressed data-free), and so does a linear `run()` never reaches."""
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     experts = [name for name in members if is_fused_experts(model.get_submodule(name))]
@@ -314,7 +322,7 @@ def collect_hessians(model, members, run: Callable[[], object]) -> dict[str, tor
     handles += [model.get_submodule(name).register_forward_hook(
         expert_gram_hook(model.get_submodule(name), hessians, counts, name), with_kwargs=True) for name in experts]
     try:
-        run()
+        result = run()
     finally:
         for handle in handles:
             handle.remove()
@@ -324,4 +332,4 @@ def collect_hessians(model, members, run: Callable[[], object]) -> dict[str, tor
                     "%s", len(scarce), MIN_EXPERT_TOKENS, ", ".join(scarce[:4]))
     for name in scarce:
         del hessians[name]
-    return hessians
+    return hessians, result

@@ -56,9 +56,9 @@ DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True,
     parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", bits_ladder="all",
-    n_samples=64, seq_len=512,
-    table_dtype="float16", tune_steps=64, tune_lr=3e-3, tune_scales_lr=1e-4, tune_norms_lr=0.0, tune_positions=0,
-    tune_samples=0, time_budget=None, head_bits=None,
+    n_samples=64, seq_len=512, table_dtype="float16",
+    layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=3e-3, tune_scales_lr=1e-4, tune_norms_lr=0.0,
+    tune_positions=0, tune_samples=0, time_budget=None, head_bits=None,
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 SHARE_SELECTIONS = ("types", "loss")
@@ -134,7 +134,10 @@ class SWSCConfig(QuantizationConfigMixin):
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
             the tokenizer, the number of sequences and their length.
 
-    Tuning toward the dense model (calibrated compression only; `distill.distill_tables`):
+    Tuning toward the dense model (calibrated compression only; `layer_tuning`, `distill.distill_tables`):
+        layer_tune_steps, layer_tune_lr: Adam steps per decoder layer, right after it is fitted, training its
+            codebooks (step size `layer_tune_lr`) and scales (`tune_scales_lr`) to reproduce the dense layer's
+            outputs on the calibration windows (0 = off).
         tune_steps: steps of table distillation after compression, on the calibration windows (0 = off). Each
             step runs the dense teacher (the replaced dense layers, swapped back in) and the compressed model.
         tune_lr, tune_scales_lr, tune_norms_lr: Adam step sizes for the codebooks, the per-group scales and the
@@ -179,6 +182,8 @@ class SWSCConfig(QuantizationConfigMixin):
         n_samples: int | None = None,
         seq_len: int | None = None,
         table_dtype: str | None = None,
+        layer_tune_steps: int | None = None,
+        layer_tune_lr: float | None = None,
         tune_steps: int | None = None,
         tune_lr: float | None = None,
         tune_scales_lr: float | None = None,
@@ -285,7 +290,8 @@ class SWSCConfig(QuantizationConfigMixin):
         for field, high in (("n_samples", MAX_SAMPLES), ("seq_len", MAX_SEQ_LEN)):
             if not _is_int(getattr(self, field), 1, high):
                 fail(field, f"use an int from 1 to {high}")
-        for field, high in (("tune_steps", MAX_TUNE_STEPS), ("tune_positions", MAX_SEQ_LEN)):
+        for field, high in (("layer_tune_steps", MAX_TUNE_STEPS), ("tune_steps", MAX_TUNE_STEPS),
+                            ("tune_positions", MAX_SEQ_LEN)):
             if not _is_int(getattr(self, field), 0, high):
                 fail(field, f"use an int from 0 (off) to {high}")
         if self.head_bits is not None and not _is_int(self.head_bits, 2, 8):
@@ -293,7 +299,7 @@ class SWSCConfig(QuantizationConfigMixin):
                  "table of 2**head_bits values)")
         if not _is_int(self.tune_samples, 0, MAX_SAMPLES):
             fail("tune_samples", f"use an int from 0 (a fresh window per tuning step) to {MAX_SAMPLES}")
-        for field in ("tune_lr", "tune_scales_lr", "tune_norms_lr"):
+        for field in ("layer_tune_lr", "tune_lr", "tune_scales_lr", "tune_norms_lr"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e3:
                 fail(field, "use a step size >= 0 (0 = not tuned)")

@@ -71,6 +71,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-seq-len", type=int, help="calibration sequence length")
     parser.add_argument("--tune-steps", type=int,
                         help="with --calibration: steps of distillation toward the dense model (default 64; 0 = off)")
+    parser.add_argument("--layer-tune-steps", type=int,
+                        help="with --calibration: steps per decoder layer tuning its tables toward the dense layer's "
+                             "outputs, right after it is fitted (0 = off)")
     parser.add_argument("--tune-samples", type=int,
                         help="calibration windows tuning cycles through (default: a fresh window for every step)")
     parser.add_argument("--time-budget", type=float,

@@ -34,6 +34,7 @@ from swsc_hf.core.spec import LayerSpec
         (dict(format_version=99), "format_version"),
         (dict(tune_steps=-1), "tune_steps"),
         (dict(tune_steps=2.5), "tune_steps"),
+        (dict(layer_tune_steps=-4), "layer_tune_steps"),
         (dict(tune_lr=-1e-3), "tune_lr"),
         (dict(tune_scales_lr="fast"), "tune_scales_lr"),
         (dict(tune_positions=-3), "tune_positions"),
