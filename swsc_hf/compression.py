@@ -281,11 +281,13 @@ def compress_calibrated(model: nn.Module, config: SWSCConfig, tokenizer, names: 
             compress_group(model, group, config, hessians, allocation)
         handled.update(members)
         if tune:
-            before = relative_error(part, inputs[0], targets[0])
+            report = logger.isEnabledFor(logging.DEBUG)  # the error before and after costs two forwards
+            before = relative_error(part, inputs[0], targets[0]) if report else 0.0
             tune_layer_tables(part, inputs, targets, config.layer_tune_steps, config.layer_tune_lr,
                               scales_lr=config.tune_scales_lr)
-            logger.debug("swsc_hf: layers %s tuned toward the dense outputs: relative error %.4f -> %.4f on the "
-                         "first window", group_layers, before, relative_error(part, inputs[0], targets[0]))
+            if report:
+                logger.debug("swsc_hf: layers %s tuned toward the dense outputs: relative error %.4f -> %.4f on "
+                             "the first window", group_layers, before, relative_error(part, inputs[0], targets[0]))
         del targets
         inputs = run_layers(part, inputs)
     rest = [n for n in names if n not in handled]  # outside the decoder stack: the output head, when compressed

@@ -12,7 +12,6 @@ Imports `modules`.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -20,8 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import SWSCLinear
-
-logger = logging.getLogger(__name__)
 
 LayerInput = tuple[torch.Tensor, dict]
 

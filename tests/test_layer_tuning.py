@@ -4,6 +4,8 @@ only codebooks and scales (same codes, layouts, dtypes and stored bytes), and im
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import pytest
 import torch
@@ -46,10 +48,14 @@ def test_tune_layer_tables_refuses_missing_targets():
         tune_layer_tables([torch.nn.Identity()], [(torch.zeros(1, 2, 4), {})], [], steps=4, lr=1e-3)
 
 
-def test_calibrated_compression_with_layer_tuning_matches_the_dense_model_better(calibration):
+def test_calibrated_compression_with_layer_tuning_matches_the_dense_model_better(calibration, caplog):
     plain_kl, plain = kl_after_compression(calibration, tune_steps=0)
-    tuned_kl, tuned = kl_after_compression(calibration, tune_steps=0, layer_tune_steps=48, layer_tune_lr=1e-2,
-                                             tune_scales_lr=3e-3)
+    with caplog.at_level(logging.DEBUG, logger="swsc_hf.compression"):
+        tuned_kl, tuned = kl_after_compression(calibration, tune_steps=0, layer_tune_steps=48, layer_tune_lr=1e-2,
+                                                 tune_scales_lr=3e-3)
+    errors = [tuple(map(float, re.findall(r"relative error ([\d.]+) -> ([\d.]+)", r.getMessage())[0]))
+              for r in caplog.records if "relative error" in r.getMessage()]
+    assert len(errors) == 2 and all(after < before for before, after in errors)  # each of the 2 layers
     assert SWSCConfig(**calibration).layer_tune_steps == 0  # off unless a preset or the user asks
     assert tuned_kl < 0.9 * plain_kl  # measured: 0.394 -> 0.342
     first = decoder_layers(tuned)[0]
