@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -25,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model_ops import swap_module
-from .table_training import finish_training, prepare_for_training
+from .table_training import finish_training, prepare_for_training, set_cosine_step_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +152,7 @@ def distill_tables(
             logger.info("swsc_hf: distillation stopped by its %.0f s time budget after %d of %d steps",
                         time_budget, step, steps)
             break
-        for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            group["lr"] = base * 0.5 * (1 + math.cos(math.pi * done))
+        set_cosine_step_sizes(optimizer, base_lrs, done)
         ids = batches[step % len(batches)]
         keep = None
         if positions is not None and positions < ids.shape[1]:

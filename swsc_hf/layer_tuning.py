@@ -7,18 +7,17 @@ outputs of the already-compressed layers before it (AQLM's block-wise fine-tunin
 reaches the later layers, which are then fitted on inputs closer to the dense model's. Codes, layouts and stored
 size are unchanged; the end-to-end tuning (`distill`) runs afterwards as before.
 
-Imports `modules`.
+Imports `modules`, `table_training`.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .modules import SWSCLinear
+from .table_training import set_cosine_step_sizes
 
 LayerInput = tuple[torch.Tensor, dict]
 
@@ -70,19 +69,17 @@ def tune_layer_tables(
                 upcast = nn.Parameter(param.detach().float(), requires_grad=True)
                 setattr(holder, name, upcast)
                 params.append(upcast)
-    groups = [{"params": params, "lr": size} for params, size in ((trained["codebook"], lr),
-                                                                  (trained["scales"], scales_lr)) if params]
     if not dtypes:
         return
-    optimizer = torch.optim.Adam(groups)
+    optimizer = torch.optim.Adam([{"params": params, "lr": size} for params, size in
+                                  ((trained["codebook"], lr), (trained["scales"], scales_lr)) if params])
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     for param in others:  # the layers' dense parameters (norms, biases) stay as they are, without gradients
         param.requires_grad_(False)
     try:
         with torch.enable_grad():
             for step in range(steps):
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * 0.5 * (1 + math.cos(math.pi * step / steps))
+                set_cosine_step_sizes(optimizer, base_lrs, step / steps)
                 hidden, kwargs = inputs[step % len(inputs)]
                 out = layers_output(layers, hidden, kwargs)
                 loss = F.mse_loss(out.float(), targets[step % len(inputs)].detach().float())

@@ -3,7 +3,7 @@
 `prepare_for_training(model, train_codebooks=True)` makes the codebooks (and optionally the scales) trainable in
 float32; `finish_training(model)` stores them back in the checkpoint's table dtype. Trained tables belong to the
 compressed base checkpoint (`save_pretrained` of the base), never to a LoRA adapter: a codebook is only meaningful
-with the codes it was trained with, so it travels with them. `distill` and `lora` build on this.
+with the codes it was trained with, so it travels with them. `distill`, `layer_tuning` and `lora` build on this.
 
 May import `modules` and `model_ops`.
 """
@@ -11,6 +11,7 @@ May import `modules` and `model_ops`.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import nn
@@ -19,6 +20,12 @@ from .model_ops import SHARED_BASES_ATTR
 from .modules import SWSCLinear
 
 logger = logging.getLogger(__name__)
+
+
+def set_cosine_step_sizes(optimizer: torch.optim.Optimizer, base_lrs: list[float], done: float) -> None:
+    """Each parameter group's step size on a cosine schedule: its base size at `done` = 0, zero at `done` = 1."""
+    for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        group["lr"] = base * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def is_peft_model(model: nn.Module) -> bool:
