@@ -180,9 +180,9 @@ def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, plan: _Plan, tra
     return out
 
 
-@functools.cache
 def _cpu_gemv(over_channels: bool):
-    """The C++ GEMV overload (resolved once: a call through the op packet costs a few microseconds more)."""
+    """The C++ GEMV overload, called directly: a call through the op packet costs a few microseconds more. Not
+    cached: torch.compile traces this function, and warns about (and ignores) a cache around it."""
     ops = torch.ops.swsc_hf_cpu
     return ops.gemv.default if over_channels else ops.gemv_t.default
 
