@@ -53,3 +53,21 @@ def test_gpu_table_divides_each_kernel_by_the_dense_time_of_its_own_run():
     assert "| llama-3.1-8b | 4096x4096 | `swsc-4bit` | 13.0 | 26.0 | 0.50 | 65.0 | 80.0 | 100.0 | 0.80 |" in text
     assert "`swsc-4bit` decode: 0.50x dense" in text and "`swsc-4bit` prefill: 0.80x dense" in text
     assert report.gpu_section([]) == []
+
+
+def speed_record(run: str, cpu: str, label: str, tokens_per_s: float, family: str = "swsc_hf") -> dict:
+    return dict(run=run, machine={"cpu": cpu}, label=label, family=family, decode_tokens_per_s=tokens_per_s,
+                prefill_median_s=1.0, threads=2, prompt_tokens=512, new_tokens=128, repeats=3, avg_bits=4.0,
+                model_bytes=2**20)
+
+
+def test_speed_section_shows_the_latest_run_of_each_cpu_and_what_misses_the_targets():
+    records = [speed_record("r1", "Xeon", "dense", 10.0, "dense"), speed_record("r1", "Xeon", "swsc-4bit", 99.0),
+               speed_record("r2", "EPYC", "dense", 20.0, "dense"), speed_record("r2", "EPYC", "swsc-4bit", 60.0),
+               speed_record("r3", "Xeon", "dense", 10.0, "dense"), speed_record("r3", "Xeon", "swsc-4bit", 15.0)]
+    text = "\n".join(report.speed_section(records))
+    assert "Run r3, SmolLM2-135M-Instruct on Xeon" in text and "Run r2, SmolLM2-135M-Instruct on EPYC" in text
+    assert "r1" not in text and text.index("Run r3") < text.index("Run r2")
+    assert "| `swsc-4bit` | 4.00 | 1.000 | 1.00 | 15.0 | 1.50 |" in text  # r3's ratio to r3's dense
+    assert "`swsc-4bit` decodes at x1.50 of dense fp32" in text  # below the 2x target, though faster than dense
+    assert "x3.00 of dense fp32" not in text  # r2 meets it
