@@ -121,6 +121,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # after it is fitted (swsc_hf.layer_tuning), before the end-to-end tuning
     **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32))
        for b in ("4.25", "3.2", "2.2")},
+    # The 4.25-bit preset calibrated on windows as long as the evaluation's (16 x 2048 tokens: the same tokens as its
+    # 64 x 512), tuned 32 steps cycling those 16 windows (twice the preset's tuning tokens in half its steps)
+    "swsc-4.25b-cal-len2048": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
+                                               seq_len=2048, tune_steps=32)),
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
