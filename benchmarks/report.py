@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import common
@@ -96,14 +97,10 @@ INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the 
                     "flip at the smallest change. Settings as above; compare ratios within a run.")
 
 
-def integer_agreement(records: list[dict]) -> list[str]:
-    """For each `+int` row of the latest run, how many of its first greedy tokens equal its float twin's
+def integer_agreement(records: list[dict], run: str) -> list[str]:
+    """For each `+int` row of speed run `run`, how many of its first greedy tokens equal its float twin's
     before the two first differ, and its decode-kernel perplexity with and without integer dot products."""
-    ok = [r for r in records if "error" not in r and "first_tokens" in r]
-    if not ok:
-        return []
-    run = max(r["run"] for r in ok)
-    by_label = {r["label"]: r for r in ok if r["run"] == run}
+    by_label = {r["label"]: r for r in records if "error" not in r and "first_tokens" in r and r["run"] == run}
     lines = []
     for label, r in by_label.items():
         twin = by_label.get(label.replace("+int", ""))
@@ -186,7 +183,7 @@ def other_evaluations_section(records: list[dict], key) -> list[str]:
 def second_domain_section(records: list[dict], wikitext: list[dict]) -> list[str]:
     """Each method on the second text domain (Shakespeare, never used for calibration or tuning) next to its
     WikiText-2 ratio to dense on the longest WikiText-2 evaluation that has it."""
-    ok = [r for r in records if "error" not in r]
+    ok = [r for r in records if "error" not in r and not calibrated_on_second_domain(r)]
     chosen = latest(ok, lambda r: r["method"])
     dense = chosen.get("dense")
     if not dense or len(chosen) < 2:
@@ -215,6 +212,45 @@ def second_domain_section(records: list[dict], wikitext: list[dict]) -> list[str
             f"{dense['windows']} windows of {dense['seq_len']} tokens ({dense['tokens']} scored tokens), dense "
             f"{dense['perplexity']:.3f}:", "",
             table(["method", "avg bits", "perplexity", "x dense", "WikiText-2 x dense", "compress s"], rows), ""]
+
+
+def calibrated_on_second_domain(record: dict) -> bool:
+    """Whether a method calibrated on the second domain's text (benchmarks/methods.py's SHAKESPEARE rows)."""
+    return record.get("setting", {}).get("dataset") == "shakespeare"
+
+
+def calibration_domain_section(second: list[dict], wikitext: list[dict]) -> list[str]:
+    """Each recipe calibrated on Shakespeare ("X-shakespeare") beside the same recipe calibrated on WikiText-2 ("X"),
+    scored on both texts: what the calibration domain is worth."""
+    shakespeare = latest([r for r in second if "error" not in r], lambda r: r["method"])
+    wiki_ok = [r for r in wikitext if "error" not in r]
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in wiki_ok:
+        by_key.setdefault((r["seq_len"], r["tokens"]), {})[r["method"]] = r
+    pairs = [(name.removesuffix("-shakespeare"), name) for name, r in shakespeare.items()
+             if calibrated_on_second_domain(r) and name.removesuffix("-shakespeare") in shakespeare]
+    runs = [(k, v) for k, v in by_key.items()
+            if "dense" in v and all(a in v and b in v for a, b in pairs)]
+    if not pairs or "dense" not in shakespeare or not runs:
+        return []
+    key, wiki = max(runs, key=lambda kv: kv[0][1])
+    dense_second, dense_wiki = shakespeare["dense"]["perplexity"], wiki["dense"]["perplexity"]
+    rows = []
+    for pair in pairs:
+        for name in pair:
+            domain = "Shakespeare" if calibrated_on_second_domain(shakespeare[name]) else "WikiText-2"
+            rows.append([f"`{name}`", domain, fmt(wiki[name]["perplexity"], 3),
+                         fmt(wiki[name]["perplexity"] / dense_wiki, 3), fmt(shakespeare[name]["perplexity"], 3),
+                         fmt(shakespeare[name]["perplexity"] / dense_second, 3),
+                         fmt(shakespeare[name].get("compress_seconds"), 0)])
+    return ["### Calibration domain", "",
+            "The same recipe calibrated and tuned on WikiText-2 (validation windows) or on Shakespeare (the second "
+            f"domain's text from character {common.SHAKESPEARE_CALIBRATION_START} on, past the windows it is scored "
+            f"on), each scored on both: WikiText-2 test, {wiki['dense']['windows']} windows of {key[0]} tokens (dense "
+            f"{dense_wiki:.3f}); Shakespeare, {shakespeare['dense']['windows']} windows (dense {dense_second:.3f}). "
+            "The rows calibrated on Shakespeare are left out of the second-domain table above.", "",
+            table(["method", "calibrated on", "WikiText-2", "x dense", "Shakespeare", "x dense", "compress s"], rows),
+            ""]
 
 
 def query_key_section(partial: dict[str, dict], dense: dict | None) -> list[str]:
@@ -408,17 +444,18 @@ def plot_quality(chosen: dict[str, dict], path: Path) -> bool:
 
 
 # ---- speed --------------------------------------------------------------------------------------------------------
-def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "") -> list[str]:
+def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "",
+                  per_run: Callable[[list[dict], str], list[str]] | None = None) -> list[str]:
     """The generation-speed runs of benchmarks/speed.py (tokens/s of greedy decode after a prompt) in `records`: the
     latest run on each CPU, newest first, since ratios to dense move by machine (a CPU's memory bandwidth and
-    dispatch overhead); `note` says what distinguishes these runs."""
+    dispatch overhead); `note` says what distinguishes these runs, `per_run(records, run)` adds lines after each."""
     out = [title, ""] + ([note, ""] if note else [])
     ok = [r for r in records if "error" not in r and "decode_tokens_per_s" in r]
     if not ok:
         return out + ["No speed results yet (run benchmarks/speed.py).", ""]
     latest_runs = latest(ok, lambda r: r["machine"]["cpu"])  # cpu -> a record of its latest run
     for run in sorted({r["run"] for r in latest_runs.values()}, reverse=True):
-        out += _speed_run(records, run)
+        out += _speed_run(records, run) + (per_run(records, run) if per_run else [])
     return out
 
 
@@ -669,16 +706,18 @@ def main(argv: list[str] | None = None) -> None:
     lines += quality_section(chosen, failures, key, rel_plot)
     if chosen:
         lines += other_evaluations_section(quality, key) + second_domain_section(second_domain, quality)
+        lines += calibration_domain_section(second_domain, quality)
         lines += papers_section(chosen) + query_key_section(partial, chosen.get("dense"))
     if chosen:
         lines += claim_section(chosen) + lose_section(chosen)
     lines += other_models_section(others)
     lines += speed_section(speed)
     if speed_decode:
-        lines += speed_section(speed_decode, "## Decode speed, compiled rows (latest focused run)", DECODE_RUN_NOTE)
+        lines += speed_section(speed_decode, "## Decode speed, compiled rows (latest focused run on each CPU)",
+                               DECODE_RUN_NOTE)
     if speed_integer:
-        lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run)", INTEGER_RUN_NOTE)
-        lines += integer_agreement(speed_integer)
+        lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run on each CPU)",
+                               INTEGER_RUN_NOTE, per_run=integer_agreement)
     lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
                                  + second_domain + gpu)

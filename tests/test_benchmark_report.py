@@ -71,3 +71,36 @@ def test_speed_section_shows_the_latest_run_of_each_cpu_and_what_misses_the_targ
     assert "| `swsc-4bit` | 4.00 | 1.000 | 1.00 | 15.0 | 1.50 |" in text  # r3's ratio to r3's dense
     assert "`swsc-4bit` decodes at x1.50 of dense fp32" in text  # below the 2x target, though faster than dense
     assert "x3.00 of dense fp32" not in text  # r2 meets it
+
+
+def test_calibration_domain_pairs_each_shakespeare_row_with_its_wikitext_recipe_and_leaves_the_second_domain():
+    def on(data: str, method: str, ppl: float, dataset: str | None = None) -> dict:
+        r = record(method, "dense" if method == "dense" else "swsc_hf", 32, ppl, 4.25)
+        return {**r, "data": data, "setting": {"dataset": dataset} if dataset else {}}
+
+    wikitext = [on("wikitext", "dense", 20.0), on("wikitext", "x", 22.0, "wikitext2"),
+                on("wikitext", "x-shakespeare", 23.0, "shakespeare")]
+    second = [on("shakespeare", "dense", 40.0), on("shakespeare", "x", 44.0, "wikitext2"),
+              on("shakespeare", "x-shakespeare", 41.0, "shakespeare")]
+    text = "\n".join(report.calibration_domain_section(second, wikitext))
+    assert "| `x` | WikiText-2 | 22.000 | 1.100 | 44.000 | 1.100 |" in text
+    assert "| `x-shakespeare` | Shakespeare | 23.000 | 1.150 | 41.000 | 1.025 |" in text
+    second_table = "\n".join(report.second_domain_section(second, wikitext))
+    assert "`x`" in second_table and "x-shakespeare" not in second_table  # calibrated on the text it would score
+
+
+def test_integer_agreement_follows_each_cpu_run():
+    def row(run: str, cpu: str, label: str, tokens: list[int], ppl: float | None = None) -> dict:
+        r = {**speed_record(run, cpu, label, 10.0), "first_tokens": tokens}
+        if ppl:
+            r["gemv_perplexity"] = dict(float=10.0, integer=ppl, windows=4, tokens_per_window=512, tokens_per_forward=8)
+        return r
+
+    records = [speed_record("r1", "Xeon", "dense", 5.0, "dense"), row("r1", "Xeon", "q", [1, 2, 3]),
+               row("r1", "Xeon", "q+int", [1, 2, 4], 10.5),
+               speed_record("r2", "EPYC", "dense", 5.0, "dense"), row("r2", "EPYC", "q", [1, 2, 3]),
+               row("r2", "EPYC", "q+int", [1, 9, 9], 11.0)]
+    text = "\n".join(report.speed_section(records, per_run=report.integer_agreement))
+    epyc, xeon = text.split("Run r1")
+    assert "the first 1 of 3 greedy tokens" in epyc and "+10.00%" in epyc
+    assert "the first 2 of 3 greedy tokens" in xeon and "+5.00%" in xeon
