@@ -130,6 +130,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 4.25-bit preset calibrated and tuned on Shakespeare (common.shakespeare_calibration_rows, disjoint from the
     # second domain's evaluation windows) instead of WikiText-2: what the calibration domain is worth
     "swsc-4.25b-cal-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=SHAKESPEARE)),
+    # Both without the tuning, to tell what fitting and what tuning owe to the calibration domain
+    "swsc-4.25b-cal-t0": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=0)),
+    "swsc-4.25b-cal-t0-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=SHAKESPEARE, tune_steps=0)),
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,

@@ -93,7 +93,8 @@ def test_integer_agreement_follows_each_cpu_run():
     def row(run: str, cpu: str, label: str, tokens: list[int], ppl: float | None = None) -> dict:
         r = {**speed_record(run, cpu, label, 10.0), "first_tokens": tokens}
         if ppl:
-            r["gemv_perplexity"] = dict(float=10.0, integer=ppl, windows=4, tokens_per_window=512, tokens_per_forward=8)
+            r["gemv_perplexity"] = dict(float=10.0, integer=ppl, windows=4, tokens_per_window=512,
+                                        tokens_per_forward=8)
         return r
 
     records = [speed_record("r1", "Xeon", "dense", 5.0, "dense"), row("r1", "Xeon", "q", [1, 2, 3]),
