@@ -87,6 +87,8 @@ CACHE = Path(os.environ.get("SWSC_BENCH_CACHE", Path.home() / ".cache" / "swsc-b
 # methods): past the second-domain evaluation's windows (8 x 2048 tokens: the first ~52 000 characters), so what
 # they calibrate and tune on never overlaps what they are scored on.
 SHAKESPEARE_CALIBRATION_START = 200_000
+# SWSCConfig.dataset of those rows in benchmarks/methods.py, resolved to shakespeare_calibration_rows() when they run.
+SHAKESPEARE_DATASET = "shakespeare"
 
 
 def shakespeare_calibration_rows() -> list[str]:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import common
 import torch
 from torch import nn
 
 # Calibration shared by every calibrated method (swsc_hf and GPTQ): 16 WikiText-2 validation windows of 512 tokens
 # (what the published results used; swsc_hf alone defaults to 64).
 CALIBRATION = dict(dataset="wikitext2", n_samples=16, seq_len=512)
-# The dataset name of the calibration-domain rows: the second domain's text, resolved when the method runs.
-SHAKESPEARE = "shakespeare"
 
 # swsc_hf's calibrated fit alone: since calibrated compression tunes toward the dense model by default, the "-cal"
 # rows switch that off (the "-kd" rows run it as a second stage, the "b-cal" presets as part of compression).
@@ -129,10 +128,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                                seq_len=2048, tune_steps=32)),
     # The 4.25-bit preset calibrated and tuned on Shakespeare (common.shakespeare_calibration_rows, disjoint from the
     # second domain's evaluation windows) instead of WikiText-2: what the calibration domain is worth
-    "swsc-4.25b-cal-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=SHAKESPEARE)),
+    "swsc-4.25b-cal-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=common.SHAKESPEARE_DATASET)),
     # Both without the tuning, to tell what fitting and what tuning owe to the calibration domain
     "swsc-4.25b-cal-t0": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=0)),
-    "swsc-4.25b-cal-t0-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=SHAKESPEARE, tune_steps=0)),
+    "swsc-4.25b-cal-t0-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=common.SHAKESPEARE_DATASET,
+                                                      tune_steps=0)),
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
@@ -212,9 +212,7 @@ def apply_method(
         import swsc_hf
 
         kwargs.pop("distill", None)  # a second stage, run by `distill`
-        if kwargs.get("dataset") == SHAKESPEARE:
-            import common
-
+        if kwargs.get("dataset") == common.SHAKESPEARE_DATASET:
             kwargs["dataset"] = common.shakespeare_calibration_rows()
         config = swsc_hf.SWSCConfig(**kwargs, tokenizer=tokenizer if "dataset" in kwargs else None)
         model = swsc_hf.compress_model(model, config)

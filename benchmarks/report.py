@@ -215,8 +215,8 @@ def second_domain_section(records: list[dict], wikitext: list[dict]) -> list[str
 
 
 def calibrated_on_second_domain(record: dict) -> bool:
-    """Whether a method calibrated on the second domain's text (benchmarks/methods.py's SHAKESPEARE rows)."""
-    return record.get("setting", {}).get("dataset") == "shakespeare"
+    """Whether a method calibrated on the second domain's text (common.SHAKESPEARE_DATASET)."""
+    return record.get("setting", {}).get("dataset") == common.SHAKESPEARE_DATASET
 
 
 def calibration_domain_section(second: list[dict], wikitext: list[dict]) -> list[str]:
