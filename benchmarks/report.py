@@ -180,6 +180,15 @@ def other_evaluations_section(records: list[dict], key) -> list[str]:
     return out
 
 
+def by_evaluation(records: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """The records that ran, by evaluation (seq_len, scored tokens), then by method (the last record of each)."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in records:
+        if "error" not in r:
+            out.setdefault((r["seq_len"], r["tokens"]), {})[r["method"]] = r
+    return out
+
+
 def second_domain_section(records: list[dict], wikitext: list[dict]) -> list[str]:
     """Each method on the second text domain (Shakespeare, never used for calibration or tuning) next to its
     WikiText-2 ratio to dense on the longest WikiText-2 evaluation that has it."""
@@ -188,10 +197,7 @@ def second_domain_section(records: list[dict], wikitext: list[dict]) -> list[str
     dense = chosen.get("dense")
     if not dense or len(chosen) < 2:
         return []
-    wiki_ok = [r for r in wikitext if "error" not in r]
-    by_key: dict[tuple, dict[str, dict]] = {}
-    for r in wiki_ok:
-        by_key.setdefault((r["seq_len"], r["tokens"]), {})[r["method"]] = r
+    by_key = by_evaluation(wikitext)
     rows = []
     for r in sorted(chosen.values(), key=lambda r: (r["avg_bits"], r["method"])):
         if r["method"] == "dense":
@@ -223,10 +229,7 @@ def calibration_domain_section(second: list[dict], wikitext: list[dict]) -> list
     """Each recipe calibrated on Shakespeare ("X-shakespeare") beside the same recipe calibrated on WikiText-2 ("X"),
     scored on both texts: what the calibration domain is worth."""
     shakespeare = latest([r for r in second if "error" not in r], lambda r: r["method"])
-    wiki_ok = [r for r in wikitext if "error" not in r]
-    by_key: dict[tuple, dict[str, dict]] = {}
-    for r in wiki_ok:
-        by_key.setdefault((r["seq_len"], r["tokens"]), {})[r["method"]] = r
+    by_key = by_evaluation(wikitext)
     pairs = [(name.removesuffix("-shakespeare"), name) for name, r in shakespeare.items()
              if calibrated_on_second_domain(r) and name.removesuffix("-shakespeare") in shakespeare]
     runs = [(k, v) for k, v in by_key.items()
