@@ -15,6 +15,10 @@ import common
 import torch
 from torch import nn
 
+# The rows measured before 2026-12-05 add the tuning step sizes of that time (the defaults since are smaller for the
+# codebooks, larger for the scales).
+from swsc_hf.config import FIRST_TUNING_STEPS as FIRST_TUNING
+
 # Calibration shared by every calibrated method (swsc_hf and GPTQ): 16 WikiText-2 validation windows of 512 tokens
 # (what the published results used; swsc_hf alone defaults to 64).
 CALIBRATION = dict(dataset="wikitext2", n_samples=16, seq_len=512)
@@ -23,8 +27,9 @@ CALIBRATION = dict(dataset="wikitext2", n_samples=16, seq_len=512)
 # rows switch that off (the "-kd" rows run it as a second stage, the "b-cal" presets as part of compression).
 SWSC_CALIBRATION = dict(**CALIBRATION, tune_steps=0)
 
-# Table distillation (swsc_hf.distill.distill_tables): steps over the calibration windows, codebook and scale lrs.
-DISTILL = dict(steps=64, lr=3e-3, scales_lr=1e-4)
+# Table distillation (swsc_hf.distill.distill_tables): steps over the calibration windows, codebook and scale step
+# sizes (the scales' relative to their magnitude: 2e-4 is about the absolute 1e-4 these rows were measured with).
+DISTILL = dict(steps=64, lr=3e-3, scales_lr=2e-4)
 
 # Everything but the attention's query and key projections (for the SWSC paper's own ground).
 NOT_QK = ["lm_head", "embed_tokens", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,54 +83,62 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
        for b in ("4.25", "3.2", "2.2")},
     # swsc-3bit's layout everywhere, calibrated and tuned as the presets are (the 3.2-bit preset before `bits=`
     # chose among vector tables)
-    "swsc-3bit-cal-tuned": ("swsc_hf", dict(preset="swsc-3bit", **CALIBRATION)),
+    "swsc-3bit-cal-tuned": ("swsc_hf", dict(preset="swsc-3bit", **CALIBRATION, **FIRST_TUNING)),
     # The 3.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 128 steps on fresh windows
-    "swsc-3.2b-cal-n16": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=128)),
+    "swsc-3.2b-cal-n16": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=128,
+                                          **FIRST_TUNING)),
     # ... as it was before tuning drew fresh windows: 64 steps cycling the 16 fitting windows
     "swsc-3.2b-cal-t64-cycled": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
-                                                 tune_steps=64, tune_samples=16)),
+                                                 tune_steps=64, tune_samples=16, **FIRST_TUNING)),
     # ... with twice its tuning steps (fresh windows), once a tuning step cost less
     "swsc-3.2b-cal-t256": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
-                                           tune_steps=256)),
+                                           tune_steps=256, **FIRST_TUNING)),
+    # The 3.2-bit preset tuned with the default step sizes since 2026-12-05 (codebooks 1e-3, scales 2e-3 of their
+    # magnitude) instead of the ones it keeps until rerun under its name (3e-3, 2e-4)
+    "swsc-3.2b-cal-new-steps": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_lr=1e-3,
+                                                tune_scales_lr=2e-3)),
     # The 2.2-bit preset with half its tuning steps
     "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
-                                           tune_steps=128)),
+                                           tune_steps=128, **FIRST_TUNING)),
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
     "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
-                                                 tune_steps=128, head_bits=6)),
+                                                 tune_steps=128, head_bits=6, **FIRST_TUNING)),
     # The 2.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 256 steps
-    "swsc-2.2b-cal-n16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=256)),
+    "swsc-2.2b-cal-n16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=256,
+                                          **FIRST_TUNING)),
     # The former (16-window) 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head
     # inside the budget (the `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
     "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
-                                             head_bits=6)),
+                                             head_bits=6, **FIRST_TUNING)),
     "swsc-4.25b-cal-headin": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
-                                              modules_to_not_convert=["embed_tokens"])),
+                                              modules_to_not_convert=["embed_tokens"], **FIRST_TUNING)),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
-    "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION)),
+    "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION, **FIRST_TUNING)),
     # The 4.25-bit preset as it was before vector tables joined the `bits=` ladder (scalar tables only), and the same
     # with twice the calibration windows and four times the tuning steps (each window seen 8 times, not 4)
     "swsc-4.25b-cal-scalar": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
-                                              bits_ladder="scalar")),
+                                              bits_ladder="scalar", **FIRST_TUNING)),
     "swsc-4.25b-cal-scalar-n32-t256": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2",
-                                                       bits_ladder="scalar", n_samples=32, tune_steps=256)),
+                                                       bits_ladder="scalar", n_samples=32, tune_steps=256,
+                                                       **FIRST_TUNING)),
     # The former 3.2-bit preset fitted on 4x its calibration windows (64 x 512 tokens; 128 tuning steps); with 96
     # steps instead, it became the preset
     "swsc-3.2b-cal-n64": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=64,
-                                          tune_steps=128)),
+                                          tune_steps=128, **FIRST_TUNING)),
     # The 4.25-bit preset as it was until 2026-12-04, fitted on 16 windows (tuning the same: 64 steps cycling 16)
-    "swsc-4.25b-cal-n16": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16)),
+    "swsc-4.25b-cal-n16": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
+                                           **FIRST_TUNING)),
     # The 4.25-bit preset tuned twice as long, cycling 32 of its 64 windows
     "swsc-4.25b-cal-t128-s32": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=128,
-                                                tune_samples=32)),
+                                                tune_samples=32, **FIRST_TUNING)),
     # The calibrated presets with each decoder layer's tables tuned 32 steps toward the dense layer's outputs right
     # after it is fitted (swsc_hf.layer_tuning), before the end-to-end tuning
-    **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32))
-       for b in ("4.25", "3.2", "2.2")},
+    **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32,
+                                               **FIRST_TUNING)) for b in ("4.25", "3.2", "2.2")},
     # The 4.25-bit preset calibrated on windows as long as the evaluation's (16 x 2048 tokens: the same tokens as its
     # 64 x 512), tuned 32 steps cycling those 16 windows (twice the preset's tuning tokens in half its steps)
     "swsc-4.25b-cal-len2048": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
-                                               seq_len=2048, tune_steps=32)),
+                                               seq_len=2048, tune_steps=32, **FIRST_TUNING)),
     # The 4.25-bit preset calibrated and tuned on Shakespeare (common.shakespeare_calibration_rows, disjoint from the
     # second domain's evaluation windows) instead of WikiText-2: what the calibration domain is worth
     "swsc-4.25b-cal-shakespeare": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset=common.SHAKESPEARE_DATASET)),
@@ -136,9 +149,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The calibrated presets with the layer norms tuned beside the tables (Adam steps on weights of order one): at
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
-                                             tune_norms_lr=1e-3)),
+                                             tune_norms_lr=1e-3, **FIRST_TUNING)),
     "swsc-3.2b-cal-norms": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
-                                            tune_steps=128, tune_norms_lr=3e-4)),
+                                            tune_steps=128, tune_norms_lr=3e-4, **FIRST_TUNING)),
     # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come
     # from), against per-row RTN on the same projections; every other linear stays dense.
     "swsc-paper-qk": ("swsc_hf", dict(preset="swsc-paper", modules_to_not_convert=NOT_QK)),

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model_ops import swap_module
-from .table_training import finish_training, prepare_for_training, set_cosine_step_sizes
+from .table_training import finish_training, prepare_for_training, scale_step_groups, set_cosine_step_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def distill_tables(
     teacher: Teacher,
     batches: list[torch.Tensor],
     steps: int = 64,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     scales_lr: float | None = None,
     norms_lr: float | None = None,
     positions: int | None = None,
@@ -108,10 +108,11 @@ def distill_tables(
     Each step takes the next batch of `batches` (token ids), runs the teacher without gradients and minimises the
     per-token KL(teacher || model) with AdamW and a cosine schedule. `positions` scores that many random positions
     per sequence instead of all (the output head is most of a small model's cost). `time_budget` (seconds) ends
-    tuning early, the schedule following elapsed time. Adam's steps are about `lr` in absolute size, so `scales_lr`
-    should be small next to the scales (weights' magnitudes, ~1e-2 here) while the codebooks hold normalised values
-    of order one. Tables are stored back in the checkpoint's table dtype at the end (`finish_training`), and the
-    model's other parameters keep their dtypes, so save/reload reproduces the result.
+    tuning early, the schedule following elapsed time. Adam's steps are about `lr` in absolute size (the codebooks
+    hold normalised values of order one); `scales_lr` is relative, a fraction of each layer's mean scale
+    (`scale_step_groups`), since scales are weight magnitudes that differ between models. Tables are stored back in
+    the checkpoint's table dtype at the end (`finish_training`), and the model's other parameters keep their dtypes,
+    so save/reload reproduces the result.
     """
     if steps < 1 or not batches:
         raise ValueError(f"distill_tables needs steps >= 1 and at least one batch, got steps={steps} and "
@@ -128,7 +129,7 @@ def distill_tables(
         return []
     groups = [{"params": [p for n, p in trainable if not n.endswith("scales")], "lr": lr}]
     if scales_lr is not None:
-        groups.append({"params": [p for n, p in trainable if n.endswith("scales")], "lr": scales_lr})
+        groups += scale_step_groups([p for n, p in trainable if n.endswith("scales")], scales_lr)
     norms = norm_modules(model) if norms_lr is not None else []
     norm_params = [param for module in norms for param in module.parameters(recurse=False)]
     for param in norm_params:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modules import SWSCLinear
-from .table_training import set_cosine_step_sizes
+from .table_training import scale_step_groups, set_cosine_step_sizes
 
 LayerInput = tuple[torch.Tensor, dict]
 
@@ -48,8 +48,9 @@ def tune_layer_tables(
     lr: float,
     scales_lr: float = 0.0,
 ) -> None:
-    """Train the codebooks (and, with `scales_lr` > 0, the per-group scales) of the compressed linears in `layers`
-    so that their output on `inputs` matches `targets` (the dense layers' outputs on the same inputs).
+    """Train the codebooks (and, with `scales_lr` > 0, the per-group scales, `scale_step_groups`) of the compressed
+    linears in `layers` so that their output on `inputs` matches `targets` (the dense layers' outputs on the same
+    inputs).
 
     `steps` Adam steps with a cosine schedule, each on the next window (mean squared error); the tables are stored
     back in their dtypes and frozen.
@@ -71,8 +72,10 @@ def tune_layer_tables(
                 params.append(upcast)
     if not dtypes:
         return
-    optimizer = torch.optim.Adam([{"params": params, "lr": size} for params, size in
-                                  ((trained["codebook"], lr), (trained["scales"], scales_lr)) if params])
+    groups = scale_step_groups(trained["scales"], scales_lr)
+    if trained["codebook"]:
+        groups.insert(0, {"params": trained["codebook"], "lr": lr})
+    optimizer = torch.optim.Adam(groups)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     for param in others:  # the layers' dense parameters (norms, biases) stay as they are, without gradients
         param.requires_grad_(False)

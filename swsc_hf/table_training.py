@@ -28,6 +28,18 @@ def set_cosine_step_sizes(optimizer: torch.optim.Optimizer, base_lrs: list[float
         group["lr"] = base * 0.5 * (1 + math.cos(math.pi * done))
 
 
+def scale_step_groups(scales: list[nn.Parameter], relative_lr: float) -> list[dict]:
+    """Optimizer groups for per-group scales, one per layer, each with a step of `relative_lr` times that layer's
+    mean |scale|.
+
+    Adam's steps are about the step size in absolute terms, and scales are weight magnitudes, which differ between
+    models and between layers (SmolLM2-135M's layer means range from 0.15 to 1.2); a relative step moves every
+    layer's scales by the same fraction.
+    """
+    return [{"params": [param], "lr": relative_lr * float(param.detach().abs().mean().clamp_min(1e-12))}
+            for param in scales]
+
+
 def is_peft_model(model: nn.Module) -> bool:
     """Whether `model` is a PEFT model (it has adapters and a base model)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
