@@ -94,7 +94,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "swsc-3.2b-cal-t256": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
                                            tune_steps=256, **FIRST_TUNING)),
     # The 3.2-bit preset tuned with the default step sizes since 2026-12-05 (codebooks 1e-3, scales 2e-3 of their
-    # magnitude) instead of the ones it keeps until rerun under its name (3e-3, 2e-4)
+    # magnitude) instead of the former ones (3e-3, 2e-4): measured first under this name, then the preset's recipe
     "swsc-3.2b-cal-new-steps": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", tune_lr=1e-3,
                                                 tune_scales_lr=2e-3)),
     # The 2.2-bit preset with half its tuning steps

@@ -17,9 +17,7 @@ METHODS = ("swsc", "weight_clustering", "basis_sharing")
 
 # The tuning step sizes used until 2026-12-05: codebooks 3e-3, scales 2e-4 of their magnitude (about the former
 # absolute 1e-4 on SmolLM2's scales, ~0.5). The defaults since, 1e-3 and 2e-3, measured better at 4.25 and 3.2 bits
-# (docs/design.md). The 3.2-bit preset keeps the former ones until it is measured again under its own name (its
-# recipe with the new ones is the `swsc-3.2b-cal-new-steps` row of docs/results.md), the 2.2-bit preset until
-# measured with the new ones at all.
+# (docs/design.md); the 2.2-bit preset keeps the former ones until measured with the new ones.
 FIRST_TUNING_STEPS = dict(tune_lr=3e-3, tune_scales_lr=2e-4)
 
 # Named settings. The three papers' own recipes, and ours (short segments + per-group scales + calibration).
@@ -52,9 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 22.97 against 23.19 after fitting on 16 (32 windows; second domain 40.69 against 40.80; 1077 s). At 2.2 bits 64
     # windows and 224 steps gave 49.29 against 53.87 after 16 windows and 256 steps (145.7 against 147.7; 1618 s).
     # Those figures are with FIRST_TUNING_STEPS; the default step sizes measured 22.83 against 22.97 at 4.25 bits
-    # (second domain 40.21 against 40.69; 853 s) and 27.07 against 27.56 at 3.2 bits (50.30 against 50.97; 1018 s).
+    # (second domain 40.21 against 40.69; 853 s) and 27.07 against 27.56 at 3.2 bits (50.30 against 50.97; 1213 s).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16),
-    "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96, **FIRST_TUNING_STEPS),
+    "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
                           n_samples=64, seq_len=512, tune_steps=224, **FIRST_TUNING_STEPS),
 }
