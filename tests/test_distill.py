@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 import swsc_hf
 from swsc_hf import SWSCConfig
 from swsc_hf.distill import DenseTeacher, distill_tables
+from swsc_hf.table_training import scale_step_groups
 
 
 def kl_to(teacher, model, ids) -> float:
@@ -131,8 +132,6 @@ def test_bfloat16_model_tunes_and_keeps_its_dtypes(calibration):
 def test_scales_take_steps_relative_to_their_magnitude():
     """Adam's first step moves each parameter by about its step size; the scales' step size is a fraction of each
     layer's mean |scale|, so layers whose scales differ 100x move by the same fraction."""
-    from swsc_hf.table_training import scale_step_groups
-
     small, large = nn.Parameter(torch.full((4, 3), 0.01)), nn.Parameter(torch.full((4, 3), 1.0))
     optimizer = torch.optim.Adam(scale_step_groups([small, large], 0.05))
     (small.sum() + large.sum()).backward()
