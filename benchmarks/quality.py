@@ -10,7 +10,9 @@ to --out as soon as it finishes (a failure is recorded with its error and the ru
 `methods.METHODS`; --methods takes names or shell patterns ("rtn-*,swsc-*"). --resume skips methods already in
 --out for the same evaluation (seq_len and tokens) and setting, so an interrupted run can be restarted.
 --prefix-windows 16 also records each method's perplexity over the first 16 of the same windows (exactly what a
-16-window run gives), so a longer campaign extends a shorter one's table.
+16-window run gives), so a longer campaign extends a shorter one's table. Each record holds the registry kwargs
+(`setting`) and, for swsc_hf, the resolved config (`recipe`), so the report can flag rows whose preset or defaults
+changed after they were measured.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                   "setting": methods.setting(name, args.calibration_samples),
                   "seq_len": args.seq_len, "windows": args.windows, "tokens": tokens}
         try:
+            if (recipe := methods.recipe(name, args.calibration_samples)) is not None:
+                record["recipe"] = recipe
             model = copy.deepcopy(dense)
             model, bits, seconds = methods.apply_method(name, model, tokenizer, n_samples=args.calibration_samples)
             if "distill" in record["setting"]:  # record the model before distillation too, under the base name

@@ -15,11 +15,6 @@ from .core.spec import CLUSTER_DIMS, LayerSpec, fitting_scale_group, rank_for_ra
 FORMAT_VERSION = 1
 METHODS = ("swsc", "weight_clustering", "basis_sharing")
 
-# The tuning step sizes used until 2026-12-05: codebooks 3e-3, scales 2e-4 of their magnitude (about the former
-# absolute 1e-4 on SmolLM2's scales, ~0.5). The defaults since, 1e-3 and 2e-3, measured better at 4.25 and 3.2 bits
-# (docs/design.md); the 2.2-bit preset keeps the former ones until measured with the new ones.
-FIRST_TUNING_STEPS = dict(tune_lr=3e-3, tune_scales_lr=2e-4)
-
 # Named settings. The three papers' own recipes, and ours (short segments + per-group scales + calibration).
 PRESETS: dict[str, dict[str, Any]] = {
     # SWSC (arXiv 2501.08631): whole output channels K-Means'd to half as many representatives, top-32 SVD.
@@ -38,23 +33,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swsc-3bit": dict(method="swsc", n_clusters=64, segment_length=2, rank=0, scale_group_size=128),
     # Ours: quadruples of weights from a 256-entry codebook per matrix, scaled per 128 weights (~2.2 bits).
     "swsc-2bit": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128),
-    # The best measured recipes at about 4.25, 3.2 and 2.2 bits (docs/results.md): calibrated, so they need `dataset=`
-    # (names ending in "-cal"), and tuned toward the dense model after fitting (tune_* fields). At 4.25 and 3.2 bits
-    # each layer's layout, scalar or vector table, is chosen by measured sensitivity (`bits=`); at 2.2 bits quadruples
-    # everywhere measured better than that choice (docs/results.md). Tuning draws a fresh window per step: at 3.2
-    # bits, 96 steps after fitting on 64 windows (32 windows: 27.56, second domain 50.97, 1291 s; fitted on 16 windows
-    # and tuned 128 steps, 28.07 and 54.18; 64 windows and 128 steps, 27.37 and 52.49 in 1838 s, over the 30-minute
-    # budget), 224 at 2.2 bits (after fitting on 16 windows, 256 steps measured 47.18 on 16 windows against 51.98
-    # after 128); at 4.25 bits 64 steps cycling 16 windows measured as well (20.26 against 20.34 on 64 fresh windows
-    # and 20.32 on 128, 20.29 with 3x the scales' step size). All three fit on 64 calibration windows: at 4.25 bits
-    # 22.97 against 23.19 after fitting on 16 (32 windows; second domain 40.69 against 40.80; 1077 s). At 2.2 bits 64
-    # windows and 224 steps gave 49.29 against 53.87 after 16 windows and 256 steps (145.7 against 147.7; 1618 s).
-    # Those figures are with FIRST_TUNING_STEPS; the default step sizes measured 22.83 against 22.97 at 4.25 bits
-    # (second domain 40.21 against 40.69; 853 s) and 27.07 against 27.56 at 3.2 bits (50.30 against 50.97; 1213 s).
+    # The best measured recipes at about 4.25, 3.25, 3.2 and 2.2 bits (figures, and the alternatives measured:
+    # docs/results.md, docs/design.md): calibrated, so they need `dataset=` (names ending in "-cal"), and tuned toward
+    # the dense model after fitting (tune_* fields). From 4.25 to 3.2 bits each layer's layout, scalar or vector table,
+    # is chosen by measured sensitivity (`bits=`); at 2.2 bits quadruples everywhere measured better than that choice.
+    # All fit on 64 calibration windows. Tuning draws a fresh window per step, except at 4.25 bits, where 64 steps
+    # cycling 16 windows measured as well; the step counts are those measured best within 30 minutes of compression
+    # for SmolLM2-135M on 2 CPU cores.
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16),
+    "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=160),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
-                          n_samples=64, seq_len=512, tune_steps=224, **FIRST_TUNING_STEPS),
+                          n_samples=64, seq_len=512, tune_steps=224),
 }
 # Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.
 CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal"))

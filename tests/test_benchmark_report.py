@@ -105,3 +105,38 @@ def test_integer_agreement_follows_each_cpu_run():
     epyc, xeon = text.split("Run r1")
     assert "the first 1 of 3 greedy tokens" in epyc and "+10.00%" in epyc
     assert "the first 2 of 3 greedy tokens" in xeon and "+5.00%" in xeon
+
+
+def test_stale_recipes_names_the_fields_a_preset_change_moved_and_skips_records_without_a_recipe():
+    def measured(method: str, recipe: dict | None) -> dict:
+        return {**record(method, "swsc_hf", 16, 25.0), "setting": {"preset": method, "n_samples": 64},
+                **({"recipe": recipe} if recipe is not None else {})}
+
+    today = {"a": dict(tune_lr=1e-3, tune_steps=64), "b": dict(tune_lr=1e-3, tune_steps=64),
+             "c": dict(tune_lr=1e-3)}
+    seen = []
+
+    def resolve(name: str, n_samples: int | None) -> dict:
+        seen.append(n_samples)
+        return today[name]
+
+    chosen = {"a": measured("a", dict(tune_lr=3e-3, tune_steps=64)), "b": measured("b", dict(today["b"])),
+              "c": measured("c", None)}
+    stale = report.stale_recipes(chosen, resolve)
+    assert stale == {"a": ["tune_lr"]} and seen == [64, 64]
+    text = "\n".join(report.stale_section(stale))
+    assert "`a`: `tune_lr`" in text and "`b`" not in text
+    assert report.stale_section({}) == []
+
+
+def test_every_swsc_registry_row_resolves_to_a_recipe_with_its_tuning_step_sizes():
+    import methods
+
+    from swsc_hf.config import DEFAULTS
+
+    recipes = {name: methods.recipe(name) for name in methods.METHODS}
+    assert recipes["rtn-4b-g64"] is None and recipes["dense"] is None
+    assert recipes["swsc-2.2b-cal"]["tune_lr"] == DEFAULTS["tune_lr"]
+    assert recipes["swsc-2.2b-cal"]["n_clusters"] == 256 and "dataset" not in recipes["swsc-2.2b-cal"]
+    assert recipes["swsc-4.25b-cal-n16"]["tune_lr"] == methods.FIRST_TUNING["tune_lr"] != DEFAULTS["tune_lr"]
+    assert recipes["swsc-4.25b-cal-n16"]["n_samples"] == 16 and methods.recipe("swsc-4.25b-cal", 2)["n_samples"] == 2

@@ -126,7 +126,7 @@ def test_calibrated_presets_carry_their_budget_and_refuse_to_run_without_data(ca
         SWSCConfig(preset="swsc-4.25b-cal", bits=3)
     with pytest.raises(ValueError, match="drop"):
         SWSCConfig(preset="swsc-4bit", bits=4.25)
-    assert all(name.endswith("-cal") for name in CALIBRATED_PRESETS) and len(CALIBRATED_PRESETS) == 3
+    assert all(name.endswith("-cal") for name in CALIBRATED_PRESETS) and len(CALIBRATED_PRESETS) == 4
     model = LlamaForCausalLM(tiny_llama_config())
     with pytest.raises(ValueError, match="needs calibration text"):
         swsc_hf.compress_model(model, SWSCConfig(preset="swsc-3.2b-cal"))
