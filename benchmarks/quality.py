@@ -12,7 +12,8 @@ to --out as soon as it finishes (a failure is recorded with its error and the ru
 --prefix-windows 16 also records each method's perplexity over the first 16 of the same windows (exactly what a
 16-window run gives), so a longer campaign extends a shorter one's table. Each record holds the registry kwargs
 (`setting`) and, for swsc_hf, the resolved config (`recipe`), so the report can flag rows whose preset or defaults
-changed after they were measured.
+changed after they were measured; a record measured under another name and filed under the registry name whose
+recipe it matches keeps the first name in `measured_as`.
 """
 
 from __future__ import annotations

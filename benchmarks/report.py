@@ -739,7 +739,6 @@ def main(argv: list[str] | None = None) -> None:
         for name, fields in stale.items():
             print(f"warning: {name}'s record was measured with another recipe ({', '.join(fields)} differ)")
         lines += stale_section(stale)
-    if chosen:
         lines += other_evaluations_section(quality, key) + second_domain_section(second_domain, quality)
         lines += calibration_domain_section(second_domain, quality)
         lines += papers_section(chosen) + query_key_section(partial, chosen.get("dense"))
