@@ -198,22 +198,26 @@ def setting(name: str, n_samples: int | None = None) -> dict[str, Any]:
 
 
 # Fields of a resolved SWSCConfig that are not part of the recipe (filled in by compression, fixed, or a label: the
-# preset's fields are resolved into the others).
-NOT_RECIPE = ("quant_method", "compressed_layers", "format_version", "dataset", "preset")
+# preset's fields are resolved into the others). `to_dict` already leaves out the calibration text.
+NOT_RECIPE = ("quant_method", "compressed_layers", "format_version", "preset")
+
+
+def config_kwargs(name: str, n_samples: int | None = None) -> dict[str, Any]:
+    """The `SWSCConfig` kwargs of an swsc_hf method: its setting without the distillation stage (run by `distill`)."""
+    kwargs = setting(name, n_samples)
+    kwargs.pop("distill", None)
+    return kwargs
 
 
 def recipe(name: str, n_samples: int | None = None) -> dict[str, Any] | None:
     """What an swsc_hf method runs: its `SWSCConfig` fields with the presets and defaults resolved (None for other
     families). Recorded beside the registry kwargs, so a record still says what it measured after a preset or a
     default changes, and the report can tell when the registry no longer reproduces it."""
-    family, kwargs = METHODS[name][0], setting(name, n_samples)
-    if family != "swsc_hf":
+    if METHODS[name][0] != "swsc_hf":
         return None
     import swsc_hf
 
-    kwargs.pop("distill", None)
-    kwargs.pop("dataset", None)  # the setting names it; the config only needs it at compression
-    resolved = swsc_hf.SWSCConfig(**kwargs).to_dict()
+    resolved = swsc_hf.SWSCConfig(**config_kwargs(name, n_samples)).to_dict()
     return {key: value for key, value in resolved.items() if key not in NOT_RECIPE}
 
 
@@ -248,7 +252,7 @@ def apply_method(
     elif family == "swsc_hf":
         import swsc_hf
 
-        kwargs.pop("distill", None)  # a second stage, run by `distill`
+        kwargs = config_kwargs(name, n_samples)
         if kwargs.get("dataset") == common.SHAKESPEARE_DATASET:
             kwargs["dataset"] = common.shakespeare_calibration_rows()
         config = swsc_hf.SWSCConfig(**kwargs, tokenizer=tokenizer if "dataset" in kwargs else None)
