@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import common
 
@@ -342,17 +343,20 @@ def quality_section(chosen: dict[str, dict], failures: list[dict], key, plot: st
     return out + [BITS_NOTE]
 
 
-def stale_recipes(chosen: dict[str, dict], resolve: Callable[[str, int | None], dict | None]) -> dict[str, list[str]]:
+def stale_recipes(chosen: dict[str, dict], resolve: Callable[[str, int | None], dict | None],
+                  defaults: dict[str, Any]) -> dict[str, list[str]]:
     """Methods whose record's recipe differs from what the registry resolves today (`resolve(name, n_samples)`), with
     the fields that differ: a preset or default changed after the measurement, so rerunning the name would not
-    reproduce the row. Records from before recipes were recorded are not checked."""
+    reproduce the row. Records from before recipes were recorded are not checked; a field a record lacks joined
+    `SWSCConfig` after it, with a default (`defaults`) that keeps what the record ran."""
     stale = {}
     for name, record in chosen.items():
         if "recipe" not in record:
             continue
         today = resolve(name, record["setting"].get("n_samples")) or {}
-        fields = sorted(key for key in record["recipe"].keys() | today.keys()
-                        if record["recipe"].get(key) != today.get(key))
+        then = {**{key: defaults[key] for key in today.keys() - record["recipe"].keys() if key in defaults},
+                **record["recipe"]}
+        fields = sorted(key for key in then.keys() | today.keys() if then.get(key) != today.get(key))
         if fields:
             stale[name] = fields
     return stale
@@ -608,6 +612,11 @@ def other_models_section(by_model: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def refit_rounds(record: dict) -> int:
+    """A scale record's `refit_rounds` (0 for records from before the option existed)."""
+    return record.get("refit_rounds", 0)
+
+
 def scale_section(records: list[dict]) -> list[str]:
     """`scale.py`: one decoder layer of 1B/8B shapes, per matrix and projected to the whole model."""
     if not records:
@@ -619,14 +628,17 @@ def scale_section(records: list[dict]) -> list[str]:
            "time x layers (compression streams one layer at a time).", ""]
     rows = []
     for r in latest([r for r in records if r["kind"] == "matrix"],
-                    lambda r: (r["model"], r["matrix"], r["preset"], r["calibrated"], r["device"])).values():
+                    lambda r: (r["model"], r["matrix"], r["preset"], r["calibrated"], refit_rounds(r),
+                               r["device"])).values():
         rows.append([r["model"], r["matrix"], "x".join(map(str, r["shape"])), f"`{r['preset']}`",
-                     "yes" if r["calibrated"] else "no", r["device"], fmt(r["seconds"], 2),
+                     "yes" if r["calibrated"] else "no", str(refit_rounds(r)), r["device"], fmt(r["seconds"], 2),
                      fmt(r["peak_rise_bytes"] / 2**20, 0)])
-    out += [table(["model", "matrix", "shape", "preset", "calibrated", "device", "seconds", "peak MiB"], rows), ""]
+    out += [table(["model", "matrix", "shape", "preset", "calibrated", "refit rounds", "device", "seconds",
+                   "peak MiB"], rows), ""]
     for r in latest([r for r in records if r["kind"] == "layer" and r.get("projected_model_seconds")],
-                    lambda r: (r["model"], r["preset"], r["calibrated"], r["device"])).values():
-        out.append(f"- {r['model']} `{r['preset']}` {'calibrated' if r['calibrated'] else 'data-free'} on "
+                    lambda r: (r["model"], r["preset"], r["calibrated"], refit_rounds(r), r["device"])).values():
+        refit = f" with {refit_rounds(r)} refit rounds" if refit_rounds(r) else ""
+        out.append(f"- {r['model']} `{r['preset']}` {'calibrated' if r['calibrated'] else 'data-free'}{refit} on "
                    f"{r['device']}: one layer {r['layer_seconds']:.1f} s, peak +{r['peak_rise_bytes'] / 2**20:.0f} "
                    f"MiB; whole model ({r['layers']} layers) about {r['projected_model_seconds'] / 60:.1f} min")
     return out + [""]
@@ -735,7 +747,9 @@ def main(argv: list[str] | None = None) -> None:
     if chosen:
         from methods import METHODS, recipe
 
-        stale = stale_recipes({name: r for name, r in chosen.items() if name in METHODS}, recipe)
+        from swsc_hf.config import DEFAULTS
+
+        stale = stale_recipes({name: r for name, r in chosen.items() if name in METHODS}, recipe, DEFAULTS)
         for name, fields in stale.items():
             print(f"warning: {name}'s record was measured with another recipe ({', '.join(fields)} differ)")
         lines += stale_section(stale)

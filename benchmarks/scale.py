@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --model 1b --preset swsc-4bit                 # data-free, every matrix of one layer
     python benchmarks/scale.py --model 8b --calibrated --matrices q_proj      # one matrix, GPTQ-style calibration
+    python benchmarks/scale.py --model 1b --calibrated --refit-rounds 4       # ... and tables refitted to it
     python benchmarks/scale.py --model 8b --device cuda
 
 The weights are synthetic with a realistic spectrum (a decaying low-rank part on Gaussian noise, 0.02 scale, as in
@@ -71,12 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--preset", default="swsc-4bit")
     parser.add_argument("--calibrated", action="store_true", help="with a synthetic Gram matrix (GPTQ feedback)")
+    parser.add_argument("--refit-rounds", type=int, default=0,
+                        help="with --calibrated, refit the tables to the output error (SWSCConfig.refit_rounds)")
     parser.add_argument("--matrices", default=",".join(MATRICES), help="comma-separated subset of one layer")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(common.RESULTS / "scale.jsonl"))
     args = parser.parse_args(argv)
 
-    config = SWSCConfig(preset=args.preset)
+    config = SWSCConfig(preset=args.preset, refit_rounds=args.refit_rounds)
     info = common.run_info()
     names = [name.strip() for name in args.matrices.split(",") if name.strip()]
     total_seconds, peak = 0.0, 0
@@ -90,14 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         total_seconds += seconds
         peak = max(peak, rise)
         record = dict(kind="matrix", model=args.model, matrix=name, shape=[out, inp], preset=args.preset,
-                      calibrated=args.calibrated, device=args.device, seconds=seconds, peak_rise_bytes=rise,
-                      dense_bytes=weight.numel() * 4)
+                      calibrated=args.calibrated, refit_rounds=args.refit_rounds, device=args.device,
+                      seconds=seconds, peak_rise_bytes=rise, dense_bytes=weight.numel() * 4)
         print(f"{args.model} {name} {out}x{inp}: {seconds:.2f} s, peak +{rise / 2**20:.0f} MiB", flush=True)
         common.append_jsonl(args.out, {**record, **info})
         del weight, gram
     layers = SHAPES[args.model][3]
     summary = dict(kind="layer", model=args.model, matrices=names, preset=args.preset, calibrated=args.calibrated,
-                   device=args.device, layer_seconds=total_seconds, peak_rise_bytes=peak, layers=layers,
+                   refit_rounds=args.refit_rounds, device=args.device, layer_seconds=total_seconds,
+                   peak_rise_bytes=peak, layers=layers,
                    projected_model_seconds=total_seconds * layers if len(names) == len(MATRICES) else None)
     print(f"{args.model}: {len(names)} matrices of one layer in {total_seconds:.1f} s, peak +{peak / 2**20:.0f} MiB"
           + (f"; whole model ({layers} layers) ~{total_seconds * layers / 60:.1f} min"

@@ -85,7 +85,7 @@ def _config_from_args(args):
         "preset": args.preset, "n_clusters": args.n_clusters, "rank": args.rank, "cluster_dim": args.cluster_dim,
         "scale_group_size": args.scale_group_size, "dataset": args.calibration, "n_samples": args.n_samples,
         "seq_len": args.calibration_seq_len, "table_dtype": args.table_dtype, "bits": args.bits,
-        "bits_ladder": args.bits_ladder, "head_bits": args.head_bits,
+        "bits_ladder": args.bits_ladder, "head_bits": args.head_bits, "refit_rounds": args.refit_rounds,
         "tune_steps": args.tune_steps, "layer_tune_steps": args.layer_tune_steps, "tune_samples": args.tune_samples,
         "time_budget": args.time_budget,
     }

@@ -39,9 +39,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # is chosen by measured sensitivity (`bits=`); at 2.2 bits quadruples everywhere measured better than that choice.
     # All fit on 64 calibration windows. Tuning draws a fresh window per step, except at 4.25 bits, where 64 steps
     # cycling 16 windows measured as well; the step counts are those measured best within 30 minutes of compression
-    # for SmolLM2-135M on 2 CPU cores.
-    "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16),
-    "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=160),
+    # for SmolLM2-135M on 2 CPU cores. At 4.25 and 3.25 bits the tables are also refitted to each layer's output
+    # error before tuning.
+    "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4),
+    "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=160, refit_rounds=4),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
                           n_samples=64, seq_len=512, tune_steps=224),
@@ -51,7 +52,7 @@ CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal")
 
 DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
-    rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True,
+    rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True, refit_rounds=0,
     parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", bits_ladder="all",
     n_samples=64, seq_len=512, table_dtype="float16",
     layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=1e-3, tune_scales_lr=2e-3, tune_norms_lr=0.0,
@@ -71,6 +72,7 @@ HEAD_SCALE_GROUP = 128
 # the largest mixture-of-experts models about 70 000 expert matrices).
 MAX_COMPRESSED_LAYERS = 1 << 17
 MAX_SAMPLES, MAX_SEQ_LEN, MAX_KMEANS_ITERS, MAX_TUNE_STEPS = 1 << 16, 1 << 20, 10_000, 1 << 20
+MAX_REFIT_ROUNDS = 64
 
 
 def _is_int(value: Any, low: int, high: int | None = None) -> bool:
@@ -126,6 +128,8 @@ class SWSCConfig(QuantizationConfigMixin):
         affine_correction: rescale clustered values to keep each matrix's mean and std (w' = a*w + b).
         kmeans_iters, seed: K-Means iterations and the seed that makes compression deterministic.
         error_feedback: with calibration, GPTQ-style error feedback while assigning codes.
+        refit_rounds: with calibration and error feedback, rounds of least-squares refits of each matrix's scales
+            and codebook to its output error, codes chosen again between rounds (0 = off).
 
     Calibration (not saved):
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
@@ -170,6 +174,7 @@ class SWSCConfig(QuantizationConfigMixin):
         kmeans_iters: int | None = None,
         seed: int | None = None,
         error_feedback: bool | None = None,
+        refit_rounds: int | None = None,
         parameter_ratio: float | None = ...,  # type: ignore[assignment]
         share_group_size: int | None = None,
         share_types: list[str] | None = None,
@@ -278,6 +283,8 @@ class SWSCConfig(QuantizationConfigMixin):
             fail("bits", "use a number of bits per weight between 1.5 and 16")
         if not _is_int(self.kmeans_iters, 1, MAX_KMEANS_ITERS):
             fail("kmeans_iters", f"use an int from 1 to {MAX_KMEANS_ITERS}")
+        if not _is_int(self.refit_rounds, 0, MAX_REFIT_ROUNDS):
+            fail("refit_rounds", f"use an int from 0 (off) to {MAX_REFIT_ROUNDS}")
         if not _is_int(self.seed, 0, 2**63 - 1):
             fail("seed", "use an int from 0 to 2**63 - 1")
         if self.parameter_ratio is not None and (isinstance(self.parameter_ratio, bool) or not isinstance(
@@ -397,7 +404,7 @@ class SWSCConfig(QuantizationConfigMixin):
     def fit_options(self) -> dict[str, Any]:
         """The keyword arguments of `core.compress.compress_weight` this config sets."""
         return dict(kmeans_iters=self.kmeans_iters, seed=self.seed, affine_correction=self.affine_correction,
-                    error_feedback=self.error_feedback)
+                    error_feedback=self.error_feedback, refit_rounds=self.refit_rounds)
 
     @property
     def is_calibrated(self) -> bool:

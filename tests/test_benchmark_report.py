@@ -112,18 +112,20 @@ def test_stale_recipes_names_the_fields_a_preset_change_moved_and_skips_records_
         return {**record(method, "swsc_hf", 16, 25.0), "setting": {"preset": method, "n_samples": 64},
                 **({"recipe": recipe} if recipe is not None else {})}
 
-    today = {"a": dict(tune_lr=1e-3, tune_steps=64), "b": dict(tune_lr=1e-3, tune_steps=64),
-             "c": dict(tune_lr=1e-3)}
+    today = {"a": dict(tune_lr=1e-3, tune_steps=64), "b": dict(tune_lr=1e-3, tune_steps=64, refit_rounds=0),
+             "c": dict(tune_lr=1e-3), "d": dict(tune_lr=1e-3, refit_rounds=4)}
     seen = []
 
     def resolve(name: str, n_samples: int | None) -> dict:
         seen.append(n_samples)
         return today[name]
 
-    chosen = {"a": measured("a", dict(tune_lr=3e-3, tune_steps=64)), "b": measured("b", dict(today["b"])),
-              "c": measured("c", None)}
-    stale = report.stale_recipes(chosen, resolve)
-    assert stale == {"a": ["tune_lr"]} and seen == [64, 64]
+    # b and d were measured before refit_rounds existed: b still runs it at its default, d no longer does
+    chosen = {"a": measured("a", dict(tune_lr=3e-3, tune_steps=64)), "b": measured("b", dict(tune_lr=1e-3,
+                                                                                              tune_steps=64)),
+              "c": measured("c", None), "d": measured("d", dict(tune_lr=1e-3))}
+    stale = report.stale_recipes(chosen, resolve, dict(tune_lr=1e-3, refit_rounds=0))
+    assert stale == {"a": ["tune_lr"], "d": ["refit_rounds"]} and seen == [64, 64, 64]
     text = "\n".join(report.stale_section(stale))
     assert "`a`: `tune_lr`" in text and "`b`" not in text
     assert report.stale_section({}) == []

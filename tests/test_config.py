@@ -26,6 +26,8 @@ from swsc_hf.core.spec import LayerSpec
         (dict(segment_length=0), "segment_length"),
         (dict(scale_group_size=-5), "scale_group_size"),
         (dict(kmeans_iters=0), "kmeans_iters"),
+        (dict(refit_rounds=-1), "refit_rounds"),
+        (dict(refit_rounds=True), "refit_rounds"),
         (dict(method="magic"), "method"),
         (dict(preset="nope"), "preset"),
         (dict(table_dtype="int8"), "table_dtype"),
