@@ -321,14 +321,15 @@ def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.
     def error() -> float:
         return output_error(weight, to_weight(result.codebook_term(), spec), hessian)
 
+    weight_times_hessian = weight @ hessian  # the normal equations' right-hand side, the same in every solve
     best, best_error = state(), error()
     for round_index in range(rounds):
         if round_index:
             result.codes, result.scales = _assign_with_error_feedback(
                 weight, spec, result.codebook, raw, fixed_scales=result.scales)
         if result.scales is not None:
-            result.scales = _least_squares_tables(weight, result, hessian, "scales", cg_steps)
-        result.codebook = _least_squares_tables(weight, result, hessian, "codebook", cg_steps)
+            result.scales = _least_squares_tables(weight_times_hessian, result, hessian, "scales", cg_steps)
+        result.codebook = _least_squares_tables(weight_times_hessian, result, hessian, "codebook", cg_steps)
         current = error()
         if current < best_error:
             best, best_error = state(), current
@@ -336,12 +337,13 @@ def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.
 
 
 def _least_squares_tables(
-    weight: torch.Tensor, result: CompressedWeight, hessian: torch.Tensor, field: str, steps: int
+    weight_times_hessian: torch.Tensor, result: CompressedWeight, hessian: torch.Tensor, field: str, steps: int
 ) -> torch.Tensor:
     """The `field` ("scales" or "codebook") minimising the output error with everything else held: conjugate
     gradient on the normal equations J^T (J(x) H) = J^T (W H), where J(x) is the weight rebuilt with `field` = x."""
     spec = result.spec
-    rows = torch.arange(spec.channels, device=weight.device)
+    device = weight_times_hessian.device
+    rows = torch.arange(spec.channels, device=device)
     book_of_segment = (rows // spec.channels_per_codebook)[:, None] * spec.n_clusters + result.codes
     unscaled = reconstruct_channels(spec, result.codebook, result.codes, None)
     scale_of_element = (result.scales.repeat_interleave(spec.scale_group_size, dim=1)
@@ -359,7 +361,7 @@ def _least_squares_tables(
         if scale_of_element is not None:
             channels = channels * scale_of_element
         segments = channels.reshape(-1, spec.segment_length)
-        summed = torch.zeros(spec.n_codebooks * spec.n_clusters, spec.segment_length, device=weight.device)
+        summed = torch.zeros(spec.n_codebooks * spec.n_clusters, spec.segment_length, device=device)
         summed.index_add_(0, book_of_segment.reshape(-1), segments)
         return summed.reshape(result.codebook.shape)
 
@@ -368,7 +370,7 @@ def _least_squares_tables(
 
     start = result.scales if field == "scales" else result.codebook
     x = start.clone()
-    residual = adjoint(weight @ hessian) - normal(x)
+    residual = adjoint(weight_times_hessian) - normal(x)
     direction = residual.clone()
     norm = residual.square().sum()
     for _ in range(steps):
