@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from .allocation import MatrixViews, allocate, fisher_diagonals
 from .config import SWSCConfig
-from .core.basis_sharing import fit_separate_factors, fit_shared_basis, output_loss, shared_rank
+from .core.basis_sharing import fit_separate_factors, fit_shared_basis, shared_rank
 from .core.compress import CompressedWeight, compress_weight, to_weight
+from .core.lowrank import output_loss
 from .core.spec import LayerSpec
 from .data import calibration_texts
 from .experts import (

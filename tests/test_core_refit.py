@@ -7,13 +7,8 @@ import copy
 import pytest
 import torch
 
-from swsc_hf.core.compress import (
-    compress_weight,
-    output_error,
-    reconstruct_channels,
-    refit_tables,
-    to_weight,
-)
+from swsc_hf.core.compress import compress_weight, reconstruct_channels, refit_tables, to_weight
+from swsc_hf.core.lowrank import output_loss
 from swsc_hf.core.spec import LayerSpec
 
 LAYOUTS = {
@@ -67,8 +62,8 @@ def test_refit_rounds_lower_the_output_error(layout):
     diag(H), gains least."""
     weight, hessian = correlated_problem(seed=1)
     spec = LayerSpec(24, 16, **LAYOUTS[layout])
-    plain = output_error(weight, compress_weight(weight, spec, hessian=hessian).dense(), hessian)
-    refitted = output_error(weight, compress_weight(weight, spec, hessian=hessian, refit_rounds=3).dense(), hessian)
+    plain = output_loss(weight, compress_weight(weight, spec, hessian=hessian).dense(), hessian)
+    refitted = output_loss(weight, compress_weight(weight, spec, hessian=hessian, refit_rounds=3).dense(), hessian)
     assert refitted < (0.999 if layout == "no scales" else 0.9) * plain
 
 
@@ -82,7 +77,7 @@ def test_refit_keeps_the_plain_fit_when_it_is_already_exact():
     spec = LayerSpec(8, 16, n_clusters=4, segment_length=1, scale_group_size=16)
     plain = compress_weight(weight, spec, hessian=hessian)
     refitted = compress_weight(weight, spec, hessian=hessian, refit_rounds=3)
-    assert output_error(weight, plain.dense(), hessian) < 1e-8
+    assert output_loss(weight, plain.dense(), hessian) < 1e-8
     torch.testing.assert_close(refitted.dense(), weight, rtol=0, atol=1e-5)
 
 
@@ -92,5 +87,5 @@ def test_input_channel_layout_with_more_outputs_than_inputs_fits_with_calibratio
     spec = LayerSpec(40, 16, n_clusters=4, segment_length=1, scale_group_size=8, cluster_dim="input")
     fitted = compress_weight(weight, spec, hessian=hessian)
     assert fitted.codes.shape == (16, 40)
-    assert output_error(weight, fitted.dense(), hessian) < output_error(weight, compress_weight(weight, spec).dense(),
+    assert output_loss(weight, fitted.dense(), hessian) < output_loss(weight, compress_weight(weight, spec).dense(),
                                                                         hessian)

@@ -41,9 +41,3 @@ def fit_separate_factors(residuals: list[Tensor], grams: list[Tensor | None], bu
     return factors
 
 
-def output_loss(residual: Tensor, fitted: Tensor, gram: Tensor | None) -> float:
-    """||(R - fit) X^T||_F^2 = tr(D G D^T) with the layer's activation Gram G; plain ||R - fit||_F^2 without data."""
-    error = residual.float() - fitted.float()
-    if gram is None:
-        return float(error.square().sum())
-    return float(((error @ gram.to(error.device, error.dtype)) * error).sum())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .kmeans import assign, kmeans, kmeans_1d
-from .lowrank import fit_low_rank
+from .lowrank import fit_low_rank, output_loss
 from .spec import LayerSpec
 
 # K-Means for codebooks runs on at most max(this, 64 per codeword) segments per codebook (a random subsample);
@@ -296,12 +296,6 @@ def _assign_with_error_feedback(
     return codes, scales
 
 
-def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W - W') H (W - W')^T): the summed squared output error of `approx` on the inputs behind `hessian`."""
-    diff = weight - approx
-    return float(((diff @ hessian) * diff).sum())
-
-
 def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.Tensor, rounds: int,
                  cg_steps: int = 8) -> None:
     """Refit `result`'s scales and codebook to the output error tr((W - W') H (W - W')^T), `rounds` times.
@@ -319,7 +313,7 @@ def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.
         return result.codes, result.codebook, result.scales
 
     def error() -> float:
-        return output_error(weight, to_weight(result.codebook_term(), spec), hessian)
+        return output_loss(weight, to_weight(result.codebook_term(), spec), hessian)
 
     weight_times_hessian = weight @ hessian  # the normal equations' right-hand side, the same in every solve
     best, best_error = state(), error()
@@ -347,7 +341,7 @@ def _least_squares_tables(
     book_of_segment = (rows // spec.channels_per_codebook)[:, None] * spec.n_clusters + result.codes
     unscaled = reconstruct_channels(spec, result.codebook, result.codes, None)
     scale_of_element = (result.scales.repeat_interleave(spec.scale_group_size, dim=1)
-                        if result.scales is not None else None)
+                        if field == "codebook" and result.scales is not None else None)  # the codebook's adjoint
 
     def rebuild(x: torch.Tensor) -> torch.Tensor:
         if field == "scales":

@@ -1,7 +1,8 @@
 """Low-rank approximation for compensating quantization error.
 
 ``low_rank`` gives the best rank-r factors in Frobenius norm (exact or randomized SVD); ``whitened_low_rank`` gives
-the best factors in the output norm ||E X^T||_F of a layer with inputs X, using a Cholesky factor of X^T X.
+the best factors in the output norm ||E X^T||_F of a layer with inputs X, using a Cholesky factor of X^T X;
+``output_loss`` measures that norm (squared) for any fit, low-rank or not.
 """
 
 from __future__ import annotations
@@ -123,3 +124,11 @@ def fit_low_rank(matrix: Tensor, rank: int, gram: Tensor | None = None, *, seed:
     if gram is None:
         return low_rank(matrix, rank, seed=seed)
     return whitened_low_rank(matrix, rank, cholesky_whitening(gram.to(matrix.device)), seed=seed)
+
+
+def output_loss(residual: Tensor, fitted: Tensor, gram: Tensor | None) -> float:
+    """||(R - fit) X^T||_F^2 = tr(D G D^T) with the layer's activation Gram G; plain ||R - fit||_F^2 without data."""
+    error = residual.float() - fitted.float()
+    if gram is None:
+        return float(error.square().sum())
+    return float(((error @ gram.to(error.device, error.dtype)) * error).sum())
