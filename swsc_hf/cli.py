@@ -87,7 +87,7 @@ def _config_from_args(args):
         "seq_len": args.calibration_seq_len, "table_dtype": args.table_dtype, "bits": args.bits,
         "bits_ladder": args.bits_ladder, "head_bits": args.head_bits, "refit_rounds": args.refit_rounds,
         "tune_steps": args.tune_steps, "layer_tune_steps": args.layer_tune_steps, "tune_samples": args.tune_samples,
-        "time_budget": args.time_budget,
+        "tune_dtype": args.tune_dtype, "time_budget": args.time_budget,
     }
     if args.segment_length is not None:
         fields["segment_length"] = None if args.segment_length == 0 else args.segment_length

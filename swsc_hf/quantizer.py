@@ -196,4 +196,5 @@ def tune_toward_dense(model: nn.Module, config: SWSCConfig, teacher, tokenizer, 
     return distill_tables(
         model, teacher, batches, steps=config.tune_steps, lr=config.tune_lr,
         scales_lr=config.tune_scales_lr or None, norms_lr=config.tune_norms_lr or None,
-        positions=config.tune_positions or None, time_budget=budget, seed=config.seed)
+        positions=config.tune_positions or None, time_budget=budget, seed=config.seed,
+        compute_dtype=config.tune_dtype)

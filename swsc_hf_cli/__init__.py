@@ -80,6 +80,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
                              "outputs, right after it is fitted (0 = off)")
     parser.add_argument("--tune-samples", type=int,
                         help="calibration windows tuning cycles through (default: a fresh window for every step)")
+    parser.add_argument("--tune-dtype", choices=["float32", "bfloat16", "auto"],
+                        help="precision of tuning's matrix products (default float32; auto = bfloat16 where the "
+                             "CPU or GPU multiplies it natively)")
     parser.add_argument("--time-budget", type=float,
                         help="seconds for the whole compression; tuning stops early to fit (default: no limit)")
     _add_common_args(parser)

@@ -41,6 +41,7 @@ from swsc_hf.core.spec import LayerSpec
         (dict(tune_scales_lr="fast"), "tune_scales_lr"),
         (dict(tune_positions=-3), "tune_positions"),
         (dict(tune_samples=-1), "tune_samples"),
+        (dict(tune_dtype="float16"), "tune_dtype"),
         (dict(time_budget=0), "time_budget"),
         (dict(time_budget=float("inf")), "time_budget"),
         (dict(compressed_layers={"a": {"out_features": 4, "in_features": 4, "n_clusters": 2, "segment_length": 3}}),

@@ -205,6 +205,17 @@ def test_unsupported_layout_falls_back_to_reference_with_a_reason(caplog):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def trainable_layer_case(layout: tuple) -> tuple:
+    """A layer of `layout` (as in KERNEL_LAYOUTS) with float32 tables, an input and an output gradient."""
+    out_f, in_f, k, seg, dim, group, rows = layout
+    spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
+                     rows_per_codebook=rows)
+    codes, packed, codebook, scales = make_layer_tensors(spec, seed=11, dtype=torch.float32)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 5, in_f, generator=g)
+    return spec, codes, packed, codebook, scales, x, torch.randn(2, 5, out_f, generator=g)
+
+
 @pytest.mark.parametrize("layout", KERNEL_LAYOUTS + [(30, 48, 16, 3, "output", 24, 0)],
                          ids=lambda t: "-".join(map(str, t)))
 @pytest.mark.parametrize("kernels", [True, False])
@@ -212,12 +223,8 @@ def test_trainable_tables_get_the_gradients_of_the_definition(layout, kernels):
     """Table training's written-out gradients (x, codebook, scales) equal autograd through scales * codebook[codes]
     (float64), with the compiled dequant and table gradients, the reference ones, and for a layout the kernels do
     not cover."""
-    out_f, in_f, k, seg, dim, group, rows = layout
-    spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
-                     rows_per_codebook=rows)
-    codes, packed, codebook, scales = make_layer_tensors(spec, seed=11, dtype=torch.float32)
-    g = torch.Generator().manual_seed(12)
-    x, grad_out = torch.randn(2, 5, in_f, generator=g), torch.randn(2, 5, out_f, generator=g)
+    spec, codes, packed, codebook, scales, x, grad_out = trainable_layer_case(layout)
+    dim = spec.cluster_dim
     leaves = [x, codebook] + ([scales] if scales is not None else [])
     oracle = [t.double().requires_grad_(True) for t in leaves]
     channels = reconstruct_channels(spec, oracle[1], codes, oracle[2] if scales is not None else None)
@@ -406,3 +413,32 @@ def test_vector_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa)
             got = codebook_matmul(xt, packed, codebook, scales, spec)
         expected = (xt.double() @ weight.t()).float()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("layout", [KERNEL_LAYOUTS[0], (48, 64, 256, 4, "output", 16, 0),
+                                    (30, 48, 16, 3, "output", 24, 0)], ids=lambda t: "-".join(map(str, t)))
+def test_trainable_tables_multiply_in_bfloat16_under_autocast(layout):
+    """Tuning with `tune_dtype="bfloat16"` autocasts: the table-training products, forward and backward, then run
+    in bfloat16 (output and gradients differ from float32's), and the output and all three gradients stay within
+    bfloat16 rounding of the definition, in float32."""
+    spec, codes, packed, codebook, scales, x, grad_out = trainable_layer_case(layout)
+    dim = spec.cluster_dim
+    oracle = [t.double().requires_grad_(True) for t in (x, codebook, scales)]
+    weight = reconstruct_channels(spec, oracle[1], codes, oracle[2])
+    expected_y = oracle[0] @ (weight if dim == "output" else weight.t()).t()
+    expected_y.backward(grad_out.double())
+    trained = [t.clone().requires_grad_(True) for t in (x, codebook, scales)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = codebook_matmul(trained[0], packed, trained[1], trained[2], spec)
+    y.backward(grad_out)
+    in_float32 = [t.clone().requires_grad_(True) for t in (x, codebook, scales)]
+    y32 = codebook_matmul(in_float32[0], packed, in_float32[1], in_float32[2], spec)
+    y32.backward(grad_out)
+    assert y.dtype == torch.float32 and not torch.equal(y.detach(), y32.detach())
+    assert all(not torch.equal(a.grad, b.grad) for a, b in zip(trained, in_float32, strict=True))
+    scale = float(expected_y.abs().max())
+    torch.testing.assert_close(y.detach(), expected_y.detach().float(), rtol=0, atol=2e-2 * scale)
+    for got, expected in zip(trained, oracle, strict=True):
+        assert got.grad.dtype == torch.float32
+        scale = float(expected.grad.abs().max())
+        torch.testing.assert_close(got.grad, expected.grad.float(), rtol=0, atol=2e-2 * scale)

@@ -265,27 +265,36 @@ class _TrainableTablesMatmul(torch.autograd.Function):
         weight = _dense_weight(codes, codebook, scales, spec)
         ctx.save_for_backward(x, codebook, scales, codes)
         ctx.spec = spec
-        return F.linear(x.float(), weight).to(x.dtype)
+        ctx.compute_dtype = _autocast_dtype(x.device)
+        return F.linear(x.to(ctx.compute_dtype), weight.to(ctx.compute_dtype)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, codebook, scales, codes = ctx.saved_tensors
         spec = ctx.spec
-        grad2 = grad.reshape(-1, spec.out_features).float()
+        compute = ctx.compute_dtype
+        grad2 = grad.reshape(-1, spec.out_features).to(compute)
         grad_x = grad_book = grad_scales = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad2 @ _dense_weight(codes, codebook, scales, spec)).reshape(x.shape).to(x.dtype)
+            grad_x = (grad2 @ _dense_weight(codes, codebook, scales, spec).to(compute)).reshape(x.shape).to(x.dtype)
         train_scales = scales is not None and ctx.needs_input_grad[2]
         if not (ctx.needs_input_grad[1] or train_scales):
             return grad_x, None, None, None, None
-        x2 = x.reshape(-1, spec.in_features).float()
+        x2 = x.reshape(-1, spec.in_features).to(compute)
         grad_m = grad2.t() @ x2 if spec.cluster_dim == "output" else x2.t() @ grad2  # (channels, channel_length)
+        grad_m = grad_m.float()
         grad_book, grad_scales = table_grads(grad_m, codes, codebook.detach(),
                                              None if scales is None else scales.detach(), spec,
                                              book_grad=ctx.needs_input_grad[1], scales_grad=train_scales)
         grad_book = None if grad_book is None else grad_book.to(codebook.dtype)
         grad_scales = None if grad_scales is None else grad_scales.to(scales.dtype)
         return grad_x, grad_book, grad_scales, None, None
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype:
+    """The dtype autocast runs matmuls in on `device` (float32 where autocast is off)."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
 
 
 def table_grads(grad_m: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None,
