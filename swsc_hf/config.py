@@ -151,10 +151,10 @@ class SWSCConfig(QuantizationConfigMixin):
             `tune_steps` of them). Drawn like the fitting windows, which they include; fresh windows keep the
             tables from fitting a few repeated windows (measured: 16 windows seen 4 times tuned worse than 64 seen
             once, and 128 steps on 16 worse than 64).
-        tune_dtype: the precision tuning's matrix products run in: "float32" (default), "bfloat16" (autocast;
-            the tables, their gradients and the loss stay float32), or "auto" (bfloat16 where the device multiplies
-            it natively: CPUs with AVX-512 BF16 or AMX, CUDA GPUs with bfloat16; float32 elsewhere, where bfloat16
-            would be emulated and slower).
+        tune_dtype: the precision of the end-to-end tuning's (`tune_steps`) matrix products: "float32" (default),
+            "bfloat16" (autocast; the tables, their gradients and the loss stay float32), or "auto" (bfloat16 where
+            the device multiplies it natively: CPUs with AVX-512 BF16 or AMX, CUDA GPUs with bfloat16; float32
+            elsewhere, where bfloat16 would be emulated and slower).
         time_budget: seconds for the whole compression; tuning gets what fitting leaves and stops early (None =
             no limit).
 

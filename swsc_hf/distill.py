@@ -85,7 +85,7 @@ def _in_input_dtype(module: nn.Module, args: tuple, output):
 def compute_dtype_for(name: str, device: torch.device) -> torch.dtype:
     """The dtype tuning multiplies in for a `tune_dtype` name ("float32", "bfloat16" or "auto") on `device`.
 
-    "auto" is bfloat16 only where the hardware multiplies it natively (AVX-512 BF16 or AMX on CPU, 3.6x to 5x the
+    "auto" is bfloat16 only where the hardware multiplies it natively (AVX-512 BF16 or AMX on CPU, 3.6x to 5.6x the
     float32 GEMM throughput measured on an AMD EPYC; bfloat16-capable CUDA GPUs): elsewhere it is emulated.
     """
     if name not in TUNE_DTYPES:
