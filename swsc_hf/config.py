@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # error before tuning. Those two and the 2.2-bit preset tune with bfloat16 products where the hardware multiplies
     # them natively (`tune_dtype="auto"`: no quality cost measured, half the time per step).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4, tune_dtype="auto"),
-    "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=160, refit_rounds=4, tune_dtype="auto"),
+    "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
                           n_samples=64, seq_len=512, tune_steps=448, tune_dtype="auto"),
