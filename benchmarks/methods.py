@@ -19,16 +19,17 @@ from torch import nn
 # magnitude (about the absolute 1e-4 they took then on SmolLM2's scales, ~0.5). The defaults since are 1e-3 and 2e-3.
 FIRST_TUNING = dict(tune_lr=3e-3, tune_scales_lr=2e-4)
 
-# The calibrated presets tune in bfloat16 where the CPU multiplies it natively (`tune_dtype="auto"`) since 2026-12-05,
-# the 2.2-bit one for twice its former 224 steps; the rows built on them that were measured before add this.
+# The 4.25-, 3.25- and 2.2-bit presets tune in bfloat16 where the CPU multiplies it natively (`tune_dtype="auto"`)
+# since 2026-12-05; the rows built on them that were measured before add this.
 BEFORE_BF16_TUNING = dict(tune_dtype="float32")
 
 # The 4.25- and 3.25-bit presets refit their tables to each layer's output error since 2026-12-05 (`refit_rounds`);
 # the rows built on them that were measured before (in float32 too) add this, so each still reproduces its record.
 BEFORE_REFIT = dict(refit_rounds=0, **BEFORE_BF16_TUNING)
-BEFORE_2_2B_T448 = dict(tune_steps=224, **BEFORE_BF16_TUNING)
-# The 3.25-bit preset tunes 256 steps instead of 160 since 2026-12-05, in the time bfloat16 saved.
-BEFORE_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160)}
+
+# Each calibrated preset's tuning steps before 2026-12-05, when the 3.25- and 2.2-bit ones spent the time bfloat16
+# saved on more (256 instead of 160, 448 instead of 224); rows built on a preset without their own steps add these.
+FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict(tune_steps=224)}
 
 # Calibration shared by every calibrated method (swsc_hf and GPTQ): 16 WikiText-2 validation windows of 512 tokens
 # (what the published results used; swsc_hf alone defaults to 64).
@@ -111,7 +112,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 4.25- and 3.25-bit presets as they were until 2026-12-05, without refitting the tables to the layers'
     # output error
     **{f"swsc-{b}b-cal-no-refit": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", **BEFORE_REFIT,
-                                                   **BEFORE_STEPS[b])) for b in ("4.25", "3.25")},
+                                                   **FORMER_STEPS[b])) for b in ("4.25", "3.25")},
     # The 3.25-bit preset tuned 128 steps instead of 160, for more room in the 30-minute budget: over the 20% target
     "swsc-3.25b-cal-t128": ("swsc_hf", dict(preset="swsc-3.25b-cal", dataset="wikitext2", tune_steps=128,
                                             **BEFORE_BF16_TUNING)),
@@ -130,14 +131,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  **BEFORE_BF16_TUNING)),
     # The 2.2-bit preset as it was until 2026-12-05 (224 steps tuned in float32), and the same steps tuned with
     # bfloat16 matrix products (`tune_dtype`); twice the steps in bfloat16 became the preset
-    "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_T448)),
+    "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **FORMER_STEPS["2.2"],
+                                           **BEFORE_BF16_TUNING)),
     "swsc-2.2b-cal-bf16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=224,
                                            tune_dtype="bfloat16")),
     # The 3.25-bit preset with its former 160 tuning steps, in bfloat16 (256 in the time that saved became the preset)
     "swsc-3.25b-cal-t160": ("swsc_hf", dict(preset="swsc-3.25b-cal", dataset="wikitext2", tune_steps=160)),
     # The 4.25- and 3.25-bit presets as they were until 2026-12-05, tuned in float32
     **{f"swsc-{b}b-cal-float32-tuning": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2",
-                                                          **BEFORE_BF16_TUNING, **BEFORE_STEPS[b]))
+                                                          **BEFORE_BF16_TUNING, **FORMER_STEPS[b]))
        for b in ("4.25", "3.25")},
     # The 2.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 256 steps
     "swsc-2.2b-cal-n16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=256,
@@ -171,8 +173,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The calibrated presets with each decoder layer's tables tuned 32 steps toward the dense layer's outputs right
     # after it is fitted (swsc_hf.layer_tuning), before the end-to-end tuning
     **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32,
-                                               **FIRST_TUNING, **BEFORE_REFIT,
-                                               **({"tune_steps": 224} if b == "2.2" else {})))
+                                               **FIRST_TUNING, **BEFORE_REFIT, **FORMER_STEPS[b]))
        for b in ("4.25", "3.2", "2.2")},
     # The 4.25-bit preset calibrated on windows as long as the evaluation's (16 x 2048 tokens: the same tokens as its
     # 64 x 512), tuned 32 steps cycling those 16 windows (twice the preset's tuning tokens in half its steps)

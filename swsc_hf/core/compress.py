@@ -339,7 +339,7 @@ def _least_squares_tables(
     device = weight_times_hessian.device
     rows = torch.arange(spec.channels, device=device)
     book_of_segment = (rows // spec.channels_per_codebook)[:, None] * spec.n_clusters + result.codes
-    unscaled = reconstruct_channels(spec, result.codebook, result.codes, None)
+    unscaled = reconstruct_channels(spec, result.codebook, result.codes, None) if field == "scales" else None
     scale_of_element = (result.scales.repeat_interleave(spec.scale_group_size, dim=1)
                         if field == "codebook" and result.scales is not None else None)  # the codebook's adjoint
 
