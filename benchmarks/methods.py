@@ -31,6 +31,10 @@ BEFORE_REFIT = dict(refit_rounds=0, **BEFORE_BF16_TUNING)
 # saved on more (256 instead of 160, 448 instead of 224); rows built on a preset without their own steps add these.
 FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict(tune_steps=224)}
 
+# The 2.2-bit preset's scales step before 2026-12-05, when it became three times the default (6e-3 of each layer's
+# mean scale); the rows built on that preset that were measured before add this.
+BEFORE_2_2B_SCALES_STEP = dict(tune_scales_lr=2e-3)
+
 # Calibration shared by every calibrated method (swsc_hf and GPTQ): 16 WikiText-2 validation windows of 512 tokens
 # (what the published results used; swsc_hf alone defaults to 64).
 CALIBRATION = dict(dataset="wikitext2", n_samples=16, seq_len=512)
@@ -132,9 +136,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 2.2-bit preset as it was until 2026-12-05 (224 steps tuned in float32), and the same steps tuned with
     # bfloat16 matrix products (`tune_dtype`); twice the steps in bfloat16 became the preset
     "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **FORMER_STEPS["2.2"],
-                                           **BEFORE_BF16_TUNING)),
+                                           **BEFORE_BF16_TUNING, **BEFORE_2_2B_SCALES_STEP)),
     "swsc-2.2b-cal-bf16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=224,
-                                           tune_dtype="bfloat16")),
+                                           tune_dtype="bfloat16", **BEFORE_2_2B_SCALES_STEP)),
+    # The 2.2-bit preset with the default scales step (2e-3 of each layer's mean scale), as it was until 2026-12-05
+    "swsc-2.2b-cal-scales2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
+                                                 **BEFORE_2_2B_SCALES_STEP)),
+    # The 2.2-bit preset with twice the codebooks' tuning step (2e-3)
+    "swsc-2.2b-cal-lr2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_lr=2e-3,
+                                             tune_scales_lr=6e-3)),
     # The 3.25-bit preset with its former 160 tuning steps, in bfloat16 (256 in the time that saved became the preset)
     "swsc-3.25b-cal-t160": ("swsc_hf", dict(preset="swsc-3.25b-cal", dataset="wikitext2", tune_steps=160)),
     # The 4.25- and 3.25-bit presets as they were until 2026-12-05, tuned in float32
