@@ -42,7 +42,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # for SmolLM2-135M on 2 CPU cores. At 4.25 and 3.25 bits the tables are also refitted to each layer's output
     # error before tuning. Those two and the 2.2-bit preset tune with bfloat16 products where the hardware multiplies
     # them natively (`tune_dtype="auto"`: no quality cost measured, half the time per step). At 2.2 bits the scales
-    # step three times the default (`tune_scales_lr`): the larger compression error moves them further.
+    # step three times the default (`tune_scales_lr`), which measured better there (docs/design.md).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
