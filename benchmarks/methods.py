@@ -142,6 +142,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 2.2-bit preset with the default scales step (2e-3 of each layer's mean scale), as it was until 2026-12-05
     "swsc-2.2b-cal-scales2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
                                                  **BEFORE_2_2B_SCALES_STEP)),
+    # The 2.2-bit preset with its tables refitted to each layer's output error (2 rounds) before tuning
+    "swsc-2.2b-cal-refit2": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=2)),
     # The 2.2-bit preset with twice the codebooks' tuning step (2e-3)
     "swsc-2.2b-cal-lr2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_lr=2e-3,
                                              tune_scales_lr=6e-3)),
