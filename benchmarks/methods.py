@@ -23,17 +23,21 @@ FIRST_TUNING = dict(tune_lr=3e-3, tune_scales_lr=2e-4)
 # since 2026-12-05; the rows built on them that were measured before add this.
 BEFORE_BF16_TUNING = dict(tune_dtype="float32")
 
-# The 4.25- and 3.25-bit presets refit their tables to each layer's output error since 2026-12-05 (`refit_rounds`);
-# the rows built on them that were measured before (in float32 too) add this, so each still reproduces its record.
+# The 4.25- and 3.25-bit presets refit their tables to each layer's output error since 2026-12-05 (`refit_rounds`),
+# the 2.2-bit one since 2026-12-06; the rows built on them that were measured before (in float32 too) add this, so
+# each still reproduces its record.
 BEFORE_REFIT = dict(refit_rounds=0, **BEFORE_BF16_TUNING)
 
 # Each calibrated preset's tuning steps before 2026-12-05, when the 3.25- and 2.2-bit ones spent the time bfloat16
 # saved on more (256 instead of 160, 448 instead of 224); rows built on a preset without their own steps add these.
 FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict(tune_steps=224)}
 
+# The 2.2-bit preset without its refit (2 rounds since 2026-12-06), for the rows measured in bfloat16 before then.
+BEFORE_2_2B_REFIT = dict(refit_rounds=0)
+
 # The 2.2-bit preset's scales step before 2026-12-05, when it became three times the default (6e-3 of each layer's
-# mean scale); the rows built on that preset that were measured before add this.
-BEFORE_2_2B_SCALES_STEP = dict(tune_scales_lr=2e-3)
+# mean scale); the rows built on that preset that were measured before (without the refit too) add this.
+BEFORE_2_2B_SCALES_STEP = dict(tune_scales_lr=2e-3, **BEFORE_2_2B_REFIT)
 
 # Calibration shared by every calibrated method (swsc_hf and GPTQ): 16 WikiText-2 validation windows of 512 tokens
 # (what the published results used; swsc_hf alone defaults to 64).
@@ -128,11 +132,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                             **BEFORE_REFIT)),
     # The 2.2-bit preset with half its tuning steps
     "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
-                                           tune_steps=128, **FIRST_TUNING, **BEFORE_BF16_TUNING)),
+                                           tune_steps=128, **FIRST_TUNING, **BEFORE_REFIT)),
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
     "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
                                                  tune_steps=128, head_bits=6, **FIRST_TUNING,
-                                                 **BEFORE_BF16_TUNING)),
+                                                 **BEFORE_REFIT)),
     # The 2.2-bit preset as it was until 2026-12-05 (224 steps tuned in float32), and the same steps tuned with
     # bfloat16 matrix products (`tune_dtype`); twice the steps in bfloat16 became the preset
     "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **FORMER_STEPS["2.2"],
@@ -142,11 +146,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 2.2-bit preset with the default scales step (2e-3 of each layer's mean scale), as it was until 2026-12-05
     "swsc-2.2b-cal-scales2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
                                                  **BEFORE_2_2B_SCALES_STEP)),
-    # The 2.2-bit preset with its tables refitted to each layer's output error (2 rounds) before tuning
-    "swsc-2.2b-cal-refit2": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=2)),
-    # The 2.2-bit preset with twice the codebooks' tuning step (2e-3)
+    # The 2.2-bit preset as it was until 2026-12-06, without refitting its tables to each layer's output error
+    "swsc-2.2b-cal-no-refit": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_REFIT)),
+    # ... and with twice the codebooks' tuning step (2e-3)
     "swsc-2.2b-cal-lr2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_lr=2e-3,
-                                             tune_scales_lr=6e-3)),
+                                             **BEFORE_2_2B_REFIT)),
     # The 3.25-bit preset with its former 160 tuning steps, in bfloat16 (256 in the time that saved became the preset)
     "swsc-3.25b-cal-t160": ("swsc_hf", dict(preset="swsc-3.25b-cal", dataset="wikitext2", tune_steps=160)),
     # The 4.25- and 3.25-bit presets as they were until 2026-12-05, tuned in float32
@@ -155,7 +159,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
        for b in ("4.25", "3.25")},
     # The 2.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 256 steps
     "swsc-2.2b-cal-n16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=256,
-                                          **FIRST_TUNING, **BEFORE_BF16_TUNING)),
+                                          **FIRST_TUNING, **BEFORE_REFIT)),
     # The former (16-window) 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head
     # inside the budget (the `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
     "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,

@@ -39,15 +39,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # is chosen by measured sensitivity (`bits=`); at 2.2 bits quadruples everywhere measured better than that choice.
     # All fit on 64 calibration windows. Tuning draws a fresh window per step, except at 4.25 bits, where 64 steps
     # cycling 16 windows measured as well; the step counts are those measured best within 30 minutes of compression
-    # for SmolLM2-135M on 2 CPU cores. At 4.25 and 3.25 bits the tables are also refitted to each layer's output
-    # error before tuning. Those two and the 2.2-bit preset tune with bfloat16 products where the hardware multiplies
-    # them natively (`tune_dtype="auto"`: no quality cost measured, half the time per step). At 2.2 bits the scales
-    # step three times the default (`tune_scales_lr`), which measured better there (docs/design.md).
+    # for SmolLM2-135M on 2 CPU cores. The 4.25-, 3.25- and 2.2-bit presets also refit their tables to each layer's
+    # output error before tuning (4 rounds; 2 at 2.2 bits, where a round costs more of the budget), and tune with
+    # bfloat16 products where the hardware multiplies them natively (`tune_dtype="auto"`: no quality cost measured,
+    # half the time per step). At 2.2 bits the scales step three times the default (`tune_scales_lr`), which
+    # measured better there (docs/design.md).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
-                          n_samples=64, seq_len=512, tune_steps=448, tune_scales_lr=6e-3, tune_dtype="auto"),
+                          n_samples=64, seq_len=512, tune_steps=448, tune_scales_lr=6e-3, refit_rounds=2,
+                          tune_dtype="auto"),
 }
 # Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.
 CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal"))
