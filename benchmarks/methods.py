@@ -146,6 +146,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 2.2-bit preset with the default scales step (2e-3 of each layer's mean scale), as it was until 2026-12-05
     "swsc-2.2b-cal-scales2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
                                                  **BEFORE_2_2B_SCALES_STEP)),
+    # The 2.2-bit preset with 4 refit rounds instead of 2 (as the 4.25- and 3.25-bit presets)
+    "swsc-2.2b-cal-refit4": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=4)),
     # The 2.2-bit preset as it was until 2026-12-06, without refitting its tables to each layer's output error
     "swsc-2.2b-cal-no-refit": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_REFIT)),
     # ... and with twice the codebooks' tuning step (2e-3)
