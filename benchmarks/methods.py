@@ -148,6 +148,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  **BEFORE_2_2B_SCALES_STEP)),
     # The 2.2-bit preset with 4 refit rounds instead of 2 (as the 4.25- and 3.25-bit presets)
     "swsc-2.2b-cal-refit4": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=4)),
+    # ... with the refit's ridge (`refit_damp`: a tenth of each Hessian's mean diagonal added to it)
+    "swsc-2.2b-cal-refit4-damp0.1": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=4,
+                                                     refit_damp=0.1)),
     # The 2.2-bit preset as it was until 2026-12-06, without refitting its tables to each layer's output error
     "swsc-2.2b-cal-no-refit": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_REFIT)),
     # ... and with twice the codebooks' tuning step (2e-3)

@@ -57,7 +57,8 @@ CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal")
 DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True, refit_rounds=0,
-    parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types", bits_ladder="all",
+    refit_damp=0.0, parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types",
+    bits_ladder="all",
     n_samples=64, seq_len=512, table_dtype="float16",
     layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=1e-3, tune_scales_lr=2e-3, tune_norms_lr=0.0,
     tune_positions=0, tune_samples=0, tune_dtype="float32", time_budget=None, head_bits=None,
@@ -78,6 +79,7 @@ HEAD_SCALE_GROUP = 128
 MAX_COMPRESSED_LAYERS = 1 << 17
 MAX_SAMPLES, MAX_SEQ_LEN, MAX_KMEANS_ITERS, MAX_TUNE_STEPS = 1 << 16, 1 << 20, 10_000, 1 << 20
 MAX_REFIT_ROUNDS = 64
+MAX_REFIT_DAMP = 1e6  # beyond this the refit is a plain weight-error fit
 
 
 def _is_int(value: Any, low: int, high: int | None = None) -> bool:
@@ -135,6 +137,8 @@ class SWSCConfig(QuantizationConfigMixin):
         error_feedback: with calibration, GPTQ-style error feedback while assigning codes.
         refit_rounds: with calibration and error feedback, rounds of least-squares refits of each matrix's scales
             and codebook to its output error, codes chosen again between rounds (0 = off).
+        refit_damp: the refit's ridge, a fraction of each Hessian's mean diagonal added to it (0 = none): it
+            pulls the refit toward the weight error, so the tables fit the calibration text less closely.
 
     Calibration (not saved):
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
@@ -184,6 +188,7 @@ class SWSCConfig(QuantizationConfigMixin):
         seed: int | None = None,
         error_feedback: bool | None = None,
         refit_rounds: int | None = None,
+        refit_damp: float | None = None,
         parameter_ratio: float | None = ...,  # type: ignore[assignment]
         share_group_size: int | None = None,
         share_types: list[str] | None = None,
@@ -296,6 +301,9 @@ class SWSCConfig(QuantizationConfigMixin):
             fail("kmeans_iters", f"use an int from 1 to {MAX_KMEANS_ITERS}")
         if not _is_int(self.refit_rounds, 0, MAX_REFIT_ROUNDS):
             fail("refit_rounds", f"use an int from 0 (off) to {MAX_REFIT_ROUNDS}")
+        damp = self.refit_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp <= MAX_REFIT_DAMP:
+            fail("refit_damp", f"use a number from 0 (no ridge) to {MAX_REFIT_DAMP}")
         if not _is_int(self.seed, 0, 2**63 - 1):
             fail("seed", "use an int from 0 to 2**63 - 1")
         if self.parameter_ratio is not None and (isinstance(self.parameter_ratio, bool) or not isinstance(
@@ -415,7 +423,8 @@ class SWSCConfig(QuantizationConfigMixin):
     def fit_options(self) -> dict[str, Any]:
         """The keyword arguments of `core.compress.compress_weight` this config sets."""
         return dict(kmeans_iters=self.kmeans_iters, seed=self.seed, affine_correction=self.affine_correction,
-                    error_feedback=self.error_feedback, refit_rounds=self.refit_rounds)
+                    error_feedback=self.error_feedback, refit_rounds=self.refit_rounds,
+                    refit_damp=self.refit_damp)
 
     @property
     def is_calibrated(self) -> bool:

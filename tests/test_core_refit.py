@@ -67,6 +67,39 @@ def test_refit_rounds_lower_the_output_error(layout):
     assert refitted < (0.999 if layout == "no scales" else 0.9) * plain
 
 
+@pytest.mark.parametrize("layout", ["scalar", "vector"])
+def test_refit_damp_solves_against_the_ridged_hessian(layout):
+    """`damp` adds that fraction of H's mean diagonal to H: one round leaves the least-squares codebook for that
+    ridged H, and damp=0 is the plain refit exactly."""
+    weight, hessian = correlated_problem(seed=3)
+    spec = LayerSpec(24, 16, **LAYOUTS[layout])
+    fitted = compress_weight(weight, spec, hessian=hessian)
+    plain, zero, damped = copy.copy(fitted), copy.copy(fitted), copy.copy(fitted)
+    refit_tables(weight, plain, hessian, rounds=2)
+    refit_tables(weight, zero, hessian, rounds=2, damp=0.0)
+    assert torch.equal(zero.codebook, plain.codebook) and torch.equal(zero.scales, plain.scales)
+    refit_tables(weight, damped, hessian, rounds=1, damp=0.5)
+    ridged = hessian + 0.5 * hessian.diagonal().mean() * torch.eye(16)
+    expected = brute_force_codebook(weight, damped, ridged).float()
+    torch.testing.assert_close(damped.codebook, expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
+    assert not torch.allclose(damped.codebook, brute_force_codebook(weight, damped, hessian).float(), atol=1e-3)
+
+
+def test_refit_damp_keeps_the_weight_closer_where_calibration_saw_few_directions():
+    """With a Hessian of 6 inputs for 16 features, the undamped refit may move the weight freely along the 10 unseen
+    directions; the ridge holds it near the weight there (lower weight error) at a small cost in output error."""
+    weight, _ = correlated_problem(seed=4)
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
+    hessian = x.t() @ x
+    spec = LayerSpec(24, 16, **LAYOUTS["scalar"])
+
+    def weight_error(damp: float) -> float:
+        return (weight - compress_weight(weight, spec, hessian=hessian, refit_rounds=3, refit_damp=damp).dense()
+                ).square().sum().item()
+
+    assert weight_error(1.0) < 0.8 * weight_error(0.0)
+
+
 def test_refit_keeps_the_plain_fit_when_it_is_already_exact():
     """Weights that are exactly `scale * table[code]`: nothing to gain, and the fit must come back unchanged."""
     gen = torch.Generator().manual_seed(2)

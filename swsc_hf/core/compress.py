@@ -97,11 +97,13 @@ def compress_weight(
     affine_correction: bool = False,
     error_feedback: bool = True,
     refit_rounds: int = 0,
+    refit_damp: float = 0.0,
 ) -> CompressedWeight:
     """Compress `weight` (out x in) into the terms `spec` describes, on the weight's own device.
 
     `hessian` (in x in, the sum of x^T x over calibration inputs) makes the fit data-aware; with it and
-    `error_feedback`, `refit_rounds` > 0 refits the tables to the output error (see `refit_tables`).
+    `error_feedback`, `refit_rounds` > 0 refits the tables to the output error (see `refit_tables`, with its
+    ridge `refit_damp`).
     """
     if tuple(weight.shape) != (spec.out_features, spec.in_features):
         raise ValueError(f"weight has shape {tuple(weight.shape)} but the spec expects "
@@ -122,7 +124,7 @@ def compress_weight(
             result.scales = scales
             result.codes = assign_codes(channels, spec, result.codebook, scales)
         if hessian is not None and error_feedback and refit_rounds:
-            refit_tables(work, result, hessian, refit_rounds)
+            refit_tables(work, result, hessian, refit_rounds, damp=refit_damp)
         if affine_correction:
             _apply_affine_correction(result, channels)
         residual = work - to_weight(result.codebook_term(), spec)
@@ -297,16 +299,20 @@ def _assign_with_error_feedback(
 
 
 def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.Tensor, rounds: int,
-                 cg_steps: int = 8) -> None:
+                 cg_steps: int = 8, damp: float = 0.0) -> None:
     """Refit `result`'s scales and codebook to the output error tr((W - W') H (W - W')^T), `rounds` times.
 
     Each round solves for the scales, then the codebook, by least squares with the codes held (both enter W'
     linearly; `cg_steps` conjugate-gradient steps from the current values); between rounds the codes are chosen
     again by error feedback against the refitted tables. The state with the lowest output error is kept, so the
-    result is never worse than the plain fit on that loss.
+    result is never worse than the plain fit on that loss. `damp` > 0 adds that fraction of H's mean diagonal to
+    H for the whole refit (codes included), a ridge toward the plain weight error: the tables then fit the
+    calibration inputs less closely, which is what carries to other text.
     """
     spec = result.spec
     raw = hessian.to(weight.device, torch.float32)  # error feedback finds dead inputs by their zero diagonal
+    if damp:
+        raw = raw + damp * raw.diagonal().mean() * torch.eye(spec.in_features, device=weight.device)
     hessian = raw + 1e-6 * raw.diagonal().mean().clamp_min(1e-30) * torch.eye(spec.in_features, device=weight.device)
 
     def state() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
