@@ -40,10 +40,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # All fit on 64 calibration windows. Tuning draws a fresh window per step, except at 4.25 bits, where 64 steps
     # cycling 16 windows measured as well; the step counts are those measured best within 30 minutes of compression
     # for SmolLM2-135M on 2 CPU cores. The 4.25-, 3.25- and 2.2-bit presets also refit their tables to each layer's
-    # output error before tuning (4 rounds; 2 at 2.2 bits, where a round costs more of the budget), and tune with
-    # bfloat16 products where the hardware multiplies them natively (`tune_dtype="auto"`: no quality cost measured,
-    # half the time per step). At 2.2 bits the scales step three times the default (`tune_scales_lr`), which
-    # measured better there (docs/design.md).
+    # output error before tuning (4 rounds; 2 at 2.2 bits, where 4 measured no better on a second domain), and tune
+    # with bfloat16 products where the hardware multiplies them natively (`tune_dtype="auto"`: no quality cost
+    # measured, half the time per step). At 2.2 bits the scales step three times the default (`tune_scales_lr`),
+    # which measured better there (docs/design.md).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),

@@ -72,7 +72,10 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refit-rounds", type=int,
                         help="with --calibration: rounds refitting each matrix's scales and codebook to its output "
                              "error, codes chosen again between rounds (0 = off; the -cal presets at 4.25 and 3.25 "
-                             "bits use 4)")
+                             "bits use 4, at 2.2 bits 2)")
+    parser.add_argument("--refit-damp", type=float,
+                        help="with --refit-rounds: the refit's ridge, this fraction of each Hessian's mean diagonal "
+                             "added to it, so the tables fit the calibration text less closely (default 0)")
     parser.add_argument("--tune-steps", type=int,
                         help="with --calibration: steps of distillation toward the dense model (default 64; 0 = off)")
     parser.add_argument("--layer-tune-steps", type=int,

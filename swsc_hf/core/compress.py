@@ -305,9 +305,9 @@ def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.
     Each round solves for the scales, then the codebook, by least squares with the codes held (both enter W'
     linearly; `cg_steps` conjugate-gradient steps from the current values); between rounds the codes are chosen
     again by error feedback against the refitted tables. The state with the lowest output error is kept, so the
-    result is never worse than the plain fit on that loss. `damp` > 0 adds that fraction of H's mean diagonal to
-    H for the whole refit (codes included), a ridge toward the plain weight error: the tables then fit the
-    calibration inputs less closely, which is what carries to other text.
+    result is never worse than the plain fit on that loss (ridged, with `damp`). `damp` > 0 adds that fraction of
+    H's mean diagonal to H for the whole refit (codes included), a ridge toward the plain weight error: the tables
+    then fit the calibration inputs less closely, which is what carries to other text.
     """
     spec = result.spec
     raw = hessian.to(weight.device, torch.float32)  # error feedback finds dead inputs by their zero diagonal
