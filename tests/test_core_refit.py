@@ -87,7 +87,7 @@ def test_refit_damp_solves_against_the_ridged_hessian(layout):
 
 def test_refit_damp_keeps_the_weight_closer_where_calibration_saw_few_directions():
     """With a Hessian of 6 inputs for 16 features, the undamped refit may move the weight freely along the 10 unseen
-    directions; the ridge holds it near the weight there (lower weight error) at a small cost in output error."""
+    directions; the ridge holds it near the weight there (lower weight error)."""
     weight, _ = correlated_problem(seed=4)
     x = torch.randn(6, 16, generator=torch.Generator().manual_seed(5))
     hessian = x.t() @ x

@@ -310,10 +310,11 @@ def refit_tables(weight: torch.Tensor, result: CompressedWeight, hessian: torch.
     then fit the calibration inputs less closely, which is what carries to other text.
     """
     spec = result.spec
+    eye = torch.eye(spec.in_features, device=weight.device)
     raw = hessian.to(weight.device, torch.float32)  # error feedback finds dead inputs by their zero diagonal
     if damp:
-        raw = raw + damp * raw.diagonal().mean() * torch.eye(spec.in_features, device=weight.device)
-    hessian = raw + 1e-6 * raw.diagonal().mean().clamp_min(1e-30) * torch.eye(spec.in_features, device=weight.device)
+        raw = raw + damp * raw.diagonal().mean() * eye
+    hessian = raw + 1e-6 * raw.diagonal().mean().clamp_min(1e-30) * eye
 
     def state() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return result.codes, result.codebook, result.scales
