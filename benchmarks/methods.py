@@ -26,14 +26,17 @@ BEFORE_BF16_TUNING = dict(tune_dtype="float32")
 # The 4.25- and 3.25-bit presets refit their tables to each layer's output error since 2026-12-05 (`refit_rounds`),
 # the 2.2-bit one since 2026-12-06; the rows built on them that were measured before (in float32 too) add this, so
 # each still reproduces its record.
-BEFORE_REFIT = dict(refit_rounds=0, **BEFORE_BF16_TUNING)
+BEFORE_REFIT = dict(refit_rounds=0, refit_damp=0.0, layer_overrides={}, **BEFORE_BF16_TUNING)
 
 # Each calibrated preset's tuning steps before 2026-12-05, when the 3.25- and 2.2-bit ones spent the time bfloat16
 # saved on more (256 instead of 160, 448 instead of 224); rows built on a preset without their own steps add these.
 FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict(tune_steps=224)}
 
-# The 2.2-bit preset without its refit (2 rounds since 2026-12-06), for the rows measured in bfloat16 before then.
-BEFORE_2_2B_REFIT = dict(refit_rounds=0)
+# The 2.2-bit preset refits its tables in 4 rounds with a ridge (`refit_damp`) and scales its down projections per
+# 64 weights (`layer_overrides`) since 2026-12-06 (after a few hours with 2 rounds, no ridge, scales per 128): the
+# rows measured with 2 rounds add the first, those measured without the refit (in bfloat16) the second.
+BEFORE_2_2B_RIDGE = dict(refit_rounds=2, refit_damp=0.0, layer_overrides={})
+BEFORE_2_2B_REFIT = dict(BEFORE_2_2B_RIDGE, refit_rounds=0)
 
 # The 2.2-bit preset's scales step before 2026-12-05, when it became three times the default (6e-3 of each layer's
 # mean scale); the rows built on that preset that were measured before (without the refit too) add this.
@@ -146,11 +149,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 2.2-bit preset with the default scales step (2e-3 of each layer's mean scale), as it was until 2026-12-05
     "swsc-2.2b-cal-scales2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
                                                  **BEFORE_2_2B_SCALES_STEP)),
-    # The 2.2-bit preset with 4 refit rounds instead of 2 (as the 4.25- and 3.25-bit presets)
-    "swsc-2.2b-cal-refit4": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=4)),
-    # ... with the refit's ridge (`refit_damp`: a tenth of each Hessian's mean diagonal added to it)
-    "swsc-2.2b-cal-refit4-damp0.1": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", refit_rounds=4,
-                                                     refit_damp=0.1)),
+    # The 2.2-bit preset as it was for a few hours of 2026-12-06: 2 refit rounds, no ridge, scales per 128 weights
+    "swsc-2.2b-cal-refit2": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_RIDGE)),
+    # ... with 4 refit rounds (as the 4.25- and 3.25-bit presets)
+    "swsc-2.2b-cal-refit4": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
+                                             **dict(BEFORE_2_2B_RIDGE, refit_rounds=4))),
+    # ... and the refit's ridge (`refit_damp`: a tenth of each Hessian's mean diagonal added to it); the preset is
+    # this with its down projections scaled per 64 weights
+    "swsc-2.2b-cal-refit4-damp0.1": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
+                                                     **dict(BEFORE_2_2B_RIDGE, refit_rounds=4, refit_damp=0.1))),
     # The 2.2-bit preset as it was until 2026-12-06, without refitting its tables to each layer's output error
     "swsc-2.2b-cal-no-refit": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_REFIT)),
     # ... and with twice the codebooks' tuning step (2e-3)

@@ -40,15 +40,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # All fit on 64 calibration windows. Tuning draws a fresh window per step, except at 4.25 bits, where 64 steps
     # cycling 16 windows measured as well; the step counts are those measured best within 30 minutes of compression
     # for SmolLM2-135M on 2 CPU cores. The 4.25-, 3.25- and 2.2-bit presets also refit their tables to each layer's
-    # output error before tuning (4 rounds; 2 at 2.2 bits, where 4 measured no better on a second domain), and tune
-    # with bfloat16 products where the hardware multiplies them natively (`tune_dtype="auto"`: no quality cost
-    # measured, half the time per step). At 2.2 bits the scales step three times the default (`tune_scales_lr`),
-    # which measured better there (docs/design.md).
+    # output error before tuning (4 rounds; at 2.2 bits with a ridge, `refit_damp`, without which 4 rounds measured
+    # no better on a second domain), and tune with bfloat16 products where the hardware multiplies them natively
+    # (`tune_dtype="auto"`: no quality cost measured, half the time per step). At 2.2 bits the scales step three
+    # times the default (`tune_scales_lr`), which measured better there, and the down projections are scaled per 64
+    # weights (`layer_overrides`: 2.22 bits on SmolLM2 instead of 2.19), which measured better on the second domain
+    # (docs/design.md).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
-                          n_samples=64, seq_len=512, tune_steps=448, tune_scales_lr=6e-3, refit_rounds=2,
+                          n_samples=64, seq_len=512, tune_steps=448, tune_scales_lr=6e-3, refit_rounds=4,
+                          refit_damp=0.1, layer_overrides={"down_proj": {"scale_group_size": 64}},
                           tune_dtype="auto"),
 }
 # Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.
@@ -58,7 +61,7 @@ DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True, refit_rounds=0,
     refit_damp=0.0, parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types",
-    bits_ladder="all",
+    bits_ladder="all", layer_overrides={},
     n_samples=64, seq_len=512, table_dtype="float16",
     layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=1e-3, tune_scales_lr=2e-3, tune_norms_lr=0.0,
     tune_positions=0, tune_samples=0, tune_dtype="float32", time_budget=None, head_bits=None,
@@ -68,6 +71,8 @@ TUNE_DTYPES = ("float32", "bfloat16", "auto")
 SHARE_SELECTIONS = ("types", "loss")
 BITS_LADDERS = ("all", "scalar")
 BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
+# The layout fields `layer_overrides` may set for some layers.
+OVERRIDABLE = BITS_CHOOSES
 
 DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
 # The output heads among them, compressed when `head_bits` is set.
@@ -114,6 +119,11 @@ class SWSCConfig(QuantizationConfigMixin):
         scale_group_size: one scale per channel and this many values; 0 = no scales, -1 = one per channel. Rounded
             down to a size that divides the channel length into whole segments.
         rows_per_codebook: channels sharing one codebook; 0 = one codebook per matrix.
+        layer_overrides: layout fields for some layers, {layer: {field: value}} (as HQQ's per-module configs and
+            GPTQ's `dynamic`), e.g. {"down_proj": {"scale_group_size": 64}}; a key matches the layers whose dotted
+            name contains its dotted parts in a row ("down_proj", "mlp.down_proj", "layers.0.mlp.down_proj"),
+            later keys winning. Fields: n_clusters, segment_length, scale_group_size, rows_per_codebook, rank. Not
+            combinable with `bits` (which chooses every layer's layout).
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
             float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
         modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings
@@ -194,6 +204,7 @@ class SWSCConfig(QuantizationConfigMixin):
         share_types: list[str] | None = None,
         share_selection: str | None = None,
         bits_ladder: str | None = None,
+        layer_overrides: dict[str, dict[str, Any]] | None = None,
         dataset: str | list[str] | None = None,
         tokenizer: Any = None,
         n_samples: int | None = None,
@@ -239,11 +250,12 @@ class SWSCConfig(QuantizationConfigMixin):
                 raise ValueError(f"SWSCConfig.bits={bits!r} conflicts with preset {preset!r}, which is bits="
                                  f"{preset_bits}; drop one of them")
             bits = preset_bits
-        values = {**DEFAULTS, **preset_fields, **given}
+        values = copy.deepcopy({**DEFAULTS, **preset_fields, **given})  # no dict shared with PRESETS or DEFAULTS
         for key, value in values.items():
             setattr(self, key, value)
         if bits is not None:
-            chosen = sorted(k for k in BITS_CHOOSES if given.get(k) is not None)
+            chosen = sorted([k for k in BITS_CHOOSES if given.get(k) is not None]
+                            + (["layer_overrides"] if given.get("layer_overrides") else []))
             if chosen or (preset is not None and preset_bits is None and not saved):
                 raise ValueError(f"SWSCConfig.bits={bits!r} chooses every layer's layout itself; drop "
                                  f"{chosen or ['preset']} or drop bits")
@@ -294,9 +306,10 @@ class SWSCConfig(QuantizationConfigMixin):
         if self.preset is not None and (not isinstance(self.preset, str) or self.preset not in PRESETS):
             fail("preset", f"use one of {sorted(PRESETS)}")
         if self.bits is None:
-            self._validate_layout(fail)
+            self._validate_layout(fail, self._layout())
         elif isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not 1.5 <= self.bits <= 16:
             fail("bits", "use a number of bits per weight between 1.5 and 16")
+        self._validate_overrides()
         if not _is_int(self.kmeans_iters, 1, MAX_KMEANS_ITERS):
             fail("kmeans_iters", f"use an int from 1 to {MAX_KMEANS_ITERS}")
         if not _is_int(self.refit_rounds, 0, MAX_REFIT_ROUNDS):
@@ -339,29 +352,68 @@ class SWSCConfig(QuantizationConfigMixin):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"SWSCConfig.compressed_layers[{name!r}] is invalid: {err}") from None
 
-    def _validate_layout(self, fail) -> None:
-        n = self.n_clusters
+    def _validate_layout(self, fail, layout: dict[str, Any]) -> None:
+        """Check the layout fields `layout` (the config's own, or with a layer's overrides applied)."""
+        n, rank = layout["n_clusters"], layout["rank"]
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0 or (
                 isinstance(n, float) and n > 1):
             fail("n_clusters", "use an int >= 1 (clusters per codebook), a float in (0, 1] (fraction of channels), "
                  "or 0 (no codebook term)")
-        if self.segment_length is not None and not _is_int(self.segment_length, 1):
+        if layout["segment_length"] is not None and not _is_int(layout["segment_length"], 1):
             fail("segment_length", "use None (a whole channel) or an int >= 1")
         for field in ("rank", "rows_per_codebook"):
-            if not _is_int(getattr(self, field), 0):
+            if not _is_int(layout[field], 0):
                 fail(field, "use an int >= 0")
-        if not _is_int(self.scale_group_size, -1):
+        if not _is_int(layout["scale_group_size"], -1):
             fail("scale_group_size", "use 0 (no scales), -1 (one per channel) or a group size >= 1")
-        if self.method == "basis_sharing" and self.parameter_ratio is None and not self.rank:
+        if self.method == "basis_sharing" and self.parameter_ratio is None and not rank:
             fail("parameter_ratio", "basis_sharing needs parameter_ratio (or rank) to size the shared basis")
-        if n == 0 and not self.rank and self.parameter_ratio is None:
+        if n == 0 and not rank and self.parameter_ratio is None:
             fail("n_clusters", "n_clusters=0 needs a low-rank term (rank > 0 or parameter_ratio)")
+
+    def _validate_overrides(self) -> None:
+        """`layer_overrides` is {layer: {layout field: value}} and every overridden layout is valid."""
+        overrides = self.layer_overrides
+        if not isinstance(overrides, dict) or not all(
+                isinstance(key, str) and key and isinstance(fields, dict) for key, fields in overrides.items()):
+            raise ValueError(f"SWSCConfig.layer_overrides={overrides!r} is invalid: use a dict of layer name -> "
+                             'dict of layout fields, e.g. {"down_proj": {"scale_group_size": 64}}')
+        if overrides and self.bits is not None:
+            raise ValueError("SWSCConfig.layer_overrides is set with bits=, which chooses every layer's layout "
+                             "itself; drop one of them")
+        if len(overrides) > MAX_COMPRESSED_LAYERS:
+            raise ValueError(f"SWSCConfig.layer_overrides lists {len(overrides)} layers, more than the "
+                             f"{MAX_COMPRESSED_LAYERS} any supported model has: the config is corrupted")
+        for key, fields in overrides.items():
+            unknown = sorted(set(fields) - set(OVERRIDABLE))
+            if unknown:
+                raise ValueError(f"SWSCConfig.layer_overrides[{key!r}] sets {unknown}, which are not layout fields; "
+                                 f"use some of {list(OVERRIDABLE)}")
+            layout = {**self._layout(), **fields}
+
+            def fail(field: str, allowed: str, key: str = key, layout: dict = layout) -> None:
+                raise ValueError(f"SWSCConfig.layer_overrides[{key!r}] gives {field}={layout.get(field)!r}, which "
+                                 f"is invalid: {allowed}")
+
+            self._validate_layout(fail, layout)
+
+    def _layout(self, name: str | None = None) -> dict[str, Any]:
+        """The layout fields (`OVERRIDABLE`) for layer `name`: the config's, with the `layer_overrides` whose key
+        matches `name` applied in order (none when `name` is None)."""
+        layout = {field: getattr(self, field) for field in OVERRIDABLE}
+        if name is not None:
+            parts = name.split(".")
+            for key, fields in self.layer_overrides.items():
+                wanted = key.split(".")
+                if any(parts[i:i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1)):
+                    layout.update(fields)
+        return layout
 
     # ---- resolution ----------------------------------------------------------------------------------------
     def layer_spec(self, name: str, out_features: int, in_features: int,
                    allocation: dict[str, LayerSpec] | None = None) -> LayerSpec:
         """The layout of module `name`: the saved one if compressed already, else the one `allocation` chose for
-        `bits=` (calibrated), else resolved from the fields."""
+        `bits=` (calibrated), else resolved from the fields and the `layer_overrides` that match `name`."""
         if name in self.compressed_layers:
             spec = LayerSpec.from_dict(self.compressed_layers[name])
             if (spec.out_features, spec.in_features) != (out_features, in_features):
@@ -373,23 +425,24 @@ class SWSCConfig(QuantizationConfigMixin):
             return spec
         if self.bits is not None:
             return (allocation or {}).get(name) or uniform_choice(out_features, in_features, self.bits)
+        layout = self._layout(name)
         channels, length = (out_features, in_features) if self.cluster_dim == "output" else (in_features, out_features)
-        n = self.n_clusters
+        n = layout["n_clusters"]
         k = max(1, round(n * channels)) if isinstance(n, float) else min(n, 2**16)
-        segment = length if self.segment_length is None else self.segment_length
+        segment = length if layout["segment_length"] is None else layout["segment_length"]
         if n and length % segment:
             raise ValueError(f"SWSCConfig.segment_length={segment} does not divide the {length}-long channels of "
                              f"{name}; pick a divisor or add {name!r} to modules_to_not_convert")
-        group = {0: 0, -1: length}.get(self.scale_group_size, self.scale_group_size)
+        group = {0: 0, -1: length}.get(layout["scale_group_size"], layout["scale_group_size"])
         if n and group:
             group = fitting_scale_group(group, length, segment)
-        rank = self.rank
+        rank = layout["rank"]
         if self.parameter_ratio is not None and not n:
             rank = max(1, rank_for_ratio(self.parameter_ratio, out_features, in_features))
         return LayerSpec(
             out_features=out_features, in_features=in_features, n_clusters=k if n else 0, segment_length=segment,
             cluster_dim=self.cluster_dim, rank=min(rank, out_features, in_features),
-            scale_group_size=group if n else 0, rows_per_codebook=self.rows_per_codebook,
+            scale_group_size=group if n else 0, rows_per_codebook=layout["rows_per_codebook"],
         )
 
     def head_spec(self, out_features: int, in_features: int) -> LayerSpec:

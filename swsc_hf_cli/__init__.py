@@ -9,6 +9,7 @@ parsed here first with the standard library only (`swsc-hf --help` and argument 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 BUNDLED = "bundled:smollm2"
@@ -41,6 +42,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); e.g. "
+                                         '\'{"down_proj": {"scale_group_size": 64}}\'') from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object of layer name -> layout fields")
+    return value
+
+
 def _add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="dtype of the model's dense parts; auto (default) keeps the source checkpoint's")
@@ -63,6 +75,10 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-dim", choices=["output", "input"])
     parser.add_argument("--scale-group-size", type=int, help="values per scale; 0 none, -1 one per channel")
     parser.add_argument("--table-dtype", choices=["float16", "bfloat16", "float32", "auto"])
+    parser.add_argument("--layer-overrides", type=_json_object,
+                        help="layout fields for some layers, as JSON, e.g. "
+                             '\'{"down_proj": {"scale_group_size": 64}}\' (keys match dotted parts of layer names; '
+                             "see SWSCConfig.layer_overrides)")
     parser.add_argument("--head-bits", type=int,
                         help="also compress the output head (lm_head) with 2**N shared values scaled per 128 weights "
                              "(2-8; default: the head stays dense)")
@@ -71,11 +87,12 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-seq-len", type=int, help="calibration sequence length")
     parser.add_argument("--refit-rounds", type=int,
                         help="with --calibration: rounds refitting each matrix's scales and codebook to its output "
-                             "error, codes chosen again between rounds (0 = off; the -cal presets at 4.25 and 3.25 "
-                             "bits use 4, at 2.2 bits 2)")
+                             "error, codes chosen again between rounds (0 = off; the calibrated presets at 4.25, "
+                             "3.25 and 2.2 bits use 4)")
     parser.add_argument("--refit-damp", type=float,
                         help="with --refit-rounds: the refit's ridge, this fraction of each Hessian's mean diagonal "
-                             "added to it, so the tables fit the calibration text less closely (default 0)")
+                             "added to it, so the tables fit the calibration text less closely (default 0; the "
+                             "2.2-bit calibrated preset uses 0.1)")
     parser.add_argument("--tune-steps", type=int,
                         help="with --calibration: steps of distillation toward the dense model (default 64; 0 = off)")
     parser.add_argument("--layer-tune-steps", type=int,

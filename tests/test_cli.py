@@ -89,6 +89,19 @@ def test_bad_arguments_give_a_clear_error(tiny_with_tokenizer, tmp_path, capsys)
     assert not (tmp_path / "x").exists()
 
 
+def test_compress_layer_overrides_reach_the_layers_they_name(tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "compressed"
+    assert main(["compress", str(tiny_with_tokenizer), str(out), "--preset", "swsc-4bit",
+                 "--layer-overrides", '{"down_proj": {"scale_group_size": 16}}']) == 0
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["compressed_layers"]
+    assert {name: layer["scale_group_size"] for name, layer in layers.items() if name.endswith("down_proj")} == {
+        "model.layers.0.mlp.down_proj": 16, "model.layers.1.mlp.down_proj": 16}
+    assert {layer["scale_group_size"] for name, layer in layers.items() if not name.endswith("down_proj")} == {64}
+    with pytest.raises(SystemExit):
+        main(["compress", str(tiny_with_tokenizer), str(tmp_path / "x"), "--layer-overrides", "{down_proj: 16}"])
+    assert "is not JSON" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_compress_bits_ladder_scalar_keeps_every_layer_a_scalar_table(tiny_with_tokenizer, tmp_path):
     """`--bits-ladder scalar` reaches the calibrated allocation: every layer gets a scalar table (the fastest
     kernels), and the choice is saved in config.json; `--head-bits` gives the head its own table, and the tuning

@@ -49,6 +49,15 @@ from swsc_hf.core.spec import LayerSpec
         (dict(time_budget=float("inf")), "time_budget"),
         (dict(compressed_layers={"a": {"out_features": 4, "in_features": 4, "n_clusters": 2, "segment_length": 3}}),
          "compressed_layers"),
+        (dict(layer_overrides=["down_proj"]), "layer_overrides"),
+        (dict(layer_overrides={"down_proj": 64}), "layer_overrides"),
+        (dict(layer_overrides={"down_proj": {"tune_lr": 1e-3}}),
+         r"layer_overrides\['down_proj'\] sets \['tune_lr'\]"),
+        (dict(layer_overrides={"down_proj": {"scale_group_size": -5}}),
+         r"layer_overrides\['down_proj'\] gives scale_group_size=-5"),
+        (dict(n_clusters=16, rank=0, layer_overrides={"q_proj": {"n_clusters": 0}}),
+         r"\['q_proj'\] gives n_clusters=0"),
+        (dict(bits=3.0, layer_overrides={"down_proj": {"rank": 4}}), "drop \\['layer_overrides'\\]"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field):
@@ -87,6 +96,45 @@ def test_layer_spec_resolution():
     assert scaled.scale_group_size == 96  # rounded down to a divisor of 576
     with pytest.raises(ValueError, match="segment_length"):
         SWSCConfig(n_clusters=16, segment_length=5).layer_spec("x", 8, 64)
+
+
+def test_layer_overrides_set_the_layout_of_the_layers_they_name():
+    """A key matches whole dotted parts of a layer's name, anywhere in it (an expert's matrix too); later keys win;
+    the other layers keep the config's layout."""
+    config = SWSCConfig(preset="swsc-2bit", layer_overrides={"down_proj": {"scale_group_size": 64},
+                                                             "layers.1.mlp.down_proj": {"n_clusters": 16}})
+    first = config.layer_spec("model.layers.0.mlp.down_proj", 576, 1536)
+    assert (first.n_clusters, first.segment_length, first.scale_group_size) == (256, 4, 64)
+    second = config.layer_spec("model.layers.1.mlp.down_proj", 576, 1536)
+    assert (second.n_clusters, second.scale_group_size) == (16, 64)
+    expert = config.layer_spec("model.layers.0.mlp.experts.compressed.down_proj.3", 576, 1536)
+    assert expert.scale_group_size == 64
+    for other in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.shutdown_proj", "model.layers.11.mlp.up_proj"):
+        assert config.layer_spec(other, 576, 1536) == SWSCConfig(preset="swsc-2bit").layer_spec(other, 576, 1536)
+    assert SWSCConfig(preset="swsc-2bit").layer_overrides == {}
+
+
+def test_compression_gives_overridden_layers_their_layout_and_saves_it(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    config = SWSCConfig(n_clusters=8, segment_length=2, rank=0, scale_group_size=16,
+                        layer_overrides={"down_proj": {"scale_group_size": 8}})
+    swsc_hf.compress_model(model, config)
+    groups = {name: m.spec.scale_group_size for name, m in model.named_modules()
+              if isinstance(m, swsc_hf.SWSCLinear)}
+    assert {g for name, g in groups.items() if name.endswith("down_proj")} == {8}
+    assert {g for name, g in groups.items() if not name.endswith("down_proj")} == {16}
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["layer_overrides"] == {"down_proj": {"scale_group_size": 8}}
+    assert saved["compressed_layers"]["model.layers.0.mlp.down_proj"]["scale_group_size"] == 8
+
+
+def test_layer_overrides_are_not_shared_between_configs():
+    first, second = SWSCConfig(preset="swsc-2.2b-cal"), SWSCConfig(preset="swsc-2.2b-cal")
+    first.layer_overrides["q_proj"] = {"rank": 4}
+    assert "q_proj" not in second.layer_overrides and "q_proj" not in PRESETS["swsc-2.2b-cal"].get(
+        "layer_overrides", {})
 
 
 def test_saved_layout_must_match_the_architecture():
