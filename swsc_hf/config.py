@@ -123,7 +123,8 @@ class SWSCConfig(QuantizationConfigMixin):
             GPTQ's `dynamic`), e.g. {"down_proj": {"scale_group_size": 64}}; a key matches the layers whose dotted
             name contains its dotted parts in a row ("down_proj", "mlp.down_proj", "layers.0.mlp.down_proj"),
             later keys winning. Fields: n_clusters, segment_length, scale_group_size, rows_per_codebook, rank. Not
-            combinable with `bits` (which chooses every layer's layout).
+            combinable with `bits` (which chooses every layer's layout). Given explicitly, it replaces a preset's
+            overrides as a whole (copy `PRESETS[name]["layer_overrides"]` into it to keep them).
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
             float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
         modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings

@@ -135,6 +135,8 @@ def test_layer_overrides_are_not_shared_between_configs():
     first.layer_overrides["q_proj"] = {"rank": 4}
     assert "q_proj" not in second.layer_overrides and "q_proj" not in PRESETS["swsc-2.2b-cal"].get(
         "layer_overrides", {})
+    explicit = SWSCConfig(preset="swsc-2.2b-cal", layer_overrides={"q_proj": {"rank": 4}})
+    assert explicit.layer_overrides == {"q_proj": {"rank": 4}}  # replaces the preset's, as every explicit field
 
 
 def test_saved_layout_must_match_the_architecture():
