@@ -124,7 +124,8 @@ class SWSCConfig(QuantizationConfigMixin):
             name contains its dotted parts in a row ("down_proj", "mlp.down_proj", "layers.0.mlp.down_proj"),
             later keys winning. Fields: n_clusters, segment_length, scale_group_size, rows_per_codebook, rank. Not
             combinable with `bits` (which chooses every layer's layout). Given explicitly, it replaces a preset's
-            overrides as a whole (copy `PRESETS[name]["layer_overrides"]` into it to keep them).
+            overrides as a whole (copy `PRESETS[name]["layer_overrides"]` into it to keep them). Layers sharing a
+            basis (`share_group_size` > 1) take its rank from `rank`/`parameter_ratio`, not from an override.
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
             float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
         modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings
