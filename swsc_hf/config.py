@@ -70,9 +70,8 @@ TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 TUNE_DTYPES = ("float32", "bfloat16", "auto")
 SHARE_SELECTIONS = ("types", "loss")
 BITS_LADDERS = ("all", "scalar")
-BITS_CHOOSES = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
-# The layout fields `layer_overrides` may set for some layers.
-OVERRIDABLE = BITS_CHOOSES
+# A layer's layout fields: what `bits=` chooses for every layer, and what `layer_overrides` may set for some.
+LAYOUT_FIELDS = ("n_clusters", "segment_length", "scale_group_size", "rows_per_codebook", "rank")
 
 DEFAULT_NOT_CONVERT = ["lm_head", "embed_tokens", "embed_out", "wte", "wpe"]
 # The output heads among them, compressed when `head_bits` is set.
@@ -256,12 +255,12 @@ class SWSCConfig(QuantizationConfigMixin):
         for key, value in values.items():
             setattr(self, key, value)
         if bits is not None:
-            chosen = sorted([k for k in BITS_CHOOSES if given.get(k) is not None]
+            chosen = sorted([k for k in LAYOUT_FIELDS if given.get(k) is not None]
                             + (["layer_overrides"] if given.get("layer_overrides") else []))
             if chosen or (preset is not None and preset_bits is None and not saved):
                 raise ValueError(f"SWSCConfig.bits={bits!r} chooses every layer's layout itself; drop "
                                  f"{chosen or ['preset']} or drop bits")
-            for key in BITS_CHOOSES:
+            for key in LAYOUT_FIELDS:
                 setattr(self, key, None)
         self.bits = bits
         self.preset = preset
@@ -380,17 +379,14 @@ class SWSCConfig(QuantizationConfigMixin):
                 isinstance(key, str) and key and isinstance(fields, dict) for key, fields in overrides.items()):
             raise ValueError(f"SWSCConfig.layer_overrides={overrides!r} is invalid: use a dict of layer name -> "
                              'dict of layout fields, e.g. {"down_proj": {"scale_group_size": 64}}')
-        if overrides and self.bits is not None:
-            raise ValueError("SWSCConfig.layer_overrides is set with bits=, which chooses every layer's layout "
-                             "itself; drop one of them")
         if len(overrides) > MAX_COMPRESSED_LAYERS:
             raise ValueError(f"SWSCConfig.layer_overrides lists {len(overrides)} layers, more than the "
                              f"{MAX_COMPRESSED_LAYERS} any supported model has: the config is corrupted")
         for key, fields in overrides.items():
-            unknown = sorted(set(fields) - set(OVERRIDABLE))
+            unknown = sorted(set(fields) - set(LAYOUT_FIELDS))
             if unknown:
                 raise ValueError(f"SWSCConfig.layer_overrides[{key!r}] sets {unknown}, which are not layout fields; "
-                                 f"use some of {list(OVERRIDABLE)}")
+                                 f"use some of {list(LAYOUT_FIELDS)}")
             layout = {**self._layout(), **fields}
 
             def fail(field: str, allowed: str, key: str = key, layout: dict = layout) -> None:
@@ -400,9 +396,9 @@ class SWSCConfig(QuantizationConfigMixin):
             self._validate_layout(fail, layout)
 
     def _layout(self, name: str | None = None) -> dict[str, Any]:
-        """The layout fields (`OVERRIDABLE`) for layer `name`: the config's, with the `layer_overrides` whose key
+        """The layout fields (`LAYOUT_FIELDS`) for layer `name`: the config's, with the `layer_overrides` whose key
         matches `name` applied in order (none when `name` is None)."""
-        layout = {field: getattr(self, field) for field in OVERRIDABLE}
+        layout = {field: getattr(self, field) for field in LAYOUT_FIELDS}
         if name is not None:
             parts = name.split(".")
             for key, fields in self.layer_overrides.items():
