@@ -34,8 +34,9 @@ FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict
 
 # The 2.2-bit preset refits its tables in 4 rounds with a ridge (`refit_damp`) and scales its down projections per
 # 64 weights (`layer_overrides`) since 2026-12-06 (after a few hours with 2 rounds, no ridge, scales per 128): the
-# rows measured with 2 rounds add the first, those measured without the refit (in bfloat16) the second.
-BEFORE_2_2B_RIDGE = dict(refit_rounds=2, refit_damp=0.0, layer_overrides={})
+# rows measured with 2 rounds add the first, those measured without the refit (in bfloat16) the second. Both tuned
+# 448 steps, the preset's count until it took 576 later that day.
+BEFORE_2_2B_RIDGE = dict(refit_rounds=2, refit_damp=0.0, layer_overrides={}, tune_steps=448)
 BEFORE_2_2B_REFIT = dict(BEFORE_2_2B_RIDGE, refit_rounds=0)
 
 # The 2.2-bit preset's scales step before 2026-12-05, when it became three times the default (6e-3 of each layer's
@@ -142,10 +143,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                                  **BEFORE_REFIT)),
     # The 2.2-bit preset as it was until 2026-12-05 (224 steps tuned in float32), and the same steps tuned with
     # bfloat16 matrix products (`tune_dtype`); twice the steps in bfloat16 became the preset
-    "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **FORMER_STEPS["2.2"],
-                                           **BEFORE_BF16_TUNING, **BEFORE_2_2B_SCALES_STEP)),
-    "swsc-2.2b-cal-bf16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=224,
-                                           tune_dtype="bfloat16", **BEFORE_2_2B_SCALES_STEP)),
+    "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_BF16_TUNING,
+                                           **dict(BEFORE_2_2B_SCALES_STEP, **FORMER_STEPS["2.2"]))),
+    "swsc-2.2b-cal-bf16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_dtype="bfloat16",
+                                           **dict(BEFORE_2_2B_SCALES_STEP, tune_steps=224))),
     # The 2.2-bit preset with the default scales step (2e-3 of each layer's mean scale), as it was until 2026-12-05
     "swsc-2.2b-cal-scales2e-3": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
                                                  **BEFORE_2_2B_SCALES_STEP)),
@@ -158,6 +159,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # this with its down projections scaled per 64 weights
     "swsc-2.2b-cal-refit4-damp0.1": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2",
                                                      **dict(BEFORE_2_2B_RIDGE, refit_rounds=4, refit_damp=0.1))),
+    # The 2.2-bit preset as it was for a few hours of 2026-12-06: 448 tuning steps (576 since, in the time the fused
+    # distillation loss and the head cast once per tuning run saved); measured with the unfused loss
+    "swsc-2.2b-cal-down64-t448": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=448)),
+    # The 2.2-bit preset with its value and output projections scaled per 48 weights too (2.241 bits)
+    "swsc-2.2b-cal-vo48": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=576,
+                                           layer_overrides={"down_proj": {"scale_group_size": 64},
+                                                            "v_proj": {"scale_group_size": 48},
+                                                            "o_proj": {"scale_group_size": 48}})),
     # The 2.2-bit preset as it was until 2026-12-06, without refitting its tables to each layer's output error
     "swsc-2.2b-cal-no-refit": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_REFIT)),
     # ... and with twice the codebooks' tuning step (2e-3)

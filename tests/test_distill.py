@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import swsc_hf
-from swsc_hf import SWSCConfig
-from swsc_hf.distill import DenseTeacher, compute_dtype_for, distill_tables
+from swsc_hf import SWSCConfig, distill
+from swsc_hf.distill import DenseTeacher, compute_dtype_for, distill_tables, distillation_kl
 from swsc_hf.table_training import scale_step_groups
 
 
@@ -49,6 +49,44 @@ def test_distillation_lowers_kl_and_keeps_the_layout(tmp_path):
     with torch.no_grad():
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")
         assert torch.equal(reloaded(held_out).logits, model(held_out).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_distillation_kl_equals_kl_div_in_value_and_gradient(dtype, monkeypatch):
+    """The fused, chunked KL against autograd through log_softmax and F.kl_div (the unfused oracle), with chunks of
+    3 rows over 2 x 7 positions, so the last chunk is partial."""
+    monkeypatch.setattr(distill, "KL_CHUNK_VALUES", 3 * 50)
+    generator = torch.Generator().manual_seed(0)
+    logits = (4 * torch.randn(2, 7, 50, generator=generator)).to(dtype).requires_grad_(True)
+    target = (4 * torch.randn(2, 7, 50, generator=generator)).to(dtype)
+    oracle = F.kl_div(logits.float().log_softmax(-1).flatten(0, -2), target.float().log_softmax(-1).flatten(0, -2),
+                      log_target=True, reduction="batchmean")
+    (expected,) = torch.autograd.grad(3.0 * oracle, logits)
+    fused = distillation_kl(logits, target)
+    (grad,) = torch.autograd.grad(3.0 * fused, logits)
+    assert fused.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(fused, oracle, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.float(), expected.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        distillation_kl(logits, target[:, :6])
+
+
+def test_bfloat16_tuning_puts_the_tied_head_back():
+    """bfloat16 tuning runs the frozen head on a bfloat16 copy of its weight; afterwards the head holds its own
+    float32 parameter again, still tied to the input embeddings."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.15, tie_word_embeddings=True)).eval()
+    teacher = copy.deepcopy(model)
+    head = model.lm_head.weight
+    swsc_hf.compress_model(model, SWSCConfig(n_clusters=4, segment_length=1, rank=0, scale_group_size=32))
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    distill_tables(model, teacher, [ids], steps=2, compute_dtype="bfloat16")
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert model.lm_head.weight is head and model.model.embed_tokens.weight is head
+    assert head.dtype == torch.float32 and teacher.lm_head.weight.dtype == torch.float32
 
 
 def test_dense_teacher_gives_the_dense_logits_and_puts_the_compressed_layers_back(calibration):
