@@ -135,7 +135,8 @@ class _DistillationKL(torch.autograd.Function):
         vocab = logits.shape[-1]
         student, teacher = logits.reshape(-1, vocab), target_logits.reshape(-1, vocab)
         rows = student.shape[0]
-        grad = torch.empty_like(student)
+        grad = logits.new_empty(logits.shape)  # contiguous, in the logits' shape: backward returns it as it is
+        grad_rows = grad.view(-1, vocab)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         chunk = max(1, KL_CHUNK_VALUES // vocab)
         for start in range(0, rows, chunk):
@@ -144,15 +145,14 @@ class _DistillationKL(torch.autograd.Function):
             log_q = student[start:stop].float().log_softmax(-1)
             p = log_p.exp()
             total += (p * (log_p - log_q)).sum()
-            grad[start:stop] = log_q.exp_().sub_(p).div_(rows)
+            grad_rows[start:stop] = log_q.exp_().sub_(p).div_(rows)
         ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
         return (total / rows).float()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).reshape(ctx.shape), None
+        return grad * grad_output.to(grad.dtype), None
 
 
 def distillation_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
