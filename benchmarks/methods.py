@@ -28,15 +28,20 @@ BEFORE_BF16_TUNING = dict(tune_dtype="float32")
 # each still reproduces its record.
 BEFORE_REFIT = dict(refit_rounds=0, refit_damp=0.0, layer_overrides={}, **BEFORE_BF16_TUNING)
 
+# The 2.2-bit preset tunes its layer norms beside the tables (`tune_norms_lr`) since 2026-12-06, when the teacher
+# stopped sharing them (before, tuned norms moved the teacher's too); the rows built on it that were measured before
+# add this.
+BEFORE_2_2B_NORMS = dict(tune_norms_lr=0.0)
+
 # Each calibrated preset's tuning steps before 2026-12-05, when the 3.25- and 2.2-bit ones spent the time bfloat16
 # saved on more (256 instead of 160, 448 instead of 224); rows built on a preset without their own steps add these.
-FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict(tune_steps=224)}
+FORMER_STEPS = {"4.25": {}, "3.25": dict(tune_steps=160), "3.2": {}, "2.2": dict(tune_steps=224, **BEFORE_2_2B_NORMS)}
 
 # The 2.2-bit preset refits its tables in 4 rounds with a ridge (`refit_damp`) and scales its down projections per
 # 64 weights (`layer_overrides`) since 2026-12-06 (after a few hours with 2 rounds, no ridge, scales per 128): the
 # rows measured with 2 rounds add the first, those measured without the refit (in bfloat16) the second. Both tuned
 # 448 steps, the preset's count until it took 576 later that day.
-BEFORE_2_2B_RIDGE = dict(refit_rounds=2, refit_damp=0.0, layer_overrides={}, tune_steps=448)
+BEFORE_2_2B_RIDGE = dict(refit_rounds=2, refit_damp=0.0, layer_overrides={}, tune_steps=448, **BEFORE_2_2B_NORMS)
 BEFORE_2_2B_REFIT = dict(BEFORE_2_2B_RIDGE, refit_rounds=0)
 
 # The 2.2-bit preset's scales step before 2026-12-05, when it became three times the default (6e-3 of each layer's
@@ -136,11 +141,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                             **BEFORE_REFIT)),
     # The 2.2-bit preset with half its tuning steps
     "swsc-2.2b-cal-t128": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
-                                           tune_steps=128, **FIRST_TUNING, **BEFORE_REFIT)),
+                                           tune_steps=128, **FIRST_TUNING, **BEFORE_REFIT,
+                                           **BEFORE_2_2B_NORMS)),
     # ... and with its output head compressed too, to a 6-bit scalar table (`head_bits=6`; the embedding stays dense)
     "swsc-2.2b-cal-t128-head6": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16,
                                                  tune_steps=128, head_bits=6, **FIRST_TUNING,
-                                                 **BEFORE_REFIT)),
+                                                 **BEFORE_REFIT, **BEFORE_2_2B_NORMS)),
     # The 2.2-bit preset as it was until 2026-12-05 (224 steps tuned in float32), and the same steps tuned with
     # bfloat16 matrix products (`tune_dtype`); twice the steps in bfloat16 became the preset
     "swsc-2.2b-cal-t224": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_BF16_TUNING,
@@ -161,9 +167,14 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                                      **dict(BEFORE_2_2B_RIDGE, refit_rounds=4, refit_damp=0.1))),
     # The 2.2-bit preset as it was for a few hours of 2026-12-06: 448 tuning steps (576 since, in the time the fused
     # distillation loss and the head cast once per tuning run saved); measured with the unfused loss
-    "swsc-2.2b-cal-down64-t448": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=448)),
+    "swsc-2.2b-cal-down64-t448": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=448,
+                                                  **BEFORE_2_2B_NORMS)),
+    # ... and with 576 steps, as it was until its norms were tuned too (with the former nearest-codeword search)
+    "swsc-2.2b-cal-t576": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=576,
+                                           **BEFORE_2_2B_NORMS)),
     # The 2.2-bit preset with its value and output projections scaled per 48 weights too (2.241 bits)
     "swsc-2.2b-cal-vo48": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=576,
+                                           **BEFORE_2_2B_NORMS,
                                            layer_overrides={"down_proj": {"scale_group_size": 64},
                                                             "v_proj": {"scale_group_size": 48},
                                                             "o_proj": {"scale_group_size": 48}})),
@@ -180,7 +191,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
        for b in ("4.25", "3.25")},
     # The 2.2-bit preset as it was until 2026-12-04: fitted on 16 windows, tuned 256 steps
     "swsc-2.2b-cal-n16": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", n_samples=16, tune_steps=256,
-                                          **FIRST_TUNING, **BEFORE_REFIT)),
+                                          **FIRST_TUNING, **BEFORE_REFIT, **BEFORE_2_2B_NORMS)),
     # The former (16-window) 4.25-bit preset with its head in a 6-bit table beside the budget, and with the head
     # inside the budget (the `bits=` allocation sizes it with the other linears; the tied embedding stays dense)
     "swsc-4.25b-cal-head6": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
@@ -229,6 +240,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # 4.25 bits (16 windows cycled) 1e-3, measured worse than the preset; at 3.2 bits (fresh windows) 3e-4
     "swsc-4.25b-cal-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
                                              tune_norms_lr=1e-3, **FIRST_TUNING, **BEFORE_REFIT)),
+    # ... and the preset with its norms tuned (step 1e-3) since the teacher keeps its own (2026-12-06)
+    "swsc-4.25b-cal-tuned-norms": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_norms_lr=1e-3)),
     "swsc-3.2b-cal-norms": ("swsc_hf", dict(preset="swsc-3.2b-cal", dataset="wikitext2", n_samples=16,
                                             tune_steps=128, tune_norms_lr=3e-4, **FIRST_TUNING)),
     # The SWSC paper's recipe on the query and key projections only (where its reported gains over RTN likely come

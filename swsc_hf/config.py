@@ -50,8 +50,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
-                          n_samples=64, seq_len=512, tune_steps=576, tune_scales_lr=6e-3, refit_rounds=4,
-                          refit_damp=0.1, layer_overrides={"down_proj": {"scale_group_size": 64}},
+                          n_samples=64, seq_len=512, tune_steps=640, tune_scales_lr=6e-3, tune_norms_lr=1e-3,
+                          refit_rounds=4, refit_damp=0.1, layer_overrides={"down_proj": {"scale_group_size": 64}},
                           tune_dtype="auto"),
 }
 # Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.

@@ -36,18 +36,25 @@ class DenseTeacher:
     """The dense model that `model` was before compression, without a second copy of it.
 
     `modules` maps module names to the dense modules compression replaced (kept alive by this object); a call swaps
-    them back in, runs `model` without gradients and swaps the compressed ones back, returning the logits.
+    them back in, runs `model` without gradients and swaps the compressed ones back, returning the logits. When the
+    layer norms are tuned too, `modules` also holds frozen copies of them (`keep_norms`), since the model's own
+    norms change during tuning while the teacher's must not.
     """
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], keeps_norms: bool = False) -> None:
         self.model = model
         self.modules = modules
+        self.keeps_norms = keeps_norms
 
     @classmethod
-    def before_compression(cls, model: nn.Module, names: list[str]) -> DenseTeacher:
+    def before_compression(cls, model: nn.Module, names: list[str], keep_norms: bool = False) -> DenseTeacher:
         """The teacher for `model`'s modules `names`, taken before they are compressed: shallow copies that keep
-        the dense tensors even where compression empties the original module (fused experts)."""
-        return cls(model, {name: _shallow_copy(model.get_submodule(name)) for name in names})
+        the dense tensors even where compression empties the original module (fused experts). `keep_norms` adds
+        frozen copies of the layer norms (a few thousand values), for tuning that trains them."""
+        modules = {name: _shallow_copy(model.get_submodule(name)) for name in names}
+        if keep_norms:
+            modules.update({name: _frozen_copy(module) for name, module in model.named_modules() if _is_norm(module)})
+        return cls(model, modules, keeps_norms=keep_norms)
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -69,10 +76,22 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return clone
 
 
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of a leaf module whose parameters are copies too: training the original leaves it as it was."""
+    clone = _shallow_copy(module)
+    clone._parameters = {name: None if param is None else nn.Parameter(param.detach().clone(), requires_grad=False)
+                         for name, param in module._parameters.items()}
+    return clone
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A layer norm with parameters of its own."""
+    return "norm" in type(module).__name__.lower() and next(module.parameters(recurse=False), None) is not None
+
+
 def norm_modules(model: nn.Module) -> list[nn.Module]:
     """The layer norms of `model`: a few thousand dense values that tuning may adjust."""
-    return [module for module in model.modules()
-            if "norm" in type(module).__name__.lower() and next(module.parameters(recurse=False), None) is not None]
+    return [module for module in model.modules() if _is_norm(module)]
 
 
 def _in_input_dtype(module: nn.Module, args: tuple, output):
@@ -210,6 +229,10 @@ def distill_tables(
     if steps < 1 or not batches:
         raise ValueError(f"distill_tables needs steps >= 1 and at least one batch, got steps={steps} and "
                          f"{len(batches)} batches")
+    if norms_lr is not None and isinstance(teacher, DenseTeacher) and not teacher.keeps_norms:
+        raise ValueError("distill_tables: norms_lr is set but the DenseTeacher shares the model's layer norms, so "
+                         "the teacher would drift with them; build it with DenseTeacher.before_compression(model, "
+                         "names, keep_norms=True)")
     if time_budget is not None and not time_budget > 0:
         raise ValueError(f"distill_tables: time_budget={time_budget!r} is invalid; use None or seconds > 0")
     dtypes = {name: param.dtype for name, param in model.named_parameters()}

@@ -171,7 +171,8 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
     config.check_compressible()
     plan_head(model, config)
     config.plan_bits(linear_shapes(model, config))
-    teacher = DenseTeacher.before_compression(model, target_names(model, config)) if config.tunes else None
+    teacher = (DenseTeacher.before_compression(model, target_names(model, config), keep_norms=config.tune_norms_lr > 0)
+               if config.tunes else None)
     compress_linears(model, config, tokenizer)
     mark_compressed(model, config, SWSCQuantizer(config, pre_quantized=True))
     if teacher is not None:

@@ -89,12 +89,17 @@ def test_bfloat16_tuning_puts_the_tied_head_back():
     assert head.dtype == torch.float32 and teacher.lm_head.weight.dtype == torch.float32
 
 
-def test_dense_teacher_gives_the_dense_logits_and_puts_the_compressed_layers_back(calibration):
+def tiny_model_with_dense_copy() -> tuple[nn.Module, nn.Module, torch.Tensor, list[str]]:
+    """A tiny Llama, a dense copy of it, a batch of ids and the names of its linears below the head."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(initializer_range=0.15)).eval()
-    dense = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    return model, copy.deepcopy(model), ids, names
+
+
+def test_dense_teacher_gives_the_dense_logits_and_puts_the_compressed_layers_back(calibration):
+    model, dense, ids, names = tiny_model_with_dense_copy()
     teacher = DenseTeacher.before_compression(model, names)
     swsc_hf.compress_model(model, SWSCConfig(n_clusters=4, segment_length=1, rank=0, scale_group_size=32))
     with torch.no_grad():
@@ -102,6 +107,20 @@ def test_dense_teacher_gives_the_dense_logits_and_puts_the_compressed_layers_bac
         assert torch.equal(teacher(ids), dense(ids).logits)
         assert torch.equal(model(ids).logits, compressed)  # the compressed layers are back in place
     assert all(isinstance(model.get_submodule(n), swsc_hf.SWSCLinear) for n in names)
+
+
+def test_dense_teacher_keeps_its_norms_while_tuning_trains_the_models(calibration):
+    """Tuning the norms must not move the teacher's: its logits stay the dense model's, bit for bit."""
+    model, dense, ids, names = tiny_model_with_dense_copy()
+    teacher = DenseTeacher.before_compression(model, names, keep_norms=True)
+    swsc_hf.compress_model(model, SWSCConfig(n_clusters=4, segment_length=1, rank=0, scale_group_size=32))
+    distill_tables(model, teacher, [ids], steps=3, lr=1e-2, norms_lr=1e-1)
+    assert not torch.equal(model.model.norm.weight, dense.model.norm.weight)  # the model's norms trained
+    with torch.no_grad():
+        assert torch.equal(teacher(ids), dense(ids).logits)
+    sharing = DenseTeacher.before_compression(model, names)
+    with pytest.raises(ValueError, match="keep_norms=True"):
+        distill_tables(model, sharing, [ids], steps=1, norms_lr=1e-3)
 
 
 def kl_after_compression(calibration, **tuning) -> tuple[float, nn.Module]:

@@ -214,8 +214,8 @@ def _nearest(vectors: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Nearest codeword of each vector (n, v) in a shared (K, v) codebook or its own (n, K, v) one."""
     if books.dim() == 2 and books.shape[1] == 1:
         return _nearest_scalar(vectors[:, 0], books)
-    if books.dim() == 2 and vectors.shape[0] * books.shape[0] > 1 << 20:
-        return assign(vectors, books)  # chunked, for large codebooks
+    if books.dim() == 2:
+        return assign(vectors, books)  # distances by one matmul, chunked for large codebooks
     return (vectors[:, None, :] - books).square().sum(dim=-1).argmin(dim=1)
 
 
