@@ -4,12 +4,13 @@
 
 Needs a CUDA GPU and triton (it exits with a message otherwise). Every (model, layer shape, layout, tokens) case
 times dense `F.linear` with the activations' dtype, the dispatch (`codebook_matmul`, what `SWSCLinear` runs) and
-each Triton kernel forced (`gemv`; `gemv_bytes`, its byte reader where the word reader would run; `dequant_gemm`)
-on random codes, tables and scales. Up to --graph-tokens tokens (decode) the calls are captured in a CUDA graph and
-replayed, so launch overhead is what a graphed decoder pays; above, they run eagerly. A timed call sweeps over
-enough copies of the layer to exceed the L2 cache four times, so the weights come from HBM as in a real decoder;
-the time per layer is the sweep's over the copies (median of --repeats sweeps after a warm-up). Each JSON line also
-has the bytes one call reads and the achieved GB/s.
+each Triton kernel forced (`gemv`; `gemv_token`, the one-token candidate, at one token; `gemv_bytes`, the GEMV's
+byte reader where the word reader would run; `dequant_gemm`) on random codes, tables and scales; --token-launches
+adds the one-token kernel at other launch shapes (a sweep, in the same run). Up to --graph-tokens tokens (decode)
+the calls are captured in a CUDA graph and replayed, so launch overhead is what a graphed decoder pays; above, they
+run eagerly. A timed call sweeps over enough copies of the layer to exceed the L2 cache four times, so the weights
+come from HBM as in a real decoder; the time per layer is the sweep's over the copies (median of --repeats sweeps
+after a warm-up). Each JSON line also has the bytes one call reads and the achieved GB/s.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--graph-tokens", type=int, default=8, help="up to this many tokens, time CUDA graphs")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="activations and dense weights")
     parser.add_argument("--repeats", type=int, default=20, help="timed sweeps per case (median kept)")
+    parser.add_argument("--token-launches", default="",
+                        help="one-token GEMV launches to sweep at one token, comma-separated "
+                             "BLOCK_N x BLOCK_W x warps x programs per SM, e.g. 32x32x4x4,64x32x8x4")
     parser.add_argument("--out", default=str(common.RESULTS / "gpu_speed.jsonl"), help="JSON lines appended here")
     return parser.parse_args(argv)
 
@@ -93,6 +97,18 @@ def time_sweep(calls: list, graphed: bool, repeats: int) -> float:
     return statistics.median(times)
 
 
+def token_launch(launch: str | None = None) -> str:
+    """The one-token GEMV's launch as "BLOCK_NxBLOCK_WxWARPSxPROGRAMS_PER_SM"; sets it first when given."""
+    from swsc_hf.kernels import triton_gpu
+
+    if launch:
+        block_n, block_w, warps, programs = (int(v) for v in launch.split("x"))
+        triton_gpu.TOKEN_BLOCK_N, triton_gpu.TOKEN_BLOCK_W = block_n, block_w
+        triton_gpu.TOKEN_WARPS, triton_gpu.TOKEN_PROGRAMS_PER_SM = warps, programs
+    return "x".join(str(v) for v in (triton_gpu.TOKEN_BLOCK_N, triton_gpu.TOKEN_BLOCK_W, triton_gpu.TOKEN_WARPS,
+                                      triton_gpu.TOKEN_PROGRAMS_PER_SM))
+
+
 def bench_shape(args, model: str, out_f: int, in_f: int, name: str, dtype: torch.dtype) -> list[dict]:
     from swsc_hf.kernels import triton_gpu
 
@@ -109,22 +125,29 @@ def bench_shape(args, model: str, out_f: int, in_f: int, name: str, dtype: torch
     for tokens in [int(t) for t in args.tokens.split(",")]:
         x = torch.randn(tokens, in_f, device="cuda", dtype=dtype)
         graphed = tokens <= args.graph_tokens
-        methods = {f"dense-{args.dtype}": ([lambda x=x, w=w: F.linear(x, w) for w in weights], dense_bytes),
+        methods = {f"dense-{args.dtype}": ([lambda x=x, w=w: F.linear(x, w) for w in weights], dense_bytes, None),
                    "swsc-dispatch": ([lambda x=x, t=t: codebook_matmul(x, *t, spec) for t in layers],
-                                     compressed_bytes)}
+                                     compressed_bytes, None)}
         for kernel in triton_gpu.KERNELS:
-            if kernel.startswith("gemv") and tokens > 64:
+            if kernel.startswith("gemv") and tokens > 64 or kernel == "gemv_token" and tokens > 1:
                 continue
             calls = [lambda x=x, t=t, k=kernel: triton_gpu.triton_codebook_matmul(x, *t, spec, kernel=k)
                      for t in layers]
-            methods[f"swsc-triton-{kernel}"] = (calls, compressed_bytes)
-        for method, (calls, nbytes) in methods.items():
+            methods[f"swsc-triton-{kernel}"] = (calls, compressed_bytes, None)
+            if kernel == "gemv_token":
+                for launch in filter(None, args.token_launches.split(",")):
+                    methods[f"swsc-triton-gemv_token@{launch}"] = (calls, compressed_bytes, launch)
+        default_launch = token_launch()
+        for method, (calls, nbytes, launch) in methods.items():
+            token_launch(launch)
             with torch.no_grad():
                 us = time_sweep(calls, graphed, args.repeats)
+            token_launch(default_launch)
             records.append({"model": model, "out_features": out_f, "in_features": in_f, "layout": name,
                             "tokens": tokens, "dtype": args.dtype, "method": method, "us": round(us, 2),
                             "cuda_graph": graphed, "weight_bytes": nbytes, "copies": len(calls),
-                            "gb_per_s": round(nbytes / us / 1e3, 1), "dispatch_max_rel_err": float(err)})
+                            "gb_per_s": round(nbytes / us / 1e3, 1), "dispatch_max_rel_err": float(err),
+                            "token_gemv_launch": launch or default_launch})
             print(f"{model} {out_f}x{in_f} {name} tokens={tokens} {method}: {us:.1f} us", flush=True)
     return records
 

@@ -673,9 +673,14 @@ def gpu_section(records: list[dict]) -> list[str]:
            "line says why). Uncaptured calls pay Python's launch cost, about 70-150 us a call on this machine (the "
            "JSON lines' GEMV rows above 8 tokens show the same floor), so the prefill ratios of the smaller layers "
            "measure that launch, not the GPU; the 8B layers' prefill is GPU-bound.", ""]
+    candidate = any(r["method"] == "swsc-triton-gemv_token" for r in records)
+    if candidate:
+        out[-2] += (" One-token kernel: `gemv_token` (`_gemv_token_kernel`), a candidate for the dispatch at one "
+                    "token, timed beside the GEMV as dispatched.")
     rows, ratios = [], {}
     for case in cases:
         decode = against_dense("swsc-triton-gemv", 1, case)
+        token = against_dense("swsc-triton-gemv_token", 1, case)
         nbytes = against_dense("swsc-triton-gemv_bytes", 1, case)
         prefill = against_dense("swsc-triton-dequant_gemm", 2048, case)
         if not (decode or prefill):
@@ -690,9 +695,24 @@ def gpu_section(records: list[dict]) -> list[str]:
                 row += ["-", "-", "-"]
             if phase == "decode":
                 row.append(fmt(nbytes[0]["us"], 1) if nbytes else "-")
+                if candidate and token:
+                    key = (case[3], "decode, one-token kernel")
+                    ratios.setdefault(key, []).append(token[1]["us"] / token[0]["us"])
+                    row += [fmt(token[0]["us"], 1), fmt(token[1]["us"] / token[0]["us"])]
+                elif candidate:
+                    row += ["-", "-"]
         rows.append(row)
+    candidate_columns = ["one-token kernel us", "x dense"] if candidate else []
     out += [table(["model", "layer (out x in)", "layout", "decode: dense us", "swsc GEMV us", "x dense",
-                   "byte reader us", "prefill: dense us", "swsc dequant + cuBLAS us", "x dense"], rows), ""]
+                   "byte reader us", *candidate_columns, "prefill: dense us", "swsc dequant + cuBLAS us", "x dense"],
+                  rows), ""]
+    launches = sorted({r["method"].split("@")[1] for r in records if "@" in r["method"]})
+    for case in cases:
+        for launch in launches:
+            pair = against_dense(f"swsc-triton-gemv_token@{launch}", 1, case)
+            if pair:
+                ratios.setdefault((case[3], f"decode, one-token kernel at launch {launch}"), []).append(
+                    pair[1]["us"] / pair[0]["us"])
     for (layout, phase), values in sorted(ratios.items()):
         geomean = math.exp(sum(math.log(v) for v in values) / len(values))
         out.append(f"- `{layout}` {phase}: {geomean:.2f}x dense "

@@ -53,6 +53,18 @@ def test_gpu_table_divides_each_kernel_by_the_dense_time_of_its_own_run():
     assert "| llama-3.1-8b | 4096x4096 | `swsc-4bit` | 13.0 | 26.0 | 0.50 | 65.0 | 80.0 | 100.0 | 0.80 |" in text
     assert "`swsc-4bit` decode: 0.50x dense" in text and "`swsc-4bit` prefill: 0.80x dense" in text
     assert report.gpu_section([]) == []
+    assert "one-token kernel" not in text  # no column for a candidate that was not timed
+
+
+def test_gpu_table_adds_the_one_token_kernel_and_its_launch_sweep_when_timed():
+    records = [gpu_record("r1", "dense-fp16", 1, 13.0), gpu_record("r1", "swsc-triton-gemv", 1, 26.0),
+               gpu_record("r1", "swsc-triton-gemv_bytes", 1, 65.0),
+               gpu_record("r1", "swsc-triton-gemv_token", 1, 10.0),
+               gpu_record("r1", "swsc-triton-gemv_token@64x32x8x4", 1, 6.5)]
+    text = "\n".join(report.gpu_section(records))
+    assert "| llama-3.1-8b | 4096x4096 | `swsc-4bit` | 13.0 | 26.0 | 0.50 | 65.0 | 10.0 | 1.30 | - | - | - |" in text
+    assert "`swsc-4bit` decode, one-token kernel: 1.30x dense" in text
+    assert "`swsc-4bit` decode, one-token kernel at launch 64x32x8x4: 2.00x dense" in text
 
 
 def speed_record(run: str, cpu: str, label: str, tokens_per_s: float, family: str = "swsc_hf") -> dict:

@@ -47,10 +47,12 @@ LAYOUTS = [
     (33, 64, 128, 2, "output", 32, 0),    # 7-bit pairs straddling bytes
     (30, 48, 16, 3, "output", 24, 0),     # 3-dim vectors, group 24
     (20, 36, 2, 1, "input", 10, 5),       # 1-bit codes, group 10, codebook per 5 channels
+    (64, 256, 16, 1, "output", 128, 0),   # swsc-4bit in whole tiles of the one-token GEMV (no masks)
+    (64, 512, 256, 4, "output", 128, 0),  # swsc-2bit in whole tiles of the one-token GEMV
 ]
 TOKENS = {torch.float32: (1, 3, 8, 9, 17), torch.bfloat16: (1, 5, 17)}  # each run is slow interpreted
-TOLERANCE = {torch.float32: {"gemv": 1e-5, "gemv_bytes": 1e-5, "dequant_gemm": 1e-5},
-             torch.bfloat16: {"gemv": 1e-2, "gemv_bytes": 1e-2, "dequant_gemm": 2e-2}}
+TOLERANCE = {torch.float32: {"gemv": 1e-5, "gemv_token": 1e-5, "gemv_bytes": 1e-5, "dequant_gemm": 1e-5},
+             torch.bfloat16: {"gemv": 1e-2, "gemv_token": 1e-2, "gemv_bytes": 1e-2, "dequant_gemm": 2e-2}}
 
 
 def make_layer(layout, seed: int = 0):
@@ -106,10 +108,26 @@ def test_transposed_product_is_the_input_gradient(layout):
 @pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[4], LAYOUTS[11]], ids=["output", "input", "odd"])
 def test_gemv_split_over_programs_adds_the_same_sum(layout):
     spec, tensors = make_layer(layout, seed=4)
-    x = torch.randn(3, spec.in_features, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    whole = triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel="gemv", split=1)
-    for split in (2, 3, 1000):
-        assert_close(triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel="gemv", split=split), whole, 1e-5)
+    for tokens, kernel in ((3, "gemv"), (1, "gemv_token")):
+        x = torch.randn(tokens, spec.in_features, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        whole = triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel=kernel, split=1)
+        for split in (2, 3, 1000):
+            got = triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel=kernel, split=split)
+            assert_close(got, whole, 1e-5)
+
+
+@runs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("segment", [2, 4])
+def test_one_token_kernel_reads_whole_codewords_of_any_table_dtype(dtype, segment):
+    """Codewords of 4 or 8 bytes are gathered as one integer and split into their values (16- or 32-bit)."""
+    spec, tensors = make_layer((24, 64, 256, segment, "output", 32, 0), seed=10)
+    tensors[1] = tensors[1].to(dtype)
+    packed = triton_gpu._packed_codewords(tensors[1])
+    assert (packed is not None) == (segment * tensors[1].element_size() in (4, 8))
+    x = torch.randn(1, spec.in_features, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    expected = reference_codebook_matmul(x.cpu(), *[t if t is None else t.cpu() for t in tensors], spec)
+    assert_close(triton_gpu.triton_codebook_matmul(x, *tensors, spec, kernel="gemv_token"), expected, 1e-5)
 
 
 @runs_kernels
@@ -184,14 +202,17 @@ def test_word_stream_covers_the_presets_and_says_why_not():
 @pytest.mark.parametrize("kernel,over,seg,bits,tokens", [
     ("gemv", True, 1, 4, 1), ("gemv", False, 1, 4, 1), ("gemv", True, 2, 6, 8), ("gemv", False, 3, 5, 2),
     ("dequant", None, 4, 8, None), ("dequant", None, 1, 3, None), ("words", None, 1, 4, 1), ("words", None, 4, 8, 4),
-    ("words", None, 1, 2, 8), ("dequant_words", None, 1, 4, None), ("dequant_words", None, 4, 8, None)])
+    ("words", None, 1, 2, 8), ("dequant_words", None, 1, 4, None), ("dequant_words", None, 4, 8, None),
+    ("token", True, 1, 4, 0), ("token", False, 1, 4, 0), ("token", True, 4, 8, 0), ("token", False, 2, 4, 0),
+    ("token", True, 4, 8, 16), ("token", False, 2, 8, 16)])
 def test_kernels_compile_for_hopper_without_a_gpu(kernel, over, seg, bits, tokens):
     """Triton's ahead-of-time compile for sm_90 (its bundled ptxas; no driver needed) of the kernels' variants."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = {"gemv": triton_gpu._gemv_kernel, "dequant": triton_gpu._dequant_kernel,
-          "words": triton_gpu._gemv_words_kernel, "dequant_words": triton_gpu._dequant_words_kernel}[kernel]
+          "words": triton_gpu._gemv_words_kernel, "dequant_words": triton_gpu._dequant_words_kernel,
+          "token": triton_gpu._gemv_token_kernel}[kernel]
     const = dict(SEG=seg, BITS=bits, K=2**bits, GROUP=128, HAS_SCALES=True)
     if kernel == "gemv":
         block_t = tokens
@@ -199,12 +220,15 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel, over, seg, bits, token
                      BLOCK_K=256 // block_t if over else 8)
     elif kernel == "words":
         const.update(BLOCK_T=tokens, BLOCK_N=4, BLOCK_W=4096 // (4 * tokens * 32 // bits * seg))
+    elif kernel == "token":  # one token; `over`: whole tiles (no masks) and one codebook, or not; `tokens`: VALUE_BITS
+        const.update(BLOCK_N=triton_gpu.TOKEN_BLOCK_N, BLOCK_W=triton_gpu.TOKEN_BLOCK_W, EVEN_N=over, EVEN_W=over,
+                     ONE_BOOK=over, VALUE_BITS=tokens)
     elif kernel == "dequant_words":
         const.update(BLOCK_R=4, BLOCK_W=1024 // (32 // bits * seg))
     else:
         const.update(BLOCK_R=16, BLOCK_C=128)
     pointers = {"x_ptr": "*bf16", "codes_ptr": "*u8", "words_ptr": "*i32", "book_ptr": "*fp16", "scales_ptr": "*fp16",
-                "out_ptr": "*bf16"}
+                "out_ptr": "*bf16", "packed_book_ptr": {4: "*i64", 2: "*i32"}.get(seg, "*fp16")}
     signature = {name: "constexpr" if name in const else pointers.get(name, "i32") for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn, signature, constexprs=const), target=GPUTarget("cuda", 90, 32),
                               options={"enable_fp_fusion": True})

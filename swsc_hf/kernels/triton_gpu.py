@@ -8,6 +8,10 @@
   scale groups a multiple of a word's values) and the outputs are channels, the GEMV reads the stream a word at a
   time instead (`_gemv_words_kernel`): one load per 4-32 codes and one scale load per word, not one of each per
   weight, and the products accumulate per lane until the end (one reduction per program, not one per step).
+- `gemv_token` (one token; a candidate, chosen only by `kernel="gemv_token"` until it is timed on a GPU):
+  `_gemv_token_kernel` keeps every tensor a (channels, words) tile in the word load's layout and unrolls a word's
+  codes, so the sm_90 build has no layout conversion in its loop and about half the instructions a weight of
+  `_gemv_words_kernel` (docs/design.md).
 - `dequant_gemm` (more tokens, prefill): a kernel writes M in the activations' dtype, whole or in tiles of at most
   `GPU_TILE_ELEMENTS` weights, and cuBLAS multiplies it (the structure of the CPU path, with larger tiles). Where
   the GEMV's word reader applies, so does the dequantizer's (`_dequant_words_kernel`, a tile of words a program).
@@ -37,7 +41,9 @@ from .reference import channel_tiles
 # up to 8 tokens, while each token adds about 40% to the GEMV. A GEMV program takes up to GEMV_BLOCK_TOKENS tokens.
 GEMV_MAX_TOKENS = 2
 GEMV_BLOCK_TOKENS = 8
-KERNELS = ("gemv", "gemv_bytes", "dequant_gemm")  # "gemv_bytes": the byte reader even where words fit
+# "gemv": as dispatched; "gemv_token": the one-token kernel where a call has one token and the words fit (a candidate,
+# not dispatched until timed on a GPU, see docs/design.md); "gemv_bytes": the byte reader even where words fit
+KERNELS = ("gemv", "gemv_token", "gemv_bytes", "dequant_gemm")
 # Prefill dequantizes at most this many weights at a time (a transient buffer in the activations' dtype, 128 MiB in
 # 16 bits): whole layers of 8B models in one launch and one cuBLAS call, tiles of the largest heads.
 GPU_TILE_ELEMENTS = 1 << 26
@@ -46,6 +52,10 @@ GPU_TILE_ELEMENTS = 1 << 26
 # them along a channel.
 WORDS_BLOCK_N, WORDS_TILE, WORDS_WARPS = 4, 4096, 4
 DEQUANT_TILE, DEQUANT_TILE_WIDTH, DEQUANT_WARPS = 4096, 1024, 8
+# The one-token GEMV's launch: TOKEN_BLOCK_N channels x TOKEN_BLOCK_W words a step, about TOKEN_PROGRAMS_PER_SM
+# programs a multiprocessor (chosen by its sm_90 build's registers; not yet swept on a GPU: gpu_speed.py
+# --token-launches).
+TOKEN_BLOCK_N, TOKEN_BLOCK_W, TOKEN_WARPS, TOKEN_PROGRAMS_PER_SM = 32, 32, 4, 4
 MAX_CODES = 2**31 - 1  # offsets are int32: codes, weights of a tile and table entries all stay below
 
 
@@ -151,6 +161,73 @@ def _gemv_words_kernel(x_ptr, words_ptr, book_ptr, scales_ptr, out_ptr,
     total = tl.sum(tl.sum(acc, axis=3), axis=2)
     out = out_ptr + (tl.program_id(1) * n_tokens + t[:, None].to(tl.int64)) * n_rows + n[None, :]
     tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(t[:, None] < n_tokens) & (n[None, :] < n_rows))
+
+
+@triton.jit
+def _load(pointer, mask, other, MASKED: tl.constexpr):
+    """tl.load, masked only where a tile may cross the matrix's edge (MASKED)."""
+    if MASKED:
+        return tl.load(pointer, mask=mask, other=other)
+    else:
+        return tl.load(pointer)
+
+
+@triton.jit
+def _codeword_value(packed, s: tl.constexpr, VALUE_BITS: tl.constexpr, value_type: tl.constexpr):
+    """Value s of a codeword loaded whole as one integer of its VALUE_BITS-bit values, as float32."""
+    bits = (packed >> (s * VALUE_BITS)) & ((1 << VALUE_BITS) - 1)
+    if VALUE_BITS == 16:
+        return bits.to(tl.int16).to(value_type, bitcast=True).to(tl.float32)
+    else:
+        return bits.to(tl.int32).to(value_type, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _gemv_token_kernel(x_ptr, words_ptr, book_ptr, packed_book_ptr, scales_ptr, out_ptr,
+                       n_rows, words_per_row, n_groups, rows_per_book, split_words,
+                       SEG: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, GROUP: tl.constexpr,
+                       HAS_SCALES: tl.constexpr, ONE_BOOK: tl.constexpr, VALUE_BITS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr, EVEN_W: tl.constexpr):
+    """out[split, n] = sum over this program's words of channel n of x[p] M[n, p], for one token.
+
+    Every tensor is a (channels, words) tile in the layout of the coalesced word load and the codes of a word are
+    unrolled, so there is no layout conversion and each activation is loaded once per thread for all the channels
+    it holds. VALUE_BITS > 0: `packed_book_ptr` views the codebook as one integer a codeword (SEG values of
+    VALUE_BITS bits in 4 or 8 bytes), so a code costs one gather instead of SEG. ONE_BOOK: one codebook for the
+    matrix. EVEN_N / EVEN_W: the tiles never cross the matrix's edge, so no masks.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    VPW: tl.constexpr = CPW * SEG
+    EVEN: tl.constexpr = EVEN_N and EVEN_W
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = n[:, None]
+    book = (rows // rows_per_book) * K
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+    for w0 in range(0, split_words, BLOCK_W):
+        w = (tl.program_id(1) * split_words + w0 + tl.arange(0, BLOCK_W))[None, :]
+        in_w = w < words_per_row
+        mask = (rows < n_rows) & in_w
+        word = _load(words_ptr + rows * words_per_row + w, mask, 0, not EVEN)
+        part = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+        for c in tl.static_range(CPW):
+            index = (word >> (c * BITS)) & ((1 << BITS) - 1)
+            if not ONE_BOOK:
+                index += book
+            if VALUE_BITS > 0:
+                packed = _load(packed_book_ptr + index, mask, 0, not EVEN)
+            for s in tl.static_range(SEG):
+                x = _load(x_ptr + w * VPW + (c * SEG + s), in_w, 0.0, not EVEN_W)
+                if VALUE_BITS > 0:
+                    value = _codeword_value(packed, s, VALUE_BITS, book_ptr.dtype.element_ty)
+                else:
+                    value = _load(book_ptr + index * SEG + s, mask, 0.0, not EVEN)
+                part += x.to(tl.float32) * value.to(tl.float32)
+        if HAS_SCALES:  # a word's values share one scale: one multiply a word
+            scale = _load(scales_ptr + rows * n_groups + (w * VPW) // GROUP, mask, 0.0, not EVEN)
+            part *= scale.to(tl.float32)
+        acc += part
+    out = out_ptr + tl.program_id(1) * n_rows + n
+    tl.store(out, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=n < n_rows)
 
 
 @triton.jit
@@ -281,10 +358,47 @@ def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: L
     return out[0] if split == 1 else out.sum(0)
 
 
+def _packed_codewords(codebook: torch.Tensor) -> torch.Tensor | None:
+    """The codebook viewed as one 32- or 64-bit integer a codeword (a codeword's values fill 4 or 8 bytes), or None."""
+    width = codebook.shape[-1] * codebook.element_size()
+    if width not in (4, 8) or codebook.element_size() not in (2, 4) or codebook.data_ptr() % width:
+        return None
+    return codebook.view(torch.int32 if width == 4 else torch.int64)
+
+
+def _gemv_token(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: LayerSpec,
+                split: int | None) -> torch.Tensor:
+    """One token through `_gemv_token_kernel`: (1, channels) in x2's dtype."""
+    words_per_row = _word_shape(spec)[0]
+    block_n, block_w = TOKEN_BLOCK_N, min(TOKEN_BLOCK_W, triton.next_power_of_2(words_per_row))
+    n_blocks = triton.cdiv(spec.channels, block_n)
+    word_blocks = triton.cdiv(words_per_row, block_w)
+    if split is None:  # about TOKEN_PROGRAMS_PER_SM programs a multiprocessor, splitting the words evenly
+        target = min(word_blocks, -(-TOKEN_PROGRAMS_PER_SM * _sm_count(x2.device) // n_blocks))
+        split = max(d for d in range(1, target + 1) if word_blocks % d == 0)
+    split_words = triton.cdiv(word_blocks, min(max(split, 1), word_blocks)) * block_w
+    split = triton.cdiv(words_per_row, split_words)
+    out = torch.empty(split, spec.channels, dtype=x2.dtype if split == 1 else torch.float32, device=x2.device)
+    group = spec.scale_group_size if spec.scale_groups else 1
+    packed = _packed_codewords(codebook)
+    _gemv_token_kernel[(n_blocks, split)](
+        x2, words, codebook, codebook if packed is None else packed, codebook if scales is None else scales, out,
+        spec.channels, words_per_row, max(spec.scale_groups, 1), spec.channels_per_codebook, split_words,
+        SEG=spec.segment_length, BITS=spec.code_bits, K=spec.n_clusters, GROUP=group,
+        HAS_SCALES=bool(spec.scale_groups), ONE_BOOK=spec.n_codebooks == 1,
+        VALUE_BITS=0 if packed is None else codebook.element_size() * 8, BLOCK_N=block_n, BLOCK_W=block_w,
+        EVEN_N=spec.channels % block_n == 0, EVEN_W=words_per_row % split_words == 0, num_warps=TOKEN_WARPS,
+        enable_fp_fusion=True)
+    return out[0:1] if split == 1 else out.sum(0, keepdim=True)
+
+
 def _gemv(x2: torch.Tensor, codes, codebook, scales, spec: LayerSpec, over_channels: bool,
-          split: int | None, by_words: bool) -> torch.Tensor:
+          split: int | None, kernel: str) -> torch.Tensor:
+    by_words = kernel != "gemv_bytes"
     words = _code_words(codes) if by_words and over_channels and word_stream_reason(spec) is None else None
     if words is not None:
+        if x2.shape[0] == 1 and kernel == "gemv_token":
+            return _gemv_token(x2, words, codebook, scales, spec, split)
         return _gemv_words(x2, words, codebook, scales, spec, split)
     tokens, n_reduce = x2.shape
     n_out = spec.channels if over_channels else spec.channel_length
@@ -331,7 +445,8 @@ def triton_codebook_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch
                            split: int | None = None) -> torch.Tensor:
     """x W_c^T (or x W_c when `transposed`, the input gradient) with the Triton kernels, in x's dtype.
 
-    `kernel` is "gemv", "dequant_gemm" or None (by the number of tokens), or "gemv_bytes" (the GEMV's byte reader
+    `kernel` is "gemv", "dequant_gemm" or None (by the number of tokens), "gemv_token" (the one-token kernel where
+    the call has one token and the word reader applies, else "gemv"), or "gemv_bytes" (the GEMV's byte reader
     where the word reader would run, to compare them); `split` fixes how many programs share the
     reduced axis of the GEMV (None: enough to fill the GPU). The dispatch calls this for CUDA tensors; tests call it
     directly on CPU tensors with TRITON_INTERPRET=1 set before triton is imported.
@@ -349,8 +464,8 @@ def triton_codebook_matmul(x: torch.Tensor, codes: torch.Tensor, codebook: torch
     args = (codes.contiguous(), codebook.contiguous(), None if scales is None else scales.contiguous(), spec)
     if x2.shape[0] == 0:
         y = x2.new_zeros(0, spec.in_features if transposed else spec.out_features)
-    elif kernel in ("gemv", "gemv_bytes"):
-        y = _gemv(x2, *args, over_channels, split, by_words=kernel == "gemv")
+    elif kernel.startswith("gemv"):
+        y = _gemv(x2, *args, over_channels, split, kernel)
     else:
         y = _dequant_gemm(x2, *args, over_channels)
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
