@@ -252,6 +252,21 @@ constexpr int64_t kMinWeightsPerThread = int64_t(1) << 17;
 
 inline int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, kMinWeightsPerThread / row_length); }
 
+// The GEMVs request the code bytes of the channels they will reach kPrefetchPasses passes later (a pass: the 1-4
+// channels decoded together). A channel's codes are a few hundred bytes, too short a stream for the hardware
+// prefetcher to ramp up on before the kernel moves to the next channels. Measured on SmolLM2's shapes with codes in
+// L3 (docs/design.md): 4-bit GEMVs 1.35-1.45x faster on one and two threads, integer dot products 1.2-1.5x.
+constexpr int64_t kPrefetchPasses = 2;
+
+// Requests into the cache the code bytes of channels c .. c + n - 1 that lie before channel `stop`. Always inlined:
+// GCC emitted no prefetch at all for a plain inline helper called from the kernels' target-specific code.
+ALWAYS_INLINE void prefetch_channels(const Operands& o, int64_t c, int64_t n, int64_t stop) {
+  const int64_t last = std::min(c + n, stop), bits_per_channel = o.l.segs * o.l.bits;
+  if (c >= last) return;
+  const uint8_t* end = o.codes + std::min(o.code_bytes, (last * bits_per_channel + 7) >> 3);
+  for (const uint8_t* p = o.codes + ((c * bits_per_channel) >> 3); p < end; p += 64) __builtin_prefetch(p, 0, 3);
+}
+
 // Portable implementation (also the fallback on CPUs without AVX2).
 inline float element(const Operands& o, int64_t c, int64_t p) {
   const Layout& l = o.l;
@@ -727,6 +742,7 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
   for (int64_t c = c0; c < c1;) {
     const int64_t book_left = l.rows_per_book >= l.channels ? c1 - c : l.rows_per_book - c % l.rows_per_book;
     const int64_t live = std::min({int64_t(4), c1 - c, book_left});
+    prefetch_channels(o, c + kPrefetchPasses * 4, 4, c1);
     for (int64_t b0 = 0; b0 < B; b0 += 4) {
       switch (std::min<int64_t>(4, B - b0)) {
         case 1: int_rows<1>(o, t, a, y, b0, c, live); break;
