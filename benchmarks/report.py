@@ -77,14 +77,16 @@ SLOW_REASONS = {
     "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
 }
 
-DECODE_RUN_NOTE = ("A separate run of fewer models (the same kernels as the table above): the compiled-decoding rows"
-                   " and their references, timed after the kernels gained float16 pair tables decoded by 16-bit "
-                   "register permutes (`swsc-3bit`) and 4-bit codes decoded from widened bytes against reordered "
-                   "activations (`swsc-4bit`), with `+compile-cpp` rows for compile_decoding(cpp_wrapper=True). "
-                   "Settings as above. Speeds on this shared machine vary by day (llama.cpp: 77.5 tokens/s in this "
-                   "run, 142 in the previous focused run); compare ratios within a run. The `+compile` warm-ups "
-                   "reused inductor's on-disk cache from earlier runs; cold, a separate measurement took 35 s "
-                   "(`+compile`) and 368 s (`+compile-cpp`) for the first compiled generate.")
+DECODE_RUN_NOTE = ("A separate, earlier run of fewer models (before the GEMVs prefetched the code bytes of the "
+                   "channels two passes ahead, docs/design.md; the table above is a later run): the "
+                   "compiled-decoding rows and their references, timed after the kernels gained float16 pair "
+                   "tables decoded by 16-bit register permutes (`swsc-3bit`) and 4-bit codes decoded from "
+                   "widened bytes against reordered activations (`swsc-4bit`), with `+compile-cpp` rows for "
+                   "compile_decoding(cpp_wrapper=True). Settings as above. Speeds on this shared machine vary by "
+                   "day (llama.cpp: 77.5 tokens/s in this run, 142 in the previous focused run); compare ratios "
+                   "within a run. The `+compile` warm-ups reused inductor's on-disk cache from earlier runs; "
+                   "cold, a separate measurement took 35 s (`+compile`) and 368 s (`+compile-cpp`) for the first "
+                   "compiled generate.")
 
 INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the `swsc-2bit` quadruples' GEMV on "
                     "integer dot products (the codebook as 8-bit integers, the activations as 15-bit integers per 32 "

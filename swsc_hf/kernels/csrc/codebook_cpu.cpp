@@ -255,7 +255,7 @@ inline int64_t row_grain(int64_t row_length) { return std::max<int64_t>(1, kMinW
 // The GEMVs request the code bytes of the channels they will reach kPrefetchPasses passes later (a pass: the 1-4
 // channels decoded together). A channel's codes are a few hundred bytes, too short a stream for the hardware
 // prefetcher to ramp up on before the kernel moves to the next channels. Measured on SmolLM2's shapes with codes in
-// L3 (docs/design.md): 4-bit GEMVs 1.35-1.45x faster on one and two threads, integer dot products 1.2-1.5x.
+// L3 (docs/design.md): 4-bit GEMVs 1.3-1.55x faster on one and two threads, integer dot products 1.1-1.7x.
 constexpr int64_t kPrefetchPasses = 2;
 
 // Requests into the cache the code bytes of channels c .. c + n - 1 that lie before channel `stop`. Always inlined:
