@@ -147,7 +147,7 @@ def bench_shape(args, model: str, out_f: int, in_f: int, name: str, dtype: torch
                             "tokens": tokens, "dtype": args.dtype, "method": method, "us": round(us, 2),
                             "cuda_graph": graphed, "weight_bytes": nbytes, "copies": len(calls),
                             "gb_per_s": round(nbytes / us / 1e3, 1), "dispatch_max_rel_err": float(err),
-                            "token_gemv_launch": launch or default_launch})
+                            "token_gemv_launch": (launch or default_launch) if "gemv_token" in method else None})
             print(f"{model} {out_f}x{in_f} {name} tokens={tokens} {method}: {us:.1f} us", flush=True)
     return records
 

@@ -359,9 +359,10 @@ def _gemv_words(x2: torch.Tensor, words: torch.Tensor, codebook, scales, spec: L
 
 
 def _packed_codewords(codebook: torch.Tensor) -> torch.Tensor | None:
-    """The codebook viewed as one 32- or 64-bit integer a codeword (a codeword's values fill 4 or 8 bytes), or None."""
-    width = codebook.shape[-1] * codebook.element_size()
-    if width not in (4, 8) or codebook.element_size() not in (2, 4) or codebook.data_ptr() % width:
+    """The codebook viewed as one 32- or 64-bit integer a codeword (2 or 4 values filling 4 or 8 bytes), or None."""
+    values, size = codebook.shape[-1], codebook.element_size()
+    width = values * size
+    if values < 2 or size not in (2, 4) or width not in (4, 8) or codebook.data_ptr() % width:
         return None
     return codebook.view(torch.int32 if width == 4 else torch.int64)
 
