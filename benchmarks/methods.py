@@ -218,6 +218,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # The 4.25-bit preset tuned twice as long, cycling 32 of its 64 windows
     "swsc-4.25b-cal-t128-s32": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=128,
                                                 tune_samples=32, **FIRST_TUNING, **BEFORE_REFIT)),
+    # ... and, with the tuning's current step sizes, three times as long on fresh windows (as the 3.25-bit preset)
+    "swsc-4.25b-cal-t192": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=192,
+                                            tune_samples=0)),
     # The calibrated presets with each decoder layer's tables tuned 32 steps toward the dense layer's outputs right
     # after it is fitted (swsc_hf.layer_tuning), before the end-to-end tuning
     **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32,
