@@ -37,6 +37,7 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
     --out docs/results/speed-integer.jsonl  # integer dot product rows and their decode-kernel perplexity
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
+$PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
 python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton
 $PY benchmarks/report.py                 # writes docs/results.md and docs/quality_vs_bits.png
 ```
@@ -588,6 +589,35 @@ def compression_section(records: list[dict]) -> list[str]:
     return out
 
 
+def step_size(value: float | None) -> str:
+    return f"{value:g}" if value else "-"
+
+
+def tuning_screen_section(records: list[dict]) -> list[str]:
+    """The tuning screens (`tuning_screen.py`): per screen (run and preset), one row per setting tuned from its fit."""
+    if not records:
+        return []
+    out = ["## Tuning screens", "",
+           "Each screen fits a calibrated preset once (`tune_steps=0`) and tunes a copy of those tables per setting "
+           "(step sizes of the codebooks, the scales relative to each layer's mean scale, the layer norms; - for "
+           "untrained), scored on the first windows of WikiText-2 test and of the second domain. Compare rows within "
+           "a screen; a winner is confirmed by a full `quality.py` run.", ""]
+    screens: dict[tuple, list[dict]] = {}
+    for r in records:
+        screens.setdefault((r["run"], r["preset"]), []).append(r)
+    for (run, preset), rows in sorted(screens.items(), reverse=True):
+        first = rows[0]
+        out += [f"Run {run}, `{preset}` fitted in {first['fit_seconds']:.0f} s, {first['steps']} tuning steps per "
+                f"setting, on {first['machine']['cpu']}:", ""]
+        cells = [[step_size(r.get("lr")), step_size(r.get("scales_lr")), step_size(r.get("norms_lr")),
+                  fmt(r["perplexity"], 2),
+                  fmt(r["second_domain_perplexity"], 2), fmt(r["final_kl"], 4), fmt(r["tune_seconds"], 0)]
+                 for r in rows]
+        out += [table(["codebooks", "scales", "norms", f"WikiText-2 ({first['windows']} win)",
+                       f"second domain ({first['second_domain_windows']} win)", "final KL", "tune s"], cells), ""]
+    return out
+
+
 # ---- other models and scale ---------------------------------------------------------------------------------------
 def other_models_section(by_model: dict[str, list[dict]]) -> list[str]:
     """Short runs on the other real models (`quality.py --model ...`): perplexity next to dense on the same windows."""
@@ -756,6 +786,7 @@ def main(argv: list[str] | None = None) -> None:
               for path in sorted(folder.glob("quality-*.jsonl")) if path.name != "quality-shakespeare.jsonl"}
     scale = common.read_jsonl(folder / "scale.jsonl")
     gpu = common.read_jsonl(folder / "gpu_speed.jsonl")
+    screens = common.read_jsonl(folder / "tuning-screen.jsonl")
     chosen, failures, key = quality_records(quality)
     partial = {name: r for name, r in chosen.items() if name.endswith(("-qk", "-qk-cal"))}
     chosen = {name: r for name, r in chosen.items() if name not in partial}
@@ -788,9 +819,10 @@ def main(argv: list[str] | None = None) -> None:
     if speed_integer:
         lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run on each CPU)",
                                INTEGER_RUN_NOTE, per_run=integer_agreement)
+    lines += tuning_screen_section(screens)
     lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
-                                 + second_domain + gpu)
+                                 + second_domain + gpu + screens)
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {args.out}" + (f" and {plot}" if has_plot else ""))
 

@@ -154,3 +154,17 @@ def test_every_swsc_registry_row_resolves_to_a_recipe_with_its_tuning_step_sizes
     assert recipes["swsc-2.2b-cal"]["n_clusters"] == 256 and "dataset" not in recipes["swsc-2.2b-cal"]
     assert recipes["swsc-4.25b-cal-n16"]["tune_lr"] == methods.FIRST_TUNING["tune_lr"] != DEFAULTS["tune_lr"]
     assert recipes["swsc-4.25b-cal-n16"]["n_samples"] == 16 and methods.recipe("swsc-4.25b-cal", 2)["n_samples"] == 2
+
+
+def test_tuning_screens_group_settings_by_run_and_preset_newest_first():
+    def screen(run: str, lr: float, ppl: float, norms: float | None = None) -> dict:
+        return dict(run=run, preset="swsc-2.2b-cal", steps=320, lr=lr, scales_lr=6e-3, norms_lr=norms, windows=8,
+                    perplexity=ppl, second_domain_windows=4, second_domain_perplexity=2 * ppl, final_kl=0.5,
+                    fit_seconds=500.0, tune_seconds=512.0, machine={"cpu": "Xeon"})
+    records = [screen("r1", 1e-3, 40.0), screen("r2", 1e-3, 34.83, 1e-3), screen("r2", 2e-3, 34.76, 1e-3)]
+    text = "\n".join(report.tuning_screen_section(records))
+    assert text.index("Run r2, `swsc-2.2b-cal` fitted in 500 s, 320 tuning steps per setting, on Xeon") < text.index(
+        "Run r1")
+    assert "| 0.002 | 0.006 | 0.001 | 34.76 | 69.52 | 0.5000 | 512 |" in text
+    assert "| 0.001 | 0.006 | - | 40.00 | 80.00 |" in text  # the norms untrained in r1
+    assert report.tuning_screen_section([]) == []
