@@ -590,6 +590,7 @@ def compression_section(records: list[dict]) -> list[str]:
 
 
 def step_size(value: float | None) -> str:
+    """A tuning step size as written in a config (2e-3 -> 0.002), or - for a part left untrained."""
     return f"{value:g}" if value else "-"
 
 
@@ -610,9 +611,8 @@ def tuning_screen_section(records: list[dict]) -> list[str]:
         out += [f"Run {run}, `{preset}` fitted in {first['fit_seconds']:.0f} s, {first['steps']} tuning steps per "
                 f"setting, on {first['machine']['cpu']}:", ""]
         cells = [[step_size(r.get("lr")), step_size(r.get("scales_lr")), step_size(r.get("norms_lr")),
-                  fmt(r["perplexity"], 2),
-                  fmt(r["second_domain_perplexity"], 2), fmt(r["final_kl"], 4), fmt(r["tune_seconds"], 0)]
-                 for r in rows]
+                  fmt(r["perplexity"], 2), fmt(r["second_domain_perplexity"], 2), fmt(r["final_kl"], 4),
+                  fmt(r["tune_seconds"], 0)] for r in rows]
         out += [table(["codebooks", "scales", "norms", f"WikiText-2 ({first['windows']} win)",
                        f"second domain ({first['second_domain_windows']} win)", "final KL", "tune s"], cells), ""]
     return out
