@@ -7,7 +7,9 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,6 +301,53 @@ def test_without_kernels_layers_still_run_on_the_reference_path(tmp_path, env):
     assert result.returncode == 0, result.stderr
     assert "loaded False" in result.stdout
     assert "reference path" in result.stderr
+
+
+def test_kernels_build_where_torch_would_build_them(tmp_path, monkeypatch):
+    from torch.utils.cpp_extension import _get_build_directory  # the oracle: torch's own choice
+
+    from swsc_hf.kernels.cpu import build_directory
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr("torch.utils.cpp_extension.get_default_build_root", lambda: str(tmp_path))
+    assert build_directory("name") == Path(_get_build_directory("name", False))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "elsewhere"))
+    assert build_directory("name") == Path(_get_build_directory("name", False)) == tmp_path / "elsewhere" / "name"
+
+
+def test_an_interrupted_builds_lock_file_is_removed_with_a_warning(tmp_path, caplog):
+    from swsc_hf.kernels.cpu import exclusive_build
+
+    (tmp_path / "lock").touch()  # what torch's build leaves when it is killed midway; torch waits for it forever
+    (tmp_path / "kernel.so").write_bytes(b"kept")
+    with caplog.at_level(logging.WARNING, logger="swsc_hf"), exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert "interrupted build" in caplog.text and str(tmp_path / "lock") in caplog.text
+    assert (tmp_path / "kernel.so").read_bytes() == b"kept"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX; Windows keeps torch's lock file only")
+def test_a_live_build_in_another_process_is_waited_for_not_broken(tmp_path, caplog):
+    from swsc_hf.kernels.cpu import exclusive_build
+
+    builder = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from swsc_hf.kernels.cpu import exclusive_build\n"
+        "d = Path(sys.argv[1])\n"
+        "with exclusive_build(d):\n"
+        "    (d / 'lock').touch()\n"
+        "    print('building', flush=True)\n"
+        "    time.sleep(1.5)\n"
+        "    (d / 'lock').unlink()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", builder, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "building"
+    start = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="swsc_hf"), exclusive_build(tmp_path):
+        waited = time.perf_counter() - start
+    assert child.wait(timeout=60) == 0
+    assert waited > 0.5 and "interrupted build" not in caplog.text
 
 
 def test_layouts_cover_every_preset_and_ladder_width():

@@ -2,6 +2,7 @@
 
 `torch.utils.cpp_extension.load` compiles the source once per source hash and torch version into
 `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) and later imports reuse it (about 10 s the first time).
+A build killed midway is redone by the next process (`exclusive_build`), not waited on forever.
 Without a working compiler `load_cpu_kernels()` returns False after one logged warning (with `SWSC_HF_KERNELS=0`, after
 an info line) and layers use the reference path. The instruction set (AVX-512F+BW, AVX2+FMA+F16C or portable C++) is
 chosen at run time. `set_integer_dot(True)` opts in to integer dot products where the CPU and layout have them.
@@ -9,10 +10,13 @@ chosen at run time. `set_integer_dot(True)` opts in to integer dot products wher
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,14 +54,64 @@ def _build() -> bool:
 
         # The name carries a digest of the sources: torch's build cache does not see the included .inc file.
         digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES)).hexdigest()[:12]
-        load(name=f"swsc_hf_cpu_{digest}", sources=[str(SOURCES[0])], extra_cflags=["-O3", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        name = f"swsc_hf_cpu_{digest}"
+        directory = build_directory(name)
+        with exclusive_build(directory):
+            load(name=name, sources=[str(SOURCES[0])], extra_cflags=["-O3", "-fopenmp"],
+                 extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
         _register_fakes()
     except Exception as error:  # no compiler, no headers, a failed build: the reference path still works
         logger.warning("swsc_hf: could not build the CPU kernels (%s: %s); compressed layers use the slower "
                        "reference path", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return False
     return True
+
+
+def build_directory(name: str) -> Path:
+    """Where torch builds an extension called `name` by default: `$TORCH_EXTENSIONS_DIR/name`, else a folder per
+    Python version and accelerator under `get_default_build_root()`. Passed to `load` explicitly, so that
+    `exclusive_build` guards the directory the build really uses."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        if torch.version.hip is not None:
+            accelerator = "rocm" + torch.version.hip.replace(".", "")
+        elif torch.version.cuda is not None:
+            accelerator = "cu" + torch.version.cuda.replace(".", "")
+        else:
+            accelerator = "cpu"
+        python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+        root = os.path.join(get_default_build_root(), f"{python}_{accelerator}")
+    return Path(root) / name
+
+
+@contextlib.contextmanager
+def exclusive_build(directory: Path) -> Iterator[None]:
+    """Build in `directory` with no other live process building there, clearing what an interrupted build left.
+
+    torch's build takes a lock file (`directory/lock`) and later processes wait for it to go away, forever: after a
+    build killed midway (Ctrl-C, a job limit) every process would hang at its first compressed forward. An OS lock
+    (`flock`) is held around the build instead; the OS releases it when its holder exits, so once it is ours, a lock
+    file still there is an interrupted build's and is removed with a warning. Where `fcntl` is missing (Windows) only
+    torch's lock file applies.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(directory / "swsc_hf_build.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"
+            if stale.exists():
+                logger.warning("swsc_hf: removing %s, left by an interrupted build of the CPU kernels", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _register_fakes() -> None:
