@@ -350,6 +350,22 @@ def test_a_live_build_in_another_process_is_waited_for_not_broken(tmp_path, capl
     assert waited > 0.5 and "interrupted build" not in caplog.text
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is POSIX")
+def test_a_file_system_without_locks_builds_under_torchs_lock_file_only(tmp_path, monkeypatch):
+    import fcntl
+
+    from swsc_hf.kernels.cpu import exclusive_build
+
+    def refuse(*args):
+        raise OSError("no locks here")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    (tmp_path / "lock").touch()  # without the OS lock nothing proves it stale, so it stays
+    with exclusive_build(tmp_path):
+        pass
+    assert (tmp_path / "lock").exists()
+
+
 def test_layouts_cover_every_preset_and_ladder_width():
     from swsc_hf.allocation import ladder
 

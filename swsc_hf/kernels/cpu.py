@@ -93,8 +93,8 @@ def exclusive_build(directory: Path) -> Iterator[None]:
     torch's build takes a lock file (`directory/lock`) and later processes wait for it to go away, forever: after a
     build killed midway (Ctrl-C, a job limit) every process would hang at its first compressed forward. An OS lock
     (`flock`) is held around the build instead; the OS releases it when its holder exits, so once it is ours, a lock
-    file still there is an interrupted build's and is removed with a warning. Where `fcntl` is missing (Windows) only
-    torch's lock file applies.
+    file still there is an interrupted build's and is removed with a warning. Where `fcntl` is missing (Windows) or the
+    file system refuses the lock, only torch's lock file applies.
     """
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -103,7 +103,11 @@ def exclusive_build(directory: Path) -> Iterator[None]:
         yield
         return
     with open(directory / "swsc_hf_build.flock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: torch's lock file only, as before
+            yield
+            return
         try:
             stale = directory / "lock"
             if stale.exists():
