@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     info = common.run_info()
     dense, tokenizer = common.load_dense()
     teacher = copy.deepcopy(dense)
+    config = SWSCConfig(preset=args.preset, dataset="wikitext2", tune_steps=0, tokenizer=tokenizer)
     start = time.perf_counter()
-    fitted = compress_model(dense, SWSCConfig(preset=args.preset, dataset="wikitext2", tune_steps=0,
-                                              tokenizer=tokenizer))
+    fitted = compress_model(dense, config)
     fit_seconds = time.perf_counter() - start
-    config = SWSCConfig(preset=args.preset, dataset="wikitext2", tokenizer=tokenizer)
+    # the windows the preset's own tuning would take: the same seeded sequence, the first ones those the fit used
     batches = calibration_batches(config, tokenizer, torch.device("cpu"), count=args.steps)
     second_text = common.shakespeare_text()
     for setting in settings:
