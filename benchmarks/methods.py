@@ -221,6 +221,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # ... and, with the tuning's current step sizes, three times as long on fresh windows (as the 3.25-bit preset)
     "swsc-4.25b-cal-t192": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", tune_steps=192,
                                             tune_samples=0)),
+    # ... and with the 2.2-bit preset's ridge on the refit (`refit_damp`: a tenth of each Hessian's mean diagonal)
+    "swsc-4.25b-cal-damp0.1": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", refit_damp=0.1)),
     # The calibrated presets with each decoder layer's tables tuned 32 steps toward the dense layer's outputs right
     # after it is fitted (swsc_hf.layer_tuning), before the end-to-end tuning
     **{f"swsc-{b}b-cal-lt32": ("swsc_hf", dict(preset=f"swsc-{b}b-cal", dataset="wikitext2", layer_tune_steps=32,
