@@ -31,7 +31,11 @@ BEFORE_REFIT = dict(refit_rounds=0, refit_damp=0.0, layer_overrides={}, **BEFORE
 # The 2.2-bit preset tunes its layer norms beside the tables (`tune_norms_lr`) since 2026-12-06, when the teacher
 # stopped sharing them (before, tuned norms moved the teacher's too); the rows built on it that were measured before
 # add this.
-BEFORE_2_2B_NORMS = dict(tune_norms_lr=0.0)
+BEFORE_2_2B_NORMS = dict(tune_norms_lr=0.0, rotate_residual=False)
+
+# The 2.2-bit preset rotates its residual stream before compression (`rotate_residual`) and leaves its norms as
+# fitted since 2026-12-06 (evening); the row of the preset as it was just before (norms tuned) adds this.
+BEFORE_2_2B_ROTATION = dict(tune_norms_lr=1e-3, rotate_residual=False)
 
 # Each calibrated preset's tuning steps before 2026-12-05, when the 3.25- and 2.2-bit ones spent the time bfloat16
 # saved on more (256 instead of 160, 448 instead of 224); rows built on a preset without their own steps add these.
@@ -172,6 +176,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # ... and with 576 steps, as it was until its norms were tuned too (with the former nearest-codeword search)
     "swsc-2.2b-cal-t576": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=576,
                                            **BEFORE_2_2B_NORMS)),
+    # ... and with its norms tuned too, as it was until it rotated its residual stream (the evening of 2026-12-06)
+    "swsc-2.2b-cal-norms": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", **BEFORE_2_2B_ROTATION)),
     # The 2.2-bit preset with its value and output projections scaled per 48 weights too (2.241 bits)
     "swsc-2.2b-cal-vo48": ("swsc_hf", dict(preset="swsc-2.2b-cal", dataset="wikitext2", tune_steps=576,
                                            **BEFORE_2_2B_NORMS,

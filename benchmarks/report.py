@@ -608,8 +608,9 @@ def tuning_screen_section(records: list[dict]) -> list[str]:
         screens.setdefault((r["run"], r["preset"]), []).append(r)
     for (run, preset), rows in sorted(screens.items(), reverse=True):
         first = rows[0]
-        out += [f"Run {run}, `{preset}` fitted in {first['fit_seconds']:.0f} s, {first['steps']} tuning steps per "
-                f"setting, on {first['machine']['cpu']}:", ""]
+        fields = "".join(f", {k}={v}" for k, v in first.get("fields", {}).items())
+        out += [f"Run {run}, `{preset}`{fields} fitted in {first['fit_seconds']:.0f} s, {first['steps']} tuning steps "
+                f"per setting, on {first['machine']['cpu']}:", ""]
         cells = [[step_size(r.get("lr")), step_size(r.get("scales_lr")), step_size(r.get("norms_lr")),
                   fmt(r["perplexity"], 2), fmt(r["second_domain_perplexity"], 2), fmt(r["final_kl"], 4),
                   fmt(r["tune_seconds"], 0)] for r in rows]

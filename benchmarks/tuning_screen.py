@@ -28,6 +28,8 @@ from swsc_hf.evaluation import perplexity
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="swsc-2.2b-cal", help="a calibrated preset (SWSCConfig presets)")
+    parser.add_argument("--fields", default="{}", help="JSON object of SWSCConfig fields set on top of the preset, "
+                        'e.g. \'{"rotate_residual": true}\'')
     parser.add_argument("--steps", type=int, default=320, help="tuning steps per setting")
     parser.add_argument("--settings", required=True, help="JSON list of distill_tables step sizes per setting: "
                         "lr, scales_lr, norms_lr (null or absent: that part stays as fitted)")
@@ -36,14 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(common.RESULTS / "tuning-screen.jsonl"))
     args = parser.parse_args(argv)
-    settings = json.loads(args.settings)
+    settings, fields = json.loads(args.settings), json.loads(args.fields)
     if not isinstance(settings, list) or not all(isinstance(s, dict) and "lr" in s for s in settings):
         raise SystemExit("--settings must be a JSON list of objects, each with at least an 'lr'")
     torch.set_num_threads(args.threads)
     info = common.run_info()
     dense, tokenizer = common.load_dense()
     teacher = copy.deepcopy(dense)
-    config = SWSCConfig(preset=args.preset, dataset="wikitext2", tune_steps=0, tokenizer=tokenizer)
+    config = SWSCConfig(**{**fields, "preset": args.preset, "dataset": "wikitext2", "tune_steps": 0,
+                           "tokenizer": tokenizer})
     start = time.perf_counter()
     fitted = compress_model(dense, config)
     fit_seconds = time.perf_counter() - start
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         wikitext = perplexity(model, tokenizer, seq_len=2048, max_tokens=args.windows * 2048, progress=False)
         second = perplexity(model, tokenizer, second_text, seq_len=2048,
                             max_tokens=args.second_domain_windows * 2048, progress=False)
-        record = {"preset": args.preset, "steps": args.steps, **setting, "windows": args.windows,
+        record = {"preset": args.preset, **({"fields": fields} if fields else {}), "steps": args.steps, **setting,
+                  "windows": args.windows,
                   "perplexity": wikitext.perplexity, "second_domain_windows": args.second_domain_windows,
                   "second_domain_perplexity": second.perplexity, "final_kl": losses[-1],
                   "fit_seconds": fit_seconds, "tune_seconds": tune_seconds, **info}

@@ -44,15 +44,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # no better on a second domain), and tune with bfloat16 products where the hardware multiplies them natively
     # (`tune_dtype="auto"`: no quality cost measured, half the time per step). At 2.2 bits the scales step three
     # times the default (`tune_scales_lr`), which measured better there, and the down projections are scaled per 64
-    # weights (`layer_overrides`: 2.22 bits on SmolLM2 instead of 2.19), which measured better on the second domain
-    # (docs/design.md).
+    # weights (`layer_overrides`: 2.22 bits on SmolLM2 instead of 2.19), which measured better on the second domain,
+    # and its residual stream is rotated before compression (`rotate_residual`), its norms left as fitted, which
+    # measured better on both domains (docs/design.md).
     "swsc-4.25b-cal": dict(bits=4.25, n_samples=64, seq_len=512, tune_samples=16, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.25b-cal": dict(bits=3.25, n_samples=64, seq_len=512, tune_steps=256, refit_rounds=4, tune_dtype="auto"),
     "swsc-3.2b-cal": dict(bits=3.2, n_samples=64, seq_len=512, tune_steps=96),
     "swsc-2.2b-cal": dict(method="swsc", n_clusters=256, segment_length=4, rank=0, scale_group_size=128,
-                          n_samples=64, seq_len=512, tune_steps=640, tune_scales_lr=6e-3, tune_norms_lr=1e-3,
-                          refit_rounds=4, refit_damp=0.1, layer_overrides={"down_proj": {"scale_group_size": 64}},
-                          tune_dtype="auto"),
+                          n_samples=64, seq_len=512, tune_steps=640, tune_scales_lr=6e-3, refit_rounds=4,
+                          refit_damp=0.1, layer_overrides={"down_proj": {"scale_group_size": 64}},
+                          rotate_residual=True, tune_dtype="auto"),
 }
 # Presets whose recipe includes calibration: compressing with them without `dataset=` is refused.
 CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal"))
@@ -60,8 +61,8 @@ CALIBRATED_PRESETS = frozenset(name for name in PRESETS if name.endswith("-cal")
 DEFAULTS: dict[str, Any] = dict(
     method="swsc", n_clusters=0.5, segment_length=None, cluster_dim="output", rank=32, scale_group_size=0,
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True, refit_rounds=0,
-    refit_damp=0.0, parameter_ratio=None, share_group_size=1, share_types=None, share_selection="types",
-    bits_ladder="all", layer_overrides={},
+    refit_damp=0.0, rotate_residual=False, parameter_ratio=None, share_group_size=1, share_types=None,
+    share_selection="types", bits_ladder="all", layer_overrides={},
     n_samples=64, seq_len=512, table_dtype="float16",
     layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=1e-3, tune_scales_lr=2e-3, tune_norms_lr=0.0,
     tune_positions=0, tune_samples=0, tune_dtype="float32", time_budget=None, head_bits=None,
@@ -150,6 +151,10 @@ class SWSCConfig(QuantizationConfigMixin):
             and codebook to its output error, codes chosen again between rounds (0 = off).
         refit_damp: the refit's ridge, a fraction of each Hessian's mean diagonal added to it (0 = none): it
             pulls the refit toward the weight error, so the tables fit the calibration text less closely.
+        rotate_residual: before compressing, rotate the decoder's residual stream by a random Hadamard matrix
+            (QuaRot, SpinQuant), the layer norms' gains folded into the weights that read them (`swsc_hf.rotation`;
+            Llama-style decoders): the same model, with weights whose large entries are spread over every input.
+            Saved with the checkpoint (the rotation's signs), applied at run time by two small products per token.
 
     Calibration (not saved):
         dataset, tokenizer, n_samples, seq_len: calibration text (list of strings, a file path, or "wikitext2"),
@@ -200,6 +205,7 @@ class SWSCConfig(QuantizationConfigMixin):
         error_feedback: bool | None = None,
         refit_rounds: int | None = None,
         refit_damp: float | None = None,
+        rotate_residual: bool | None = None,
         parameter_ratio: float | None = ...,  # type: ignore[assignment]
         share_group_size: int | None = None,
         share_types: list[str] | None = None,
@@ -294,7 +300,7 @@ class SWSCConfig(QuantizationConfigMixin):
                                ("tune_dtype", TUNE_DTYPES)):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 fail(field, f"use one of {allowed}")
-        for field in ("affine_correction", "error_feedback"):
+        for field in ("affine_correction", "error_feedback", "rotate_residual"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "use True or False")
         for field in ("modules_to_not_convert", "share_types"):
@@ -499,8 +505,9 @@ class SWSCConfig(QuantizationConfigMixin):
 
     @property
     def compresses_after_load(self) -> bool:
-        """Calibration and basis sharing need whole layers (or groups of them), so they run after loading."""
-        return self.is_calibrated or self.shares_bases
+        """Calibration, basis sharing and the stream's rotation need whole layers (or the whole model), so they run
+        after loading."""
+        return self.is_calibrated or self.shares_bases or self.rotate_residual
 
     # ---- serialization -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

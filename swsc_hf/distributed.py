@@ -149,6 +149,9 @@ def compress_source(src: str, config: SWSCConfig, *, dtype: torch.dtype = torch.
     if config.is_calibrated:
         raise ValueError("calibrated compression runs layer after layer on the outputs of the compressed earlier "
                          "layers and cannot be split among processes; run it in one process")
+    if config.rotate_residual:
+        raise ValueError("SWSCConfig.rotate_residual rotates every layer of the whole model before compression and "
+                         "cannot be split among processes; run it in one process (without --num-processes)")
     path = _resolve(src)
     joined = join_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     try:

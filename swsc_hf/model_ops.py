@@ -28,6 +28,7 @@ from .experts import (
     is_fused_experts,
 )
 from .modules import KeepsTableDtype, SWSCLinear
+from .rotation import finish_loading, remove_rotation
 from .validation import check_finite, validate_codes
 
 logger = logging.getLogger(__name__)
@@ -431,6 +432,7 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
     if holder is not None:
         holder.requires_grad_(False)
         check_finite(f"{SHARED_BASES_ATTR}.bases", holder.bases)
+    finish_loading(model)
     install_atomic_save(model)
 
 
@@ -460,7 +462,8 @@ def dense_layer(layer: SWSCLinear, dtype: torch.dtype | None = None) -> nn.Modul
 
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
-    """Replace every `SWSCLinear` with an nn.Linear holding its dense weight (for `model.dequantize()`)."""
+    """Replace every `SWSCLinear` with an nn.Linear holding its dense weight (for `model.dequantize()`); a rotated
+    residual stream is rotated back, so the result is a plain model of its architecture."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     for name, module in list(model.named_modules()):
@@ -471,4 +474,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
             swap_module(model, name, dense_layer(module, dtype))
     if hasattr(model, SHARED_BASES_ATTR):
         delattr(model, SHARED_BASES_ATTR)
+    remove_rotation(model)
     return model

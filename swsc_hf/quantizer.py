@@ -1,7 +1,8 @@
 """`SWSCQuantizer`, the transformers hook, and `compress_model`, which compresses a model outside `from_pretrained`
 and leaves it as the loader would (the one place that imitates the loader).
 
-May import everything below it: `config`, `modules`, `model_ops`, `loading`, `compression`, `validation`, `hub`.
+May import everything below it: `config`, `modules`, `model_ops`, `rotation`, `loading`, `compression`,
+`validation`, `hub`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .model_ops import (
     untie_compressed,
 )
 from .modules import SWSCLinear
+from .rotation import attach_rotation, rotate_residual_stream
 from .validation import check_checkpoint, check_shard_indexes, checksum_metadata
 
 logger = logging.getLogger(__name__)
@@ -87,6 +89,8 @@ class SWSCQuantizer(HfQuantizer):
         config = self.quantization_config
         if self.pre_quantized:
             replace_with_shells(model, config, placeholder=False)
+            if config.rotate_residual:
+                attach_rotation(model)  # its signs arrive with the checkpoint
             untie_compressed(model)  # checkpoints saved before untying existed still say tie_word_embeddings=True
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                          | ignore_patterns(config.compressed_layers))
@@ -169,6 +173,11 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
     """
     start = time.perf_counter()
     config.check_compressible()
+    if config.rotate_residual:
+        if not config.is_calibrated:
+            logger.warning("swsc_hf: rotate_residual without calibration (dataset=) measured worse than no rotation "
+                           "on SmolLM2 (the folded norm gains weight the data-free fit's errors differently)")
+        rotate_residual_stream(model, config.seed)
     plan_head(model, config)
     config.plan_bits(linear_shapes(model, config))
     teacher = (DenseTeacher.before_compression(model, target_names(model, config), keep_norms=config.tune_norms_lr > 0)

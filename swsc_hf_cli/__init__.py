@@ -93,6 +93,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
                         help="with --refit-rounds: the refit's ridge, this fraction of each Hessian's mean diagonal "
                              "added to it, so the tables fit the calibration text less closely (default 0; the "
                              "2.2-bit calibrated preset uses 0.1)")
+    parser.add_argument("--rotate-residual", action="store_true", default=None,
+                        help="rotate the residual stream by a random Hadamard matrix before compressing (Llama-style "
+                             "decoders; SWSCConfig.rotate_residual)")
     parser.add_argument("--tune-steps", type=int,
                         help="with --calibration: steps of distillation toward the dense model (default 64; 0 = off)")
     parser.add_argument("--layer-tune-steps", type=int,

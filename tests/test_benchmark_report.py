@@ -156,7 +156,7 @@ def test_every_swsc_registry_row_resolves_to_a_recipe_with_its_tuning_step_sizes
     assert recipes["swsc-4.25b-cal-n16"]["n_samples"] == 16 and methods.recipe("swsc-4.25b-cal", 2)["n_samples"] == 2
 
 
-def test_tuning_screens_group_settings_by_run_and_preset_newest_first():
+def test_tuning_screens_group_settings_by_run_and_preset_newest_first_naming_set_fields():
     def screen(run: str, lr: float, ppl: float, norms: float | None = None) -> dict:
         return dict(run=run, preset="swsc-2.2b-cal", steps=320, lr=lr, scales_lr=6e-3, norms_lr=norms, windows=8,
                     perplexity=ppl, second_domain_windows=4, second_domain_perplexity=2 * ppl, final_kl=0.5,
@@ -167,4 +167,7 @@ def test_tuning_screens_group_settings_by_run_and_preset_newest_first():
         "Run r1")
     assert "| 0.002 | 0.006 | 0.001 | 34.76 | 69.52 | 0.5000 | 512 |" in text
     assert "| 0.001 | 0.006 | - | 40.00 | 80.00 |" in text  # the norms untrained in r1
+    rotated = dict(screen("r3", 1e-3, 33.69), fields={"rotate_residual": True})
+    assert "Run r3, `swsc-2.2b-cal`, rotate_residual=True fitted in 500 s" in "\n".join(
+        report.tuning_screen_section([rotated]))
     assert report.tuning_screen_section([]) == []

@@ -25,6 +25,7 @@ LAYOUTS = {
     "input channels, several codebooks, low rank": dict(n_clusters=16, segment_length=1, cluster_dim="input",
                                                         scale_group_size=32, rows_per_codebook=24, rank=4),
     "basis sharing (low rank only, shared bases)": dict(preset="basis-sharing-paper"),
+    "swsc-4bit on a rotated residual stream": dict(preset="swsc-4bit", rotate_residual=True),
 }
 
 
