@@ -5,8 +5,9 @@ Q = diag(signs) H / sqrt(d), H a Hadamard matrix (`core.hadamard`): a reader W b
 folded in and the norm's weight set to 1 (an RMS norm commutes with Q, a gain does not); a writer W becomes Q^T W and
 its bias b becomes b Q. The model computes the same function up to float rounding while its stream carries x Q, and
 each weight row mixes all of the stream's channels, so no input the activations single out keeps outsized weights.
-The embedding and the final norm keep their weights (a tied output head stays tied): `ResidualRotation` rotates the
-embeddings' output and un-rotates the stream before the final norm, a product with H's small factors each.
+The embedding and the final norm keep their weights (a tied output head stays tied): they become subclasses of
+their own classes that rotate the embeddings' output and un-rotate the stream before the final norm by the model's
+`ResidualRotation`, a product with H's small factors each.
 
 Supported: decoders whose layers read the stream through `input_layernorm` -> q/k/v projections and
 `post_attention_layernorm` -> gate/up projections and write it through `o_proj` and `down_proj`, with RMS norms (Llama,
@@ -63,14 +64,6 @@ class ResidualRotation(nn.Module):
     def unrotate(self, x: torch.Tensor) -> torch.Tensor:
         """x Q^T over the last dimension, in x's dtype."""
         return hadamard_product(x, self.factors, transpose=True) * (self.signs.to(x) * self.size**-0.5)
-
-    def rotate_embeddings(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook of the input embedding."""
-        return self.rotate(output)
-
-    def unrotate_final_norm_input(self, module: nn.Module, args: tuple) -> tuple:
-        """Forward pre-hook of the final norm."""
-        return (self.unrotate(args[0]), *args[1:])
 
     def extra_repr(self) -> str:
         return f"size={self.size}, hadamard_factors={[f.shape[0] for f in self.factors]}"
@@ -144,8 +137,8 @@ def unrotate_block(readers: list[nn.Linear], writer: nn.Linear, rotation: Residu
 
 
 def attach_rotation(model: nn.Module, signs: torch.Tensor | None = None) -> ResidualRotation:
-    """Give `model` its `ResidualRotation` (placeholder signs of +1 until a checkpoint's arrive) and its hooks on the
-    input embedding and the final norm; idempotent."""
+    """Give `model` its `ResidualRotation` (placeholder signs of +1 until a checkpoint's arrive) and the rotating
+    forwards of its input embedding and final norm; idempotent."""
     rotation = getattr(model, ROTATION_ATTR, None)
     if rotation is None:
         embedding = model.get_input_embeddings()
@@ -153,7 +146,7 @@ def attach_rotation(model: nn.Module, signs: torch.Tensor | None = None) -> Resi
             signs = torch.ones(embedding.embedding_dim, dtype=embedding.weight.dtype, device=embedding.weight.device)
         rotation = ResidualRotation(signs)
         setattr(model, ROTATION_ATTR, rotation)
-    install_hooks(model, rotation)
+    install_stream_rotation(model, rotation)
     return rotation
 
 
@@ -164,17 +157,47 @@ def finish_loading(model: nn.Module) -> None:
         rotation.build_factors()
 
 
-def install_hooks(model: nn.Module, rotation: ResidualRotation) -> None:
-    """Hook `rotation` into the input embedding's output and the final norm's input (once each)."""
-    embedding, norm = model.get_input_embeddings(), model.get_decoder().norm
-    if not any(_bound_to(hook, ResidualRotation) for hook in embedding._forward_hooks.values()):
-        embedding.register_forward_hook(rotation.rotate_embeddings)
-    if not any(_bound_to(hook, ResidualRotation) for hook in norm._forward_pre_hooks.values()):
-        norm.register_forward_pre_hook(rotation.unrotate_final_norm_input)
+# Subclasses made by `rotating_class`, by (base class, what they do).
+ROTATING_CLASSES: dict[tuple[type, str], type] = {}
 
 
-def _bound_to(hook, cls: type) -> bool:
-    return isinstance(getattr(hook, "__self__", None), cls)
+def rotating_class(base: type, role: str) -> type:
+    """A subclass of `base` whose forward rotates its output ("embedding") or un-rotates its input ("final_norm") by
+    the `residual_rotation` it holds. A class, not a hook: torch.compile guards on module types but not on hooks, so
+    a graph compiled for the plain class is never reused for the rotating one."""
+    if (base, role) not in ROTATING_CLASSES:
+        if role == "embedding":
+            def forward(self, *args, **kwargs):
+                return self.residual_rotation.rotate(base.forward(self, *args, **kwargs))
+        else:
+            def forward(self, hidden_states, *args, **kwargs):
+                return base.forward(self, self.residual_rotation.unrotate(hidden_states), *args, **kwargs)
+        name = f"StreamRotating{base.__name__}"
+        cls = type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name,
+                                   "rotates_stream": True})
+        globals()[name] = cls  # found by name, so a rotated model pickles in this process
+        ROTATING_CLASSES[(base, role)] = cls
+    return ROTATING_CLASSES[(base, role)]
+
+
+def stream_ends(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(model.get_input_embeddings(), "embedding"), (model.get_decoder().norm, "final_norm")]
+
+
+def install_stream_rotation(model: nn.Module, rotation: ResidualRotation) -> None:
+    """Make the input embedding rotate its output and the final norm un-rotate its input (once each)."""
+    for module, role in stream_ends(model):
+        module.__dict__["residual_rotation"] = rotation  # a reference, not a child module (saved once)
+        if not getattr(type(module), "rotates_stream", False):
+            module.__class__ = rotating_class(type(module), role)
+
+
+def uninstall_stream_rotation(model: nn.Module) -> None:
+    """Undo `install_stream_rotation`."""
+    for module, _ in stream_ends(model):
+        if getattr(type(module), "rotates_stream", False):
+            module.__class__ = type(module).__bases__[0]
+        module.__dict__.pop("residual_rotation", None)
 
 
 @torch.no_grad()
@@ -203,7 +226,7 @@ def rotate_residual_stream(model: nn.Module, seed: int = 0) -> ResidualRotation:
     for norm, readers, writer in blocks:
         rotate_block(norm, readers, writer, rotation)
     setattr(model, ROTATION_ATTR, rotation)
-    install_hooks(model, rotation)
+    install_stream_rotation(model, rotation)
     logger.info("swsc_hf: rotated the residual stream (%d channels, Hadamard factors %s)", size,
                 [factor.shape[0] for factor in rotation.factors])
     return rotation
@@ -222,18 +245,15 @@ def probe_first_layer(model: nn.Module, rotation: ResidualRotation) -> None:
     device = model.get_input_embeddings().weight.device
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (1, PROBE_TOKENS),
                         generator=torch.Generator().manual_seed(0)).to(device)
-    embedding, norm = model.get_input_embeddings(), decoder.norm
     try:
         decoder.layers = nn.ModuleList([first])
         expected = model(input_ids=ids, use_cache=False).logits.float()
         decoder.layers = nn.ModuleList([rotated])
-        hooks = [embedding.register_forward_hook(rotation.rotate_embeddings),
-                 norm.register_forward_pre_hook(rotation.unrotate_final_norm_input)]
+        install_stream_rotation(model, rotation)
         try:
             got = model(input_ids=ids, use_cache=False).logits.float()
         finally:
-            for hook in hooks:
-                hook.remove()
+            uninstall_stream_rotation(model)
     finally:
         decoder.layers = layers
     change = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
@@ -248,14 +268,11 @@ def probe_first_layer(model: nn.Module, rotation: ResidualRotation) -> None:
 @torch.no_grad()
 def remove_rotation(model: nn.Module) -> None:
     """Turn a rotated model with dense linears back into a plain one (for `dequantize`): weights un-rotated, the
-    hooks and the `ResidualRotation` removed. The norms' gains stay folded into the readers (their weights 1)."""
+    rotating forwards and the `ResidualRotation` removed. The norms' gains stay folded in the readers (weights 1)."""
     rotation = getattr(model, ROTATION_ATTR, None)
     if rotation is None:
         return
     for _, readers, writer in stream_blocks(model):
         unrotate_block(readers, writer, rotation)
-    embedding, norm = model.get_input_embeddings(), model.get_decoder().norm
-    for hooks in (embedding._forward_hooks, norm._forward_pre_hooks):
-        for key in [key for key, hook in hooks.items() if _bound_to(hook, ResidualRotation)]:
-            del hooks[key]
+    uninstall_stream_rotation(model)
     delattr(model, ROTATION_ATTR)

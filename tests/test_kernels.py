@@ -374,10 +374,12 @@ def test_layouts_cover_every_preset_and_ladder_width():
             assert unsupported_reason(spec) is None, spec
 
 
-def test_compile_decoding_generates_the_same_tokens_through_the_compiled_step(monkeypatch):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_compile_decoding_generates_the_same_tokens_through_the_compiled_step(monkeypatch, rotate):
+    """Also with a rotated residual stream: its hooks trace into the one compiled graph."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config()).eval()
-    swsc_hf.compress_model(model, swsc_hf.SWSCConfig(preset="swsc-4bit"))
+    swsc_hf.compress_model(model, swsc_hf.SWSCConfig(preset="swsc-4bit", rotate_residual=rotate))
     prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(2))
     eager = model.generate(prompt, max_new_tokens=6, do_sample=False)
     compiled_calls = []
