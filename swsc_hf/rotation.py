@@ -181,6 +181,7 @@ def rotating_class(base: type, role: str) -> type:
 
 
 def stream_ends(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The modules where the rotated stream begins and ends, with their `rotating_class` roles."""
     return [(model.get_input_embeddings(), "embedding"), (model.get_decoder().norm, "final_norm")]
 
 
