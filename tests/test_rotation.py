@@ -23,7 +23,7 @@ def explicit(size: int) -> torch.Tensor:
     return functools.reduce(torch.kron, hadamard_factors(size), torch.ones(1, 1, dtype=torch.float64))
 
 
-def rotated_llama(**overrides) -> LlamaForCausalLM:
+def llama_with_gains(**overrides) -> LlamaForCausalLM:
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(hidden_size=48, intermediate_size=96, num_attention_heads=4,
                                                num_key_value_heads=2, **overrides)).eval()
@@ -63,7 +63,7 @@ def test_orders_without_a_construction_are_refused(size):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_rotation_keeps_the_model(tied, input_ids):
-    model = rotated_llama(tie_word_embeddings=tied)
+    model = llama_with_gains(tie_word_embeddings=tied)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     with torch.no_grad():
         expected = model(input_ids).logits
@@ -83,7 +83,7 @@ def test_rotation_keeps_the_model(tied, input_ids):
 
 
 def test_a_second_rotation_is_refused():
-    model = rotated_llama()
+    model = llama_with_gains()
     rotate_residual_stream(model)
     with pytest.raises(ValueError, match="already rotated"):
         rotate_residual_stream(model)
@@ -102,7 +102,7 @@ def test_other_structures_are_refused_untouched():
 
 
 def test_a_norm_that_is_not_rms_is_caught_by_the_probe():
-    model = rotated_llama()
+    model = llama_with_gains()
     model.model.layers[0].input_layernorm = torch.nn.LayerNorm(48, bias=False)  # subtracts the mean: not invariant
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
     with pytest.raises(ValueError, match="changed its outputs"):
@@ -125,7 +125,7 @@ def test_config_field_is_validated():
 
 def test_rotated_compressed_model_saves_loads_and_dequantizes(input_ids, tmp_path):
     config = SWSCConfig(n_clusters=16, segment_length=1, rank=0, scale_group_size=16, rotate_residual=True, seed=5)
-    model = compress_model(rotated_llama(tie_word_embeddings=True), config)
+    model = compress_model(llama_with_gains(tie_word_embeddings=True), config)
     with torch.no_grad():
         logits = model(input_ids).logits
     model.save_pretrained(tmp_path)
@@ -165,5 +165,5 @@ def test_multi_process_compression_refuses_the_rotation(tiny_dense_dir):
 
 def test_data_free_rotation_warns(caplog):
     with caplog.at_level("WARNING", logger="swsc_hf.quantizer"):
-        compress_model(rotated_llama(), SWSCConfig(preset="swsc-4bit", scale_group_size=16, rotate_residual=True))
+        compress_model(llama_with_gains(), SWSCConfig(preset="swsc-4bit", scale_group_size=16, rotate_residual=True))
     assert "without calibration" in caplog.text
