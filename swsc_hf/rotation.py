@@ -45,17 +45,20 @@ class ResidualRotation(nn.Module):
         super().__init__()
         self.register_buffer("signs", signs)
         self.size = signs.numel()
+        self.factor_count = 0
         self.build_factors()
 
     def build_factors(self) -> None:
         """(Re)build H's factors beside `signs`: not saved, and made on the meta device when a model is loaded."""
         device = None if self.signs.device.type == "meta" else self.signs.device
-        for index, factor in enumerate(hadamard_factors(self.size)):
+        factors = hadamard_factors(self.size)
+        for index, factor in enumerate(factors):
             self.register_buffer(f"factor_{index}", factor.to(device=device, dtype=torch.float32), persistent=False)
+        self.factor_count = len(factors)
 
     @property
     def factors(self) -> list[torch.Tensor]:
-        return [buffer for name, buffer in self.named_buffers() if name.startswith("factor_")]
+        return [getattr(self, f"factor_{index}") for index in range(self.factor_count)]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x Q over the last dimension, in x's dtype."""
@@ -117,33 +120,34 @@ def submodule(module: nn.Module, name: str) -> nn.Module | None:
 @torch.no_grad()
 def rotate_block(norm: nn.Module, readers: list[nn.Linear], writer: nn.Linear, rotation: ResidualRotation) -> None:
     """Fold `norm`'s gain into `readers`, rotate their inputs and `writer`'s outputs by Q (float64 arithmetic)."""
-    gain = norm.weight.double()
-    for reader in readers:
-        reader.weight.copy_(rotation.rotate(reader.weight.double() * gain))
+    transform_block(readers, writer, rotation.rotate, gain=norm.weight.double())
     norm.weight.fill_(1.0)
-    writer.weight.copy_(rotation.rotate(writer.weight.double().T).T)
-    if writer.bias is not None:
-        writer.bias.copy_(rotation.rotate(writer.bias.double()))
 
 
 @torch.no_grad()
 def unrotate_block(readers: list[nn.Linear], writer: nn.Linear, rotation: ResidualRotation) -> None:
     """The inverse of `rotate_block`'s rotation (the folded gains stay in the readers; the norms' weights stay 1)."""
+    transform_block(readers, writer, rotation.unrotate)
+
+
+def transform_block(readers: list[nn.Linear], writer: nn.Linear, apply, gain: torch.Tensor | None = None) -> None:
+    """`apply` (x -> x Q or x Q^T, float64) to the readers' rows, times `gain` first, and to the writer's columns and
+    bias."""
     for reader in readers:
-        reader.weight.copy_(rotation.unrotate(reader.weight.double()))
-    writer.weight.copy_(rotation.unrotate(writer.weight.double().T).T)
+        weight = reader.weight.double()
+        reader.weight.copy_(apply(weight if gain is None else weight * gain))
+    writer.weight.copy_(apply(writer.weight.double().T).T)
     if writer.bias is not None:
-        writer.bias.copy_(rotation.unrotate(writer.bias.double()))
+        writer.bias.copy_(apply(writer.bias.double()))
 
 
-def attach_rotation(model: nn.Module, signs: torch.Tensor | None = None) -> ResidualRotation:
+def attach_rotation(model: nn.Module) -> ResidualRotation:
     """Give `model` its `ResidualRotation` (placeholder signs of +1 until a checkpoint's arrive) and the rotating
     forwards of its input embedding and final norm; idempotent."""
     rotation = getattr(model, ROTATION_ATTR, None)
     if rotation is None:
         embedding = model.get_input_embeddings()
-        if signs is None:
-            signs = torch.ones(embedding.embedding_dim, dtype=embedding.weight.dtype, device=embedding.weight.device)
+        signs = torch.ones(embedding.embedding_dim, dtype=embedding.weight.dtype, device=embedding.weight.device)
         rotation = ResidualRotation(signs)
         setattr(model, ROTATION_ATTR, rotation)
     install_stream_rotation(model, rotation)
@@ -215,14 +219,13 @@ def rotate_residual_stream(model: nn.Module, seed: int = 0) -> ResidualRotation:
                          "the meta device); load the model without offloading, or set rotate_residual=False")
     embedding = model.get_input_embeddings()
     size = embedding.embedding_dim
+    generator = torch.Generator().manual_seed(seed)
+    signs = (torch.randint(0, 2, (size,), generator=generator) * 2 - 1).to(embedding.weight)
     try:
-        hadamard_factors(size)
+        rotation = ResidualRotation(signs)
     except ValueError as error:
         raise ValueError(f"SWSCConfig.rotate_residual: the hidden size {size} has no Hadamard matrix here ({error}); "
                          "set rotate_residual=False") from None
-    generator = torch.Generator().manual_seed(seed)
-    signs = (torch.randint(0, 2, (size,), generator=generator) * 2 - 1).to(embedding.weight)
-    rotation = ResidualRotation(signs).to(embedding.weight.device)
     probe_first_layer(model, rotation)
     for norm, readers, writer in blocks:
         rotate_block(norm, readers, writer, rotation)
