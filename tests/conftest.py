@@ -71,6 +71,7 @@ KERNEL_LAYOUTS = [
     (40, 96, 32, 2, "output", 32, 5),     # 5-bit pairs, a codebook per 5 rows
     (20, 64, 64, 2, "output", 0, 3),      # 6-bit pairs without scales, a codebook per 3 rows
     (24, 96, 64, 2, "output", 48, 0),     # 6-bit pairs in groups of 48 (not a multiple of 32)
+    (24, 192, 64, 2, "output", 96, 0),    # 6-bit pairs in groups of 96 (steps of 64 and 32 values on AVX2)
     (48, 64, 256, 4, "output", 16, 0),    # 2-bit quadruples in groups of 16
     (37, 128, 256, 4, "output", 128, 0),  # swsc-2bit (groups of 128), odd rows
     (40, 64, 256, 4, "input", 0, 5),      # quadruples without scales, input channels, a codebook per 5 rows

@@ -25,6 +25,7 @@ from swsc_hf.kernels import (
     GEMV_MAX_TOKENS,
     choose_kernel,
     codebook_matmul,
+    cpu_gemv_kernel,
     cpu_isa,
     limit_cpu_isa,
     load_cpu_kernels,
@@ -461,11 +462,14 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
 
 
 @pytest.mark.parametrize("book_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("layout", [(40, 96, 64, 2, 32), (48, 64, 256, 4, 16), (24, 128, 128, 4, 0)],
+@pytest.mark.parametrize("layout", [(40, 96, 64, 2, 32), (24, 192, 64, 2, 96), (48, 64, 256, 4, 16),
+                                    (24, 128, 128, 4, 0), (48, 96, 16, 1, 32), (40, 48, 16, 1, 16)],
                          ids=lambda t: "-".join(map(str, t)))
-def test_vector_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
-    """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; values
-    that are not (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
+def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
+    """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; on AVX2,
+    4-bit scalar tables and 64 pairs in blocks of 32 values are looked up in float16 byte planes (channels of 48
+    values keep the float permutes; groups of 96 take steps of 64 and 32 values). Values that are not float16
+    exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
     out_f, in_f, k, seg, group = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
@@ -480,6 +484,14 @@ def test_vector_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa)
             got = codebook_matmul(xt, packed, codebook, scales, spec)
         expected = (xt.double() @ weight.t()).float()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    planes = cpu_isa() == "avx2" and book_dtype == torch.float16 and in_f % 32 == 0 and (group or in_f) % 32 == 0
+    kernel = cpu_gemv_kernel(packed, codebook, scales, spec)
+    if cpu_isa() == "portable":
+        assert kernel == "portable"
+    elif seg == 1:
+        assert kernel == ("planes" if planes else "nibbles")
+    elif k == 64:
+        assert kernel == ("pair_planes" if planes else "float")
 
 
 @pytest.mark.parametrize("layout", [KERNEL_LAYOUTS[0], (48, 64, 256, 4, "output", 16, 0),

@@ -1,6 +1,7 @@
 """One dispatch point for the compressed matmul: picks the implementation per layout, device and token count.
 
-- `cpu_gemv`: the compiled look-up-table GEMV (few tokens, CPU): reads only packed codes, tables and scales.
+- `cpu_gemv`: the compiled look-up-table GEMV (few tokens, CPU): reads only packed codes, tables and scales
+  (`cpu_gemv_kernel` names the kernel it picks per layout, values and instruction set).
 - `cpu_dequant_gemm`: many tokens on CPU: the compiled kernel rebuilds float32 tiles, a BLAS GEMM multiplies.
 - `triton_gemv` / `triton_dequant_gemm`: the same two strategies on CUDA tensors, as Triton kernels
   (`triton_gpu.py`), when triton can be imported.
@@ -153,6 +154,19 @@ def choose_kernel(spec: LayerSpec, device: torch.device, n_tokens: int) -> str:
     if device.type == "cuda":
         return "triton_gemv" if n_tokens <= _triton_kernels()[0].GEMV_MAX_TOKENS else "triton_dequant_gemm"
     return "cpu_gemv" if n_tokens <= GEMV_MAX_TOKENS else "cpu_dequant_gemm"
+
+
+def cpu_gemv_kernel(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec) -> str:
+    """Which CPU kernel a decode-sized call of this codebook term runs here: "integer", "planes" (AVX2, float16 byte
+    planes for 4-bit scalar tables), "nibbles", "float", "portable", "transposed" (input-dim channels: `gemv_t`,
+    the general decoder) or "reference" where the compiled kernels do not run it. Some kernels depend on the values
+    (float16 exactly) as well as the layout, hence the tensors."""
+    plan = _plan(spec)
+    if not _cpu_kernels_cover(plan.reason, codes.device):
+        return "reference"
+    if not plan.over_channels:
+        return "transposed"
+    return torch.ops.swsc_hf_cpu.gemv_kernel(codes, codebook, scales, plan.kernel_layout)
 
 
 def _compiled_matmul(x2: torch.Tensor, codes, codebook, scales, plan: _Plan, transposed: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@
 //   gemv(x[B, length], ...)     -> [B, channels]   y[b, c] = sum_p M[c, p] x[b, p]
 //   gemv_t(u[B, channels], ...) -> [B, length]     z[b, p] = sum_c M[c, p] u[b, c]
 //   dequant(..., start, stop)   -> [stop - start, length] float32 rows of M
+//   gemv_kernel(...)            -> the name of the kernel gemv runs these operands on here
 // All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
 // Instruction sets are chosen at run time (AVX-512F+BW, AVX2+FMA+F16C, portable C++); set_max_isa caps the choice.
 // set_integer_dot(true) opts gemv in to integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI;
@@ -38,6 +39,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <string>
 #include <vector>
 
 // Every helper the kernels call per value is forced inline: a call inside a loop of AVX-512 code would make the
@@ -512,6 +514,287 @@ struct Simd {
 
 #include "codebook_simd.inc"
 
+// 4-bit scalar codes whose table values are float16 exactly (the default table_dtype) in blocks of 32 values: the
+// 16-entry table as two byte planes, the low and the high bytes of its float16 values, one 128-bit register each.
+// A block's 16 code bytes give 16 low-nibble and 16 high-nibble indexes; a byte shuffle of each plane looks up
+// 16 values' bytes, interleaving the two planes' bytes gives 16 float16 values and F16C widens them. gemv_nibbles'
+// look-up takes two 8-float permutes and a blend per 8 values: on a Zen 3 EPYC (AVX2, no AVX-512) the planes ran
+// 1.6x faster (one thread, 1536 x 576). Activations in nibble_order of 16 lanes: per block the even values, then the
+// odd ones.
+constexpr int64_t kPlaneBlock = 32;  // values per block
+constexpr int64_t kPlaneBytes = 32;  // per codebook: 16 low bytes, then 16 high bytes
+
+// The codebooks as byte planes (kPlaneBytes per book, entries past n_clusters zero), or empty when a value is not a
+// float16 exactly (the float32 tables keep the numbers) or the layout is not one of whole blocks.
+std::vector<uint8_t> half_planes(const Operands& o) {
+  const Layout& l = o.l;
+  const int64_t group = l.group ? l.group : l.length;
+  if (l.seg != 1 || l.bits != 4 || l.length % kPlaneBlock || group % kPlaneBlock) return {};
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  std::vector<uint8_t> planes(n_books * kPlaneBytes, 0);
+  for (int64_t b = 0; b < n_books; ++b)
+    for (int64_t k = 0; k < l.n_clusters; ++k) {
+      const float value = o.tables[b * l.book_stride + k];
+      const uint16_t h = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+      if (_cvtsh_ss(h) != value) return {};  // not exact, or NaN
+      planes[b * kPlaneBytes + k] = uint8_t(h & 0xFF);
+      planes[b * kPlaneBytes + 16 + k] = uint8_t(h >> 8);
+    }
+  return planes;
+}
+
+// y[b, c] for R channels from c and NB activation rows from b0 (x in nibble_order of 16 lanes).
+template <int NB, int R>
+void gemv_plane_rows(const Operands& o, const uint8_t* planes, const float* x, float* y, int64_t b0, int64_t c) {
+  const Layout& l = o.l;
+  const int64_t group = l.group ? l.group : l.length;
+  const __m128i low_nibble = _mm_set1_epi8(0x0F);
+  const uint8_t* src[R];
+  __m128i low[R], high[R];
+  V total[R][NB];
+  for (int r = 0; r < R; ++r) {
+    src[r] = o.codes + (c + r) * l.length / 2;
+    const uint8_t* book = planes + ((c + r) / l.rows_per_book) * kPlaneBytes;
+    low[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(book));
+    high[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(book + 16));
+    for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
+  }
+  for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
+    V acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = Simd::zero();
+    for (int64_t p = g0; p < g0 + group; p += kPlaneBlock) {
+      V xv[NB][4];
+      for (int b = 0; b < NB; ++b)
+        for (int k = 0; k < 4; ++k) xv[b][k] = Simd::load_full(x + (b0 + b) * l.length + p + k * W);
+      for (int r = 0; r < R; ++r) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[r]));
+        src[r] += kPlaneBlock / 2;
+        const __m128i even = _mm_and_si128(bytes, low_nibble);
+        const __m128i odd = _mm_and_si128(_mm_srli_epi16(bytes, 4), low_nibble);
+        const __m128i even_lo = _mm_shuffle_epi8(low[r], even), even_hi = _mm_shuffle_epi8(high[r], even);
+        const __m128i odd_lo = _mm_shuffle_epi8(low[r], odd), odd_hi = _mm_shuffle_epi8(high[r], odd);
+        const V w[4] = {_mm256_cvtph_ps(_mm_unpacklo_epi8(even_lo, even_hi)),
+                        _mm256_cvtph_ps(_mm_unpackhi_epi8(even_lo, even_hi)),
+                        _mm256_cvtph_ps(_mm_unpacklo_epi8(odd_lo, odd_hi)),
+                        _mm256_cvtph_ps(_mm_unpackhi_epi8(odd_lo, odd_hi))};
+        for (int b = 0; b < NB; ++b)
+          for (int k = 0; k < 4; ++k) acc[r][b] = Simd::fmadd(w[k], xv[b][k], acc[r][b]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const V s = Simd::set1(group_scale(o, c + r, gi));
+      for (int b = 0; b < NB; ++b) total[r][b] = Simd::fmadd(acc[r][b], s, total[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) y[(b0 + b) * l.channels + c + r] = Simd::sum(total[r][b]);
+}
+
+// gemv for layouts with half_planes, x in nibble_order of 16 lanes.
+void gemv_planes(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
+                 int64_t c1) {
+  for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
+    constexpr int NB = decltype(nb)::value, R = decltype(r)::value;
+    int64_t c = c0;
+    for (; c + R <= c1; c += R) {
+      prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
+      gemv_plane_rows<NB, R>(o, planes, x, y, b0, c);
+    }
+    for (; c < c1; ++c) gemv_plane_rows<NB, 1>(o, planes, x, y, b0, c);
+  });
+}
+
+
+// 6-bit codes of pairs (swsc-3bit: 64 two-value codewords) whose values are float16 exactly, in scale groups (or
+// channels) of a multiple of 32 values: four byte planes per codebook (element 0's low and high bytes, element 1's),
+// each of 64 entries in four 16-byte registers. A byte shuffle looks up 16 codes' bytes in each register and two
+// byte blends on the index's bits 4 and 5 pick the register; interleaving low and high bytes gives float16 values
+// that F16C widens. Steps of 32 codes use 256-bit shuffles (both lanes hold the same register), a group's last 32
+// values, where fewer than 64 remain, 128-bit ones. The float kernel gathers a float per value from the table: on a
+// Zen 3 EPYC the planes ran 2.5x faster (one thread, 1536 x 576, groups of 192) and 1.9x with 128-bit steps only.
+// Activations in pair_order.
+constexpr int64_t kPairBookBytes = 4 * 64;  // per codebook: [element][low, high byte][64 codes]
+
+// The codebooks of a layout of 6-bit pairs as byte planes (kPairBookBytes per book, entries past n_clusters zero),
+// or empty when the layout is another one or a value is not a float16 exactly.
+std::vector<uint8_t> pair_planes(const Operands& o) {
+  const Layout& l = o.l;
+  const int64_t group = l.group ? l.group : l.length;
+  if (l.seg != 2 || l.bits != 6 || l.length % 32 || group % 32) return {};
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  std::vector<uint8_t> planes(n_books * kPairBookBytes, 0);
+  for (int64_t b = 0; b < n_books; ++b)
+    for (int64_t i = 0; i < l.n_clusters * 2; ++i) {
+      const float value = o.tables[b * l.book_stride + i];
+      const uint16_t h = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+      if (_cvtsh_ss(h) != value) return {};  // not exact, or NaN
+      uint8_t* element = planes.data() + b * kPairBookBytes + (i & 1) * 128 + i / 2;
+      element[0] = uint8_t(h & 0xFF);
+      element[64] = uint8_t(h >> 8);
+    }
+  return planes;
+}
+
+// Steps of a scale group of `size` values from its start: 64 values while at least 64 remain, then 32.
+template <class Body>
+ALWAYS_INLINE void for_pair_steps(int64_t start, int64_t size, Body body) {
+  int64_t p = start;
+  for (; p + 64 <= start + size; p += 64) body(p, std::integral_constant<int, 64>{});
+  if (p < start + size) body(p, std::integral_constant<int, 32>{});
+}
+
+// The n values of x (rows of `length`) in the order the pair kernel multiplies them: per 64-value step, element 0
+// of codes 0-7, 16-23, 8-15, 24-31, then element 1 of the same; per 32-value step, element 0 of codes 0-15, then
+// element 1.
+std::vector<float> pair_order(const float* x, int64_t n, int64_t length, int64_t group) {
+  static constexpr int kBlockOfVector[4] = {0, 2, 1, 3};
+  std::vector<float> out(n);
+  for (int64_t row = 0; row < n; row += length)
+    for (int64_t g0 = 0; g0 < length; g0 += group)
+      for_pair_steps(row + g0, group, [&](int64_t p, auto values) {
+        if constexpr (decltype(values)::value == 64) {
+          for (int v = 0; v < 8; ++v)
+            for (int i = 0; i < 8; ++i) out[p + v * 8 + i] = x[p + 2 * (kBlockOfVector[v % 4] * 8 + i) + v / 4];
+        } else {
+          for (int i = 0; i < 16; ++i) {
+            out[p + i] = x[p + 2 * i];
+            out[p + 16 + i] = x[p + 2 * i + 1];
+          }
+        }
+      });
+  return out;
+}
+
+// 16 6-bit codes from 12 stream bytes (16 readable) as bytes: a 32-bit lane per 3 bytes, each code moved to its byte.
+ALWAYS_INLINE __m128i pair_codes(__m128i raw) {
+  const __m128i v = _mm_shuffle_epi8(raw, _mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+  const __m128i c0 = _mm_and_si128(v, _mm_set1_epi32(0x3F));
+  const __m128i c1 = _mm_and_si128(_mm_slli_epi32(v, 2), _mm_set1_epi32(0x3F00));
+  const __m128i c2 = _mm_and_si128(_mm_slli_epi32(v, 4), _mm_set1_epi32(0x3F0000));
+  const __m128i c3 = _mm_and_si128(_mm_slli_epi32(v, 6), _mm_set1_epi32(0x3F000000));
+  return _mm_or_si128(_mm_or_si128(c0, c1), _mm_or_si128(c2, c3));
+}
+
+ALWAYS_INLINE __m256i pair_codes(__m256i raw) {
+  const __m256i v = _mm256_shuffle_epi8(raw, _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
+                                                              0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+  const __m256i c0 = _mm256_and_si256(v, _mm256_set1_epi32(0x3F));
+  const __m256i c1 = _mm256_and_si256(_mm256_slli_epi32(v, 2), _mm256_set1_epi32(0x3F00));
+  const __m256i c2 = _mm256_and_si256(_mm256_slli_epi32(v, 4), _mm256_set1_epi32(0x3F0000));
+  const __m256i c3 = _mm256_and_si256(_mm256_slli_epi32(v, 6), _mm256_set1_epi32(0x3F000000));
+  return _mm256_or_si256(_mm256_or_si256(c0, c1), _mm256_or_si256(c2, c3));
+}
+
+// One byte plane's 64 entries at 16 or 32 byte indexes; bit4 / bit5: the indexes shifted so that bit 4 / 5 is each
+// byte's top bit (what a byte blend reads).
+ALWAYS_INLINE __m128i plane_lookup(const uint8_t* plane, __m128i idx, __m128i bit4, __m128i bit5) {
+  const __m128i* t = reinterpret_cast<const __m128i*>(plane);
+  const __m128i a = _mm_blendv_epi8(_mm_shuffle_epi8(_mm_loadu_si128(t), idx),
+                                    _mm_shuffle_epi8(_mm_loadu_si128(t + 1), idx), bit4);
+  const __m128i b = _mm_blendv_epi8(_mm_shuffle_epi8(_mm_loadu_si128(t + 2), idx),
+                                    _mm_shuffle_epi8(_mm_loadu_si128(t + 3), idx), bit4);
+  return _mm_blendv_epi8(a, b, bit5);
+}
+
+ALWAYS_INLINE __m256i plane_lookup(const uint8_t* plane, __m256i idx, __m256i bit4, __m256i bit5) {
+  const __m128i* t = reinterpret_cast<const __m128i*>(plane);
+  const __m256i a = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t)), idx),
+                                       _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t + 1)), idx),
+                                       bit4);
+  const __m256i b = _mm256_blendv_epi8(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t + 2)), idx),
+                                       _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t + 3)), idx),
+                                       bit4);
+  return _mm256_blendv_epi8(a, b, bit5);
+}
+
+// The weights of one step (VALUES = 64 or 32) of a channel whose codes start at src, in pair_order, as float vectors.
+template <int VALUES>
+ALWAYS_INLINE void pair_weights(const uint8_t* src, const uint8_t* book, V* w) {
+  if constexpr (VALUES == 64) {
+    const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12),
+                                            reinterpret_cast<const __m128i*>(src));
+    const __m256i idx = pair_codes(raw), bit4 = _mm256_slli_epi16(idx, 3), bit5 = _mm256_slli_epi16(idx, 2);
+    for (int e = 0; e < 2; ++e) {
+      const __m256i low = plane_lookup(book + e * 128, idx, bit4, bit5);
+      const __m256i high = plane_lookup(book + e * 128 + 64, idx, bit4, bit5);
+      const __m256i a = _mm256_unpacklo_epi8(low, high), b = _mm256_unpackhi_epi8(low, high);
+      w[e * 4 + 0] = _mm256_cvtph_ps(_mm256_castsi256_si128(a));
+      w[e * 4 + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256(a, 1));
+      w[e * 4 + 2] = _mm256_cvtph_ps(_mm256_castsi256_si128(b));
+      w[e * 4 + 3] = _mm256_cvtph_ps(_mm256_extracti128_si256(b, 1));
+    }
+  } else {
+    const __m128i idx = pair_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    const __m128i bit4 = _mm_slli_epi16(idx, 3), bit5 = _mm_slli_epi16(idx, 2);
+    for (int e = 0; e < 2; ++e) {
+      const __m128i low = plane_lookup(book + e * 128, idx, bit4, bit5);
+      const __m128i high = plane_lookup(book + e * 128 + 64, idx, bit4, bit5);
+      w[e * 2 + 0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(low, high));
+      w[e * 2 + 1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(low, high));
+    }
+  }
+}
+
+// y[b, c] for R channels from c and NB activation rows from b0 (x in pair_order); channel c + r's codes start at
+// codes + r * (its bytes), with 4 readable bytes past the last.
+template <int NB, int R>
+void gemv_pair_rows(const Operands& o, const uint8_t* planes, const uint8_t* codes, const float* x, float* y,
+                    int64_t b0, int64_t c) {
+  const Layout& l = o.l;
+  const int64_t group = l.group ? l.group : l.length, channel_bytes = l.length * 3 / 8;
+  const uint8_t* book[R];
+  V total[R][NB];
+  for (int r = 0; r < R; ++r) {
+    book[r] = planes + ((c + r) / l.rows_per_book) * kPairBookBytes;
+    for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
+  }
+  for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
+    V acc[R][NB];
+    for (int r = 0; r < R; ++r)
+      for (int b = 0; b < NB; ++b) acc[r][b] = Simd::zero();
+    for_pair_steps(g0, group, [&](int64_t p, auto values) {
+      constexpr int kValues = decltype(values)::value, kVectors = kValues / W;
+      for (int r = 0; r < R; ++r) {
+        V w[kVectors];
+        pair_weights<kValues>(codes + r * channel_bytes + p * 3 / 8, book[r], w);
+        for (int b = 0; b < NB; ++b)
+          for (int k = 0; k < kVectors; ++k)
+            acc[r][b] = Simd::fmadd(w[k], Simd::load_full(x + (b0 + b) * l.length + p + k * W), acc[r][b]);
+      }
+    });
+    for (int r = 0; r < R; ++r) {
+      const V s = Simd::set1(group_scale(o, c + r, gi));
+      for (int b = 0; b < NB; ++b) total[r][b] = Simd::fmadd(acc[r][b], s, total[r][b]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) y[(b0 + b) * l.channels + c + r] = Simd::sum(total[r][b]);
+}
+
+// gemv for layouts with pair_planes, x in pair_order. A channel without 4 readable stream bytes past its codes (the
+// last) reads a zero-padded copy.
+void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
+                int64_t c1) {
+  const int64_t channel_bytes = o.l.length * 3 / 8;
+  int64_t end = c1;  // channels from `end` on read a copy
+  while (end > c0 && end * channel_bytes + 4 > o.code_bytes) --end;
+  for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
+    constexpr int NB = decltype(nb)::value, R = decltype(r)::value;
+    int64_t c = c0;
+    for (; c + R <= end; c += R) {
+      prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
+      gemv_pair_rows<NB, R>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+    }
+    for (; c < end; ++c) gemv_pair_rows<NB, 1>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+    std::vector<uint8_t> copy(channel_bytes + 4, 0);
+    for (; c < c1; ++c) {
+      std::memcpy(copy.data(), o.codes + c * channel_bytes, channel_bytes);
+      gemv_pair_rows<NB, 1>(o, planes, copy.data(), x, y, b0, c);
+    }
+  });
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -805,35 +1088,78 @@ std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
   return out;
 }
 
+// The kernel gemv runs a layout's call on, and what that kernel needs from the codebooks.
+struct GemvPlan {
+  enum Kernel { kInteger, kPlanes, kPairPlanes, kNibbles, kFloat } kernel;
+  int64_t isa;
+  std::vector<uint8_t> planes;  // kPlanes: avx2::half_planes; kPairPlanes: avx2::pair_planes
+};
+
+GemvPlan plan_gemv(const Operands& o) {
+  const int64_t isa = kernel_isa(o.l);
+  if (int_layout(o.l)) return {GemvPlan::kInteger, isa, {}};
+  if (isa == kAvx2) {
+    std::vector<uint8_t> planes = avx2::pair_planes(o);
+    if (!planes.empty()) return {GemvPlan::kPairPlanes, isa, std::move(planes)};
+  }
+  if (!nibble_layout(o.l, isa)) return {GemvPlan::kFloat, isa, {}};
+  if (isa == kAvx2) {
+    std::vector<uint8_t> planes = avx2::half_planes(o);
+    if (!planes.empty()) return {GemvPlan::kPlanes, isa, std::move(planes)};
+  }
+  return {GemvPlan::kNibbles, isa, {}};
+}
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                 const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
-  const int64_t isa = kernel_isa(o.l);
-  const bool nibbles = nibble_layout(o.l, isa);
+  const GemvPlan plan = plan_gemv(o);
+  const int64_t isa = plan.isa;
   const at::Tensor xf = float_rows(x, o.l.length, "x");
   at::Tensor y = float_result(x, o.l.channels);
   const int64_t B = xf.numel() / o.l.length;
-  if (int_layout(o.l)) {
+  float* yp = y.data_ptr<float>();
+  if (plan.kernel == GemvPlan::kInteger) {
     const IntTables t = vbmi::int_tables(o);
     const IntActivations a = vbmi::int_activations(xf.data_ptr<float>(), B, o.l.length);
-    float* yp = y.data_ptr<float>();
     at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
       vbmi::int_dot(o, t, a, B, yp, c0, c1);
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  const std::vector<float> reordered = nibbles ? nibble_order(xf.data_ptr<float>(), xf.numel(), simd_lanes(isa))
-                                               : std::vector<float>();
-  const float* xp = nibbles ? reordered.data() : xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  const bool planes = plan.kernel == GemvPlan::kPlanes, nibbles = planes || plan.kernel == GemvPlan::kNibbles;
+  const bool pairs = plan.kernel == GemvPlan::kPairPlanes;
+  const int64_t order_lanes = planes ? avx2::kPlaneBlock / 2 : simd_lanes(isa);
+  const std::vector<float> reordered =
+      nibbles ? nibble_order(xf.data_ptr<float>(), xf.numel(), order_lanes)
+      : pairs ? avx2::pair_order(xf.data_ptr<float>(), xf.numel(), o.l.length, o.l.group ? o.l.group : o.l.length)
+              : std::vector<float>();
+  const float* xp = nibbles || pairs ? reordered.data() : xf.data_ptr<float>();
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-    if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
+    if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
+    else if (pairs) avx2::gemv_pairs(o, plan.planes.data(), xp, B, yp, c0, c1);
+    else if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (nibbles) avx2::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
     else if (isa == kAvx2) avx2::gemv(o, xp, B, yp, c0, c1);
     else gemv_portable(o, xp, B, yp, c0, c1);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer", "planes" and
+// "pair_planes" (AVX2, float16 byte planes of 4-bit scalar and 6-bit pair tables), "nibbles" (4-bit codes, float
+// permutes), "float" (the general decoder) or "portable".
+std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
+                        at::IntArrayRef layout) {
+  const GemvPlan plan = plan_gemv(make_operands(codes, codebook, scales, layout));
+  switch (plan.kernel) {
+    case GemvPlan::kInteger: return "integer";
+    case GemvPlan::kPlanes: return "planes";
+    case GemvPlan::kPairPlanes: return "pair_planes";
+    case GemvPlan::kNibbles: return "nibbles";
+    default: return plan.isa == kPortable ? "portable" : "float";
+  }
 }
 
 at::Tensor gemv_t(const at::Tensor& u, const at::Tensor& codes, const at::Tensor& codebook,
@@ -967,6 +1293,7 @@ TORCH_LIBRARY(swsc_hf_cpu, m) {
   m.def("isa() -> int");
   m.def("set_integer_dot(bool enabled) -> bool");
   m.def("integer_dot_available() -> bool");
+  m.def("gemv_kernel(Tensor codes, Tensor codebook, Tensor? scales, int[] layout) -> str");
 }
 
 TORCH_LIBRARY_IMPL(swsc_hf_cpu, CPU, m) {
@@ -974,6 +1301,7 @@ TORCH_LIBRARY_IMPL(swsc_hf_cpu, CPU, m) {
   m.impl("gemv_t", &gemv_t);
   m.impl("dequant", &dequant);
   m.impl("table_grads", &table_grads);
+  m.impl("gemv_kernel", &gemv_kernel);
 }
 
 TORCH_LIBRARY_IMPL(swsc_hf_cpu, CompositeExplicitAutograd, m) {
