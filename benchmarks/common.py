@@ -29,13 +29,20 @@ def versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, object]:
-    """CPU model name, logical cores and the threads torch uses."""
+    """CPU model name, logical cores, the threads torch uses and the instruction set of swsc_hf's CPU kernels (CPUs
+    sold under one name differ: an "AMD EPYC" may have AVX-512 or only AVX2)."""
     import torch
+
+    from swsc_hf.kernels import cpu_isa
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
+    try:
+        isa = cpu_isa()
+    except RuntimeError:  # the kernels could not be built here
+        isa = "none"
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "system": platform.platform()}
+            "system": platform.platform(), "kernel_isa": isa}
 
 
 def run_info() -> dict[str, object]:

@@ -488,10 +488,22 @@ def speed_section(records: list[dict], title: str = "## Speed and memory", note:
     ok = [r for r in records if "error" not in r and "decode_tokens_per_s" in r]
     if not ok:
         return out + ["No speed results yet (run benchmarks/speed.py).", ""]
-    latest_runs = latest(ok, lambda r: r["machine"]["cpu"])  # cpu -> a record of its latest run
+    latest_runs = latest(ok, cpu_key)  # cpu -> a record of its latest run
     for run in sorted({r["run"] for r in latest_runs.values()}, reverse=True):
         out += _speed_run(records, run) + (per_run(records, run) if per_run else [])
     return out
+
+
+def cpu_key(record: dict) -> tuple[str, str | None]:
+    """The CPU a record ran on: its model name and the kernels' instruction set (recorded since runs on two "AMD
+    EPYC" machines, one with AVX-512 and one without; None in earlier records)."""
+    return record["machine"]["cpu"], record["machine"].get("kernel_isa")
+
+
+def cpu_label(record: dict) -> str:
+    """The CPU's name, with the kernels' instruction set where the record has it."""
+    cpu, isa = cpu_key(record)
+    return f"{cpu} ({isa.upper()} kernels)" if isa else cpu
 
 
 def _speed_run(records: list[dict], run: str) -> list[str]:
@@ -499,7 +511,7 @@ def _speed_run(records: list[dict], run: str) -> list[str]:
     rows = [r for r in records if r["run"] == run and "error" not in r and "decode_tokens_per_s" in r]
     by_label = {r["label"]: r for r in rows}
     dense, bf16, llama = by_label.get("dense"), by_label.get("dense-bf16"), by_label.get("llama.cpp-q4_1")
-    cpu = rows[0]["machine"]["cpu"]
+    cpu = cpu_label(rows[0])
     if dense is None:
         return [f"The speed run {run} on {cpu} has no dense model to compare with.", ""]
     out = [f"Run {run}, SmolLM2-135M-Instruct on {cpu}, {dense['threads']} threads for every "

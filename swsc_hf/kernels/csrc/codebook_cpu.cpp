@@ -582,13 +582,9 @@ void gemv_plane_rows(const Operands& o, const uint8_t* planes, const float* x, f
           for (int k = 0; k < 4; ++k) acc[r][b] = Simd::fmadd(w[k], xv[b][k], acc[r][b]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const V s = Simd::set1(group_scale(o, c + r, gi));
-      for (int b = 0; b < NB; ++b) total[r][b] = Simd::fmadd(acc[r][b], s, total[r][b]);
-    }
+    add_scaled_group<NB, R>(o, c, gi, acc, total);
   }
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) y[(b0 + b) * l.channels + c + r] = Simd::sum(total[r][b]);
+  store_sums<NB, R>(total, l.channels, y, b0, c);
 }
 
 // gemv for layouts with half_planes, x in nibble_order of 16 lanes.
@@ -763,13 +759,9 @@ void gemv_pair_rows(const Operands& o, const uint8_t* planes, const uint8_t* cod
             acc[r][b] = Simd::fmadd(w[k], Simd::load_full(x + (b0 + b) * l.length + p + k * W), acc[r][b]);
       }
     });
-    for (int r = 0; r < R; ++r) {
-      const V s = Simd::set1(group_scale(o, c + r, gi));
-      for (int b = 0; b < NB; ++b) total[r][b] = Simd::fmadd(acc[r][b], s, total[r][b]);
-    }
+    add_scaled_group<NB, R>(o, c, gi, acc, total);
   }
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) y[(b0 + b) * l.channels + c + r] = Simd::sum(total[r][b]);
+  store_sums<NB, R>(total, l.channels, y, b0, c);
 }
 
 // gemv for layouts with pair_planes, x in pair_order. A channel without 4 readable stream bytes past its codes (the
@@ -787,6 +779,7 @@ void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_
       gemv_pair_rows<NB, R>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
     }
     for (; c < end; ++c) gemv_pair_rows<NB, 1>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+    if (c == c1) return;
     std::vector<uint8_t> copy(channel_bytes + 4, 0);
     for (; c < c1; ++c) {
       std::memcpy(copy.data(), o.codes + c * channel_bytes, channel_bytes);
