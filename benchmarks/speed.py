@@ -19,7 +19,10 @@ import argparse
 import copy
 import math
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 
@@ -136,6 +139,22 @@ def integer_perplexities(case: TorchCase, windows: torch.Tensor) -> dict:
     return out
 
 
+def llama_cpp_failure(gguf_path: str) -> str | None:
+    """Why llama.cpp cannot run here, or None: it loads the GGUF file and evaluates a token in a child process first,
+    since a build for instructions this CPU lacks dies with SIGILL and would take this whole benchmark with it."""
+    probe = ("import sys; from llama_cpp import Llama; "
+             "Llama(model_path=sys.argv[1], n_ctx=16, n_threads=1, verbose=False).eval([1])")
+    done = subprocess.run([sys.executable, "-c", probe, gguf_path], capture_output=True, text=True, timeout=300)
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        return (f"llama.cpp died with {name} in a probe: its build uses instructions this CPU lacks; rebuild "
+                "llama-cpp-python on this machine (benchmarks/setup_env.sh)")
+    last_line = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+    return f"llama.cpp failed in a probe: {last_line}"
+
+
 class LlamaCppCase:
     """llama.cpp through llama-cpp-python on a GGUF file: the same prompt token ids, greedy decode."""
 
@@ -236,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             from swsc_hf.bundled import smollm2_gguf
 
             folder, file = smollm2_gguf()
+            failure = llama_cpp_failure(f"{folder}/{file}")
+            if failure:
+                raise RuntimeError(failure)
             cases.append(LlamaCppCase("llama.cpp-q4_1", f"{folder}/{file}", prompt, args.threads, args.new_tokens))
         except Exception as err:
             failed.append({"method": "llama.cpp-q4_1", "label": "llama.cpp-q4_1",
