@@ -488,7 +488,7 @@ def speed_section(records: list[dict], title: str = "## Speed and memory", note:
     ok = [r for r in records if "error" not in r and "decode_tokens_per_s" in r]
     if not ok:
         return out + ["No speed results yet (run benchmarks/speed.py).", ""]
-    latest_runs = latest(ok, cpu_key)  # cpu -> a record of its latest run
+    latest_runs = latest(ok, cpu_key)  # (cpu, kernels' isa) -> a record of its latest run
     for run in sorted({r["run"] for r in latest_runs.values()}, reverse=True):
         out += _speed_run(records, run) + (per_run(records, run) if per_run else [])
     return out

@@ -494,6 +494,23 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
         assert kernel == ("pair_planes" if planes else "float")
 
 
+def test_cpu_gemv_kernel_names_the_transposed_and_reference_paths():
+    spec = LayerSpec(48, 64, n_clusters=16, segment_length=1, cluster_dim="input", scale_group_size=16)
+    _, packed, codebook, scales = make_layer_tensors(spec)
+    assert cpu_gemv_kernel(packed, codebook, scales, spec) == "transposed"
+    whole = LayerSpec(48, 64, n_clusters=8, segment_length=64)  # SWSC's layout: whole channels, a gather in torch
+    _, packed, codebook, _ = make_layer_tensors(whole)
+    assert cpu_gemv_kernel(packed, codebook, None, whole) == "reference"
+    scalar = LayerSpec(48, 64, n_clusters=16, segment_length=1, scale_group_size=16)
+    _, packed, codebook, scales = make_layer_tensors(scalar)
+    previous = swsc_hf.set_kernels_enabled(False)
+    try:
+        assert cpu_gemv_kernel(packed, codebook, scales, scalar) == "reference"
+    finally:
+        swsc_hf.set_kernels_enabled(previous)
+    assert cpu_gemv_kernel(packed, codebook, scales, scalar) != "reference"
+
+
 @pytest.mark.parametrize("layout", [KERNEL_LAYOUTS[0], (48, 64, 256, 4, "output", 16, 0),
                                     (30, 48, 16, 3, "output", 24, 0)], ids=lambda t: "-".join(map(str, t)))
 def test_trainable_tables_multiply_in_bfloat16_under_autocast(layout):
