@@ -37,9 +37,9 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <type_traits>
-#include <string>
 #include <vector>
 
 // Every helper the kernels call per value is forced inline: a call inside a loop of AVX-512 code would make the
@@ -140,6 +140,14 @@ __attribute__((target("avx,f16c"))) void halves_to_floats(const uint16_t* src, f
   for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i]);
 }
 
+// `value` as float16 bits in `bits`; false when it is not a float16 exactly (or is NaN): the float16 copies of the
+// tables hold only values they keep exactly, so the kernels reading them give the float32 tables' numbers.
+inline bool exact_half(float value, uint16_t& bits) {
+  const at::Half h(value);
+  bits = h.x;
+  return static_cast<float>(h) == value;
+}
+
 constexpr int64_t kSplitBook = 128;  // float16 values per codebook in Operands::half_split
 
 struct Operands {
@@ -200,14 +208,13 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
     half.assign(split ? n_books * kSplitBook : o.tables.size(), 0);
     for (int64_t b = 0; b < n_books; ++b)
       for (int64_t i = 0; i < l.n_clusters * 2; ++i) {
-        const float value = o.tables[b * l.book_stride + i];
-        const at::Half h(value);
-        if (static_cast<float>(h) != value) {  // not exact (or NaN): the float32 path keeps the numbers
+        uint16_t h;
+        if (!exact_half(o.tables[b * l.book_stride + i], h)) {  // the float32 path keeps the numbers
           half.clear();
           b = n_books;
           break;
         }
-        half[split ? b * kSplitBook + (i & 1) * 64 + i / 2 : b * l.book_stride + i] = h.x;
+        half[split ? b * kSplitBook + (i & 1) * 64 + i / 2 : b * l.book_stride + i] = h;
       }
   }
   if (l.group) {
@@ -533,23 +540,30 @@ struct Simd {
 constexpr int64_t kPlaneBlock = 32;  // values per block
 constexpr int64_t kPlaneBytes = 32;  // per codebook: 16 low bytes, then 16 high bytes
 
-// The codebooks as byte planes (kPlaneBytes per book, entries past n_clusters zero), or empty when a value is not a
-// float16 exactly (the float32 tables keep the numbers) or the layout is not one of whole blocks.
+// The codebooks as float16 byte planes: per book and element of a codeword, the low bytes of the 2^bits entries'
+// float16 values, then their high bytes (entries past n_clusters zero); empty when a value is not a float16 exactly.
+std::vector<uint8_t> byte_planes(const Operands& o) {
+  const Layout& l = o.l;
+  const int64_t entries = int64_t(1) << l.bits, book_bytes = 2 * l.seg * entries;
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  std::vector<uint8_t> planes(n_books * book_bytes, 0);
+  for (int64_t b = 0; b < n_books; ++b)
+    for (int64_t i = 0; i < l.n_clusters * l.seg; ++i) {
+      uint16_t h;
+      if (!exact_half(o.tables[b * l.book_stride + i], h)) return {};
+      uint8_t* entry = planes.data() + b * book_bytes + (i % l.seg) * 2 * entries + i / l.seg;
+      entry[0] = uint8_t(h & 0xFF);
+      entry[entries] = uint8_t(h >> 8);
+    }
+  return planes;
+}
+
+// byte_planes of 4-bit scalar tables in blocks of whole kPlaneBlock values (kPlaneBytes per book), or empty.
 std::vector<uint8_t> half_planes(const Operands& o) {
   const Layout& l = o.l;
   const int64_t group = l.group ? l.group : l.length;
   if (l.seg != 1 || l.bits != 4 || l.length % kPlaneBlock || group % kPlaneBlock) return {};
-  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
-  std::vector<uint8_t> planes(n_books * kPlaneBytes, 0);
-  for (int64_t b = 0; b < n_books; ++b)
-    for (int64_t k = 0; k < l.n_clusters; ++k) {
-      const float value = o.tables[b * l.book_stride + k];
-      const uint16_t h = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
-      if (_cvtsh_ss(h) != value) return {};  // not exact, or NaN
-      planes[b * kPlaneBytes + k] = uint8_t(h & 0xFF);
-      planes[b * kPlaneBytes + 16 + k] = uint8_t(h >> 8);
-    }
-  return planes;
+  return byte_planes(o);
 }
 
 // y[b, c] for R channels from c and NB activation rows from b0 (x in nibble_order of 16 lanes).
@@ -621,24 +635,12 @@ void gemv_planes(const Operands& o, const uint8_t* planes, const float* x, int64
 // Activations in pair_order.
 constexpr int64_t kPairBookBytes = 4 * 64;  // per codebook: [element][low, high byte][64 codes]
 
-// The codebooks of a layout of 6-bit pairs as byte planes (kPairBookBytes per book, entries past n_clusters zero),
-// or empty when the layout is another one or a value is not a float16 exactly.
+// byte_planes of 6-bit pairs in scale groups (or channels) of whole 32 values (kPairBookBytes per book), or empty.
 std::vector<uint8_t> pair_planes(const Operands& o) {
   const Layout& l = o.l;
   const int64_t group = l.group ? l.group : l.length;
   if (l.seg != 2 || l.bits != 6 || l.length % 32 || group % 32) return {};
-  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
-  std::vector<uint8_t> planes(n_books * kPairBookBytes, 0);
-  for (int64_t b = 0; b < n_books; ++b)
-    for (int64_t i = 0; i < l.n_clusters * 2; ++i) {
-      const float value = o.tables[b * l.book_stride + i];
-      const uint16_t h = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
-      if (_cvtsh_ss(h) != value) return {};  // not exact, or NaN
-      uint8_t* element = planes.data() + b * kPairBookBytes + (i & 1) * 128 + i / 2;
-      element[0] = uint8_t(h & 0xFF);
-      element[64] = uint8_t(h >> 8);
-    }
-  return planes;
+  return byte_planes(o);
 }
 
 // Steps of a scale group of `size` values from its start: 64 values while at least 64 remain, then 32.
