@@ -36,6 +36,8 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --compile swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128-head6 \
     --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
     --out docs/results/speed-integer.jsonl  # integer dot product rows and their decode-kernel perplexity
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head \
+    --compile swsc-4bit-head --integer-dot swsc-4bit-head --out docs/results/speed-integer.jsonl  # the same, AVX2
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
 python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton
@@ -71,7 +73,8 @@ SLOW_REASONS = {
                "compiled decoding (`+compile`, swsc_hf.compile_decoding) fuses most of them, and then about two "
                "thirds of a step (measured at 2 threads) is the look-up-table GEMV (swsc_hf.kernels), which "
                "multiplies float32 activations where llama.cpp uses int8 dot products (integer dot products are "
-               "opt-in here, for the 2-bit quadruples only: swsc_hf.set_integer_dot); prefill rebuilds float32 "
+               "opt-in here, swsc_hf.set_integer_dot: the 2-bit quadruples on AVX-512 VBMI, the 4-bit tables on "
+               "AVX2-only CPUs); prefill rebuilds float32 "
                "tiles for a BLAS GEMM.",
     "hqq": "HQQ's PyTorch backend dequantizes the whole weight in every forward (its fast kernels are CUDA-only).",
     "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
@@ -89,9 +92,11 @@ DECODE_RUN_NOTE = ("A separate, earlier run of fewer models (before the GEMVs pr
                    "cold, a separate measurement took 35 s (`+compile`) and 368 s (`+compile-cpp`) for the first "
                    "compiled generate.")
 
-INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): the `swsc-2bit` quadruples' GEMV on "
-                    "integer dot products (the codebook as 8-bit integers, the activations as 15-bit integers per 32 "
-                    "values in two bytes; AVX-512 VBMI byte permutes and VNNI `vpdpbusd`; docs/design.md). Opt-in "
+INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): on AVX-512 CPUs the `swsc-2bit` "
+                    "quadruples' GEMV on integer dot products (the codebook as 8-bit integers, the activations as "
+                    "15-bit integers per 32 values in two bytes; AVX-512 VBMI byte permutes and VNNI `vpdpbusd`), "
+                    "on CPUs without AVX-512 the 4-bit tables' (the table as 8-bit integers looked up by a byte "
+                    "shuffle, the activations as 14-bit integers in two bytes, `vpmaddubsw`; docs/design.md). Opt-in "
                     "because the codebook's rounding changes the outputs; the perplexities below measure what it "
                     "costs. Prefill is unchanged (the many-token path has no integer kernel). `swsc-2.2b-cal-t128` "
                     "is the calibrated and tuned 2.2-bit recipe (128 tuning steps; quadruples everywhere, output "

@@ -114,7 +114,10 @@ class SWSCLinear(KeepsTableDtype, nn.Module):
         spec = self.spec
         out = None
         if spec.n_clusters:
-            out = codebook_matmul(x, self.codes, self.codebook, getattr(self, "scales", None), spec)
+            # the tensors read from the parameter dict at once: a decode step calls ~200 of these layers, and
+            # nn.Module's attribute fallback costs about a microsecond per name (an exception where scales are absent)
+            params = self._parameters
+            out = codebook_matmul(x, params["codes"], params["codebook"], params.get("scales"), spec)
         if spec.rank:
             low = F.linear(F.linear(x, self.basis.to(x.dtype)), self.lowrank_a.to(x.dtype))
             out = low if out is None else out + low

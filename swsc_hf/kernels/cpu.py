@@ -147,19 +147,22 @@ def limit_cpu_isa(name: str) -> str:
 
 
 def integer_dot_available() -> bool:
-    """Whether this CPU has set_integer_dot's kernel (AVX-512 VBMI and VNNI, within limit_cpu_isa's cap)."""
+    """Whether set_integer_dot has a kernel here, within limit_cpu_isa's cap: AVX-512 VBMI and VNNI (quadruples) or
+    AVX2 kernels (4-bit scalar tables)."""
     return load_cpu_kernels() and bool(torch.ops.swsc_hf_cpu.integer_dot_available())
 
 
 def set_integer_dot(enabled: bool) -> bool:
     """Opt in to integer dot products for decode-sized calls; returns the previous setting.
 
-    Covers 8-bit codes of 4-dim vectors over output channels (the `swsc-2bit` layout: channels of whole 64 values,
-    scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI; other layouts and CPUs keep the float kernels. The
-    codebook is rounded to 8-bit integers and the activations to 15-bit integers per 32 values, so outputs differ
-    from the float kernels' by the codebook's rounding (docs/results.md measures the perplexity cost); that GEMV runs
-    1.6-2.6x faster per layer (docs/design.md). Process-wide, eager and compiled alike. Without the kernels or
-    those instructions it logs a warning and changes nothing.
+    Covers, over output channels, 8-bit codes of 4-dim vectors (the `swsc-2bit` layout: channels of whole 64
+    values, scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI, and 4-bit scalar tables (`swsc-4bit`:
+    channels and scale groups of whole 32 values) where the kernels run AVX2 (CPUs without AVX-512); other layouts
+    and CPUs keep the float kernels. The codebook is rounded to 8-bit integers and the activations to 15-bit (14-bit
+    for the 4-bit tables) integers per 32 values, so outputs differ from the float kernels' by the codebook's
+    rounding (docs/results.md measures the perplexity cost); those GEMVs run 1.4-2.6x faster per layer
+    (docs/design.md). Process-wide, eager and compiled alike. Without the kernels or those instructions it logs a
+    warning and changes nothing.
     """
     if not load_cpu_kernels():
         if enabled:
@@ -167,6 +170,7 @@ def set_integer_dot(enabled: bool) -> bool:
                            "warning logged when they were built)")
         return False
     if enabled and not torch.ops.swsc_hf_cpu.integer_dot_available():
-        logger.warning("swsc_hf: set_integer_dot(True) has no effect on this CPU: the integer kernel needs AVX-512 "
-                       "VBMI and VNNI (the kernels use %s here); the float kernels keep running", cpu_isa())
+        logger.warning("swsc_hf: set_integer_dot(True) has no effect on this CPU: the integer kernels need AVX2 "
+                       "(4-bit tables) or AVX-512 VBMI and VNNI (quadruples), and the kernels use %s here; the float "
+                       "kernels keep running", cpu_isa())
     return bool(torch.ops.swsc_hf_cpu.set_integer_dot(bool(enabled)))

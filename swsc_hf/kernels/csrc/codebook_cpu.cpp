@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -1045,6 +1046,174 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
 }  // namespace vbmi
 #pragma GCC pop_options
 
+// Integer dot products on AVX2 for 4-bit scalar tables, opt-in like the above (set_integer_dot): llama.cpp's IQ4_NL
+// recipe with two activation bytes. The 16-entry table is rounded to 8-bit integers (one step per codebook) plus 128,
+// one register; per unit of 32 values a byte shuffle looks up the 32 codes (low nibbles in the low 128-bit lane, high
+// nibbles in the high one), `vpmaddubsw` multiplies those unsigned bytes by each activation byte and sums pairs to 16
+// bits, and `vpmaddwd` sums those to 32 bits, converted to float once per unit. The pair sums saturate past 32767, so
+// the activations are 14-bit integers per unit, hi * 128 + lo with |hi| <= 64 and lo in [-64, 63]; the table's
+// offset of 128 is taken out once per scale group (128 times the activation integers' sum, in float). On a CPU
+// without AVX-512 the float path spends a float16 conversion per 8 values on top of the shuffles.
+constexpr int32_t kNibbleActMax = 64 * 128;  // activation integers in [-8192, 8192]
+constexpr int64_t kNibbleBookBytes = 16;     // per codebook: 16 table bytes
+
+bool nibble_int_layout(const Layout& l) {
+  return integer_dot.load() && active_isa() == kAvx2 && l.seg == 1 && l.bits == 4 && l.length % kIntUnit == 0 &&
+         l.group % kIntUnit == 0;
+}
+
+// The 4-bit tables as integers plus 128 (past n_clusters: 128, the value 0) and the float value of one step.
+struct NibbleTables {
+  std::vector<uint8_t> bytes;
+  std::vector<float> step;
+};
+
+NibbleTables nibble_tables(const Operands& o) {
+  const Layout& l = o.l;
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  NibbleTables t{std::vector<uint8_t>(n_books * kNibbleBookBytes, 128), std::vector<float>(n_books, 1.0f)};
+  for (int64_t b = 0; b < n_books; ++b) {
+    const float* book = o.tables.data() + b * l.book_stride;
+    float top = 0.0f;
+    for (int64_t k = 0; k < l.n_clusters; ++k) top = std::max(top, std::fabs(book[k]));
+    if (top > 0.0f) t.step[b] = top / kIntBookMax;
+    for (int64_t k = 0; k < l.n_clusters; ++k) {
+      const float q = std::nearbyint(book[k] / t.step[b]);  // to nearest, ties to even
+      t.bytes[b * kNibbleBookBytes + k] = uint8_t(int32_t(std::clamp(q, -127.0f, 127.0f)) + 128);
+    }
+  }
+  return t;
+}
+
+// Per row and unit the activation bytes in the order of the looked-up codes (the unit's even values, then its odd
+// ones) and the activation step; per row and scale group the table offset's share of the sums.
+struct NibbleActivations {
+  std::vector<int8_t> lo, hi;
+  std::vector<float> step, offset;
+};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+
+// 32 integers in [-128, 127] (four vectors, in order) as bytes, in order.
+ALWAYS_INLINE __m256i ordered_bytes(const __m256i (&v)[4]) {
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // undo the in-lane packs
+}
+
+NibbleActivations nibble_activations(const float* x, int64_t B, const Layout& l) {
+  const int64_t units = l.length / kIntUnit, units_per_group = (l.group ? l.group : l.length) / kIntUnit;
+  NibbleActivations a{std::vector<int8_t>(B * l.length), std::vector<int8_t>(B * l.length),
+                      std::vector<float>(B * units), std::vector<float>(B * (units / units_per_group), 0.0f)};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i limit = _mm256_set1_epi32(kNibbleActMax), low_limit = _mm256_set1_epi32(-kNibbleActMax);
+  const __m256i half_step = _mm256_set1_epi32(64);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t u = 0; u < units; ++u) {
+      const float* xu = x + b * l.length + u * kIntUnit;
+      alignas(32) float ordered[kIntUnit];  // the unit's even values, then its odd ones
+      for (int64_t i = 0; i < kIntUnit / 2; ++i) ordered[i] = xu[2 * i], ordered[kIntUnit / 2 + i] = xu[2 * i + 1];
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int k = 0; k < 4; ++k) {
+        v[k] = _mm256_load_ps(ordered + 8 * k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
+      }
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, amax);
+      const float top = *std::max_element(lanes, lanes + 8);
+      const __m256 inv = _mm256_set1_ps(top > 0.0f ? kNibbleActMax / top : 0.0f);
+      __m256i hi[4], lo[4], sum = _mm256_setzero_si256();
+      for (int k = 0; k < 4; ++k) {  // to nearest, ties to even (the MXCSR default), clamped; q = hi * 128 + lo
+        const __m256i q = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv)), limit),
+                                           low_limit);
+        hi[k] = _mm256_srai_epi32(_mm256_add_epi32(q, half_step), 7);
+        lo[k] = _mm256_sub_epi32(q, _mm256_slli_epi32(hi[k], 7));
+        sum = _mm256_add_epi32(sum, q);
+      }
+      const int64_t at = b * l.length + u * kIntUnit;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.hi.data() + at), ordered_bytes(hi));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.lo.data() + at), ordered_bytes(lo));
+      alignas(32) int32_t sums[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums), sum);
+      const float step = top > 0.0f ? top / kNibbleActMax : 0.0f;
+      a.step[b * units + u] = step;
+      a.offset[b * (units / units_per_group) + u / units_per_group] +=
+          128.0f * step * float(std::accumulate(sums, sums + 8, 0));
+    }
+  return a;
+}
+
+// y[b, c] for R channels from c and NB activation rows from b0.
+template <int NB, int R>
+void int_nibble_rows(const Operands& o, const NibbleTables& t, const NibbleActivations& a, float* y, int64_t b0,
+                     int64_t c) {
+  const Layout& l = o.l;
+  const int64_t units = l.length / kIntUnit, units_per_group = (l.group ? l.group : l.length) / kIntUnit;
+  const int64_t groups = units / units_per_group;
+  const __m256i shifts = _mm256_setr_epi64x(0, 0, 4, 4), low_nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1), hi_weight = _mm256_set1_epi16(128);
+  const uint8_t* src[R];
+  __m256i table[R];
+  V total[R][NB];
+  for (int r = 0; r < R; ++r) {
+    src[r] = o.codes + (c + r) * l.length / 2;
+    const uint8_t* book = t.bytes.data() + (c + r) / l.rows_per_book * kNibbleBookBytes;
+    table[r] = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(book)));
+    for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
+  }
+  for (int64_t u0 = 0, gi = 0; u0 < units; u0 += units_per_group, ++gi) {
+    V acc[R][NB];
+    for (int b = 0; b < NB; ++b) {  // the table offset's share, taken out in lane 0
+      const V offset = _mm256_setr_ps(-a.offset[(b0 + b) * groups + gi], 0, 0, 0, 0, 0, 0, 0);
+      for (int r = 0; r < R; ++r) acc[r][b] = offset;
+    }
+    for (int64_t u = u0; u < u0 + units_per_group; ++u) {
+      __m256i lo[NB], hi[NB];
+      V step[NB];
+      for (int b = 0; b < NB; ++b) {
+        const int64_t at = (b0 + b) * l.length + u * kIntUnit;
+        lo[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.lo.data() + at));
+        hi[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.hi.data() + at));
+        step[b] = Simd::set1(a.step[(b0 + b) * units + u]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[r])));
+        src[r] += kIntUnit / 2;
+        const __m256i w = _mm256_shuffle_epi8(table[r], _mm256_and_si256(_mm256_srlv_epi64(bytes, shifts), low_nibble));
+        for (int b = 0; b < NB; ++b) {
+          const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w, lo[b]), ones),
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(w, hi[b]), hi_weight));
+          acc[r][b] = Simd::fmadd(_mm256_cvtepi32_ps(sum), step[b], acc[r][b]);
+        }
+      }
+    }
+    add_scaled_group<NB, R>(o, c, gi, acc, total);
+  }
+  for (int r = 0; r < R; ++r) {
+    const V book_step = Simd::set1(t.step[(c + r) / l.rows_per_book]);
+    for (int b = 0; b < NB; ++b) total[r][b] = _mm256_mul_ps(total[r][b], book_step);
+  }
+  store_sums<NB, R>(total, l.channels, y, b0, c);
+}
+
+// y[b, c] for channels c0 .. c1 - 1.
+void int_nibble_dot(const Operands& o, const NibbleTables& t, const NibbleActivations& a, int64_t B, float* y,
+                    int64_t c0, int64_t c1) {
+  for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
+    constexpr int NB = decltype(nb)::value, R = decltype(r)::value;
+    int64_t c = c0;
+    for (; c + R <= c1; c += R) {
+      prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
+      int_nibble_rows<NB, R>(o, t, a, y, b0, c);
+    }
+    for (; c < c1; ++c) int_nibble_rows<NB, 1>(o, t, a, y, b0, c);
+  });
+}
+
+}  // namespace avx2
+#pragma GCC pop_options
+
 // ---------------------------------------------------------------------------------------------------------------
 // Ops: pick the instruction set once per call and split rows over torch's threads.
 // Activations t (..., width) as contiguous float32 (t itself when it already is): the ops take any leading shape
@@ -1094,7 +1263,7 @@ std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
 
 // The kernel gemv runs a layout's call on, and what that kernel needs from the codebooks.
 struct GemvPlan {
-  enum Kernel { kInteger, kPlanes, kPairPlanes, kNibbles, kFloat } kernel;
+  enum Kernel { kInteger, kIntegerNibbles, kPlanes, kPairPlanes, kNibbles, kFloat } kernel;
   int64_t isa;
   std::vector<uint8_t> planes;  // kPlanes: avx2::half_planes; kPairPlanes: avx2::pair_planes
 };
@@ -1102,6 +1271,7 @@ struct GemvPlan {
 GemvPlan plan_gemv(const Operands& o) {
   const int64_t isa = kernel_isa(o.l);
   if (int_layout(o.l)) return {GemvPlan::kInteger, isa, {}};
+  if (nibble_int_layout(o.l)) return {GemvPlan::kIntegerNibbles, isa, {}};
   if (isa == kAvx2) {
     std::vector<uint8_t> planes = avx2::pair_planes(o);
     if (!planes.empty()) return {GemvPlan::kPairPlanes, isa, std::move(planes)};
@@ -1131,6 +1301,14 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
+  if (plan.kernel == GemvPlan::kIntegerNibbles) {
+    const NibbleTables t = nibble_tables(o);
+    const NibbleActivations a = avx2::nibble_activations(xf.data_ptr<float>(), B, o.l);
+    at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
+      avx2::int_nibble_dot(o, t, a, B, yp, c0, c1);
+    });
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
   const bool planes = plan.kernel == GemvPlan::kPlanes, nibbles = planes || plan.kernel == GemvPlan::kNibbles;
   const bool pairs = plan.kernel == GemvPlan::kPairPlanes;
   const int64_t order_lanes = planes ? avx2::kPlaneBlock / 2 : simd_lanes(isa);
@@ -1151,14 +1329,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
-// The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer", "planes" and
-// "pair_planes" (AVX2, float16 byte planes of 4-bit scalar and 6-bit pair tables), "nibbles" (4-bit codes, float
-// permutes), "float" (the general decoder) or "portable".
+// The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
+// quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) when opted in, "planes" and "pair_planes" (AVX2,
+// float16 byte planes of 4-bit scalar and 6-bit pair tables), "nibbles" (4-bit codes, float permutes), "float" (the
+// general decoder) or "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
   const GemvPlan plan = plan_gemv(make_operands(codes, codebook, scales, layout));
   switch (plan.kernel) {
     case GemvPlan::kInteger: return "integer";
+    case GemvPlan::kIntegerNibbles: return "integer_nibbles";
     case GemvPlan::kPlanes: return "planes";
     case GemvPlan::kPairPlanes: return "pair_planes";
     case GemvPlan::kNibbles: return "nibbles";
@@ -1283,7 +1463,7 @@ int64_t isa() { return active_isa(); }
 
 bool set_integer_dot(bool enabled) { return integer_dot.exchange(enabled); }
 
-bool integer_dot_available() { return int_dot_available(); }
+bool integer_dot_available() { return int_dot_available() || active_isa() == kAvx2; }
 
 }  // namespace
 
