@@ -614,14 +614,8 @@ void gemv_plane_rows(const Operands& o, const uint8_t* planes, const float* x, f
 // gemv for layouts with half_planes, x in nibble_order of 16 lanes.
 void gemv_planes(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
                  int64_t c1) {
-  for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
-    constexpr int NB = decltype(nb)::value, R = decltype(r)::value;
-    int64_t c = c0;
-    for (; c + R <= c1; c += R) {
-      prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
-      gemv_plane_rows<NB, R>(o, planes, x, y, b0, c);
-    }
-    for (; c < c1; ++c) gemv_plane_rows<NB, 1>(o, planes, x, y, b0, c);
+  for_channel_passes(o, B, c0, c1, [&](int64_t b0, int64_t c, auto nb, auto r) {
+    gemv_plane_rows<decltype(nb)::value, decltype(r)::value>(o, planes, x, y, b0, c);
   });
 }
 
@@ -1200,14 +1194,8 @@ void int_nibble_rows(const Operands& o, const NibbleTables& t, const NibbleActiv
 // y[b, c] for channels c0 .. c1 - 1.
 void int_nibble_dot(const Operands& o, const NibbleTables& t, const NibbleActivations& a, int64_t B, float* y,
                     int64_t c0, int64_t c1) {
-  for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
-    constexpr int NB = decltype(nb)::value, R = decltype(r)::value;
-    int64_t c = c0;
-    for (; c + R <= c1; c += R) {
-      prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
-      int_nibble_rows<NB, R>(o, t, a, y, b0, c);
-    }
-    for (; c < c1; ++c) int_nibble_rows<NB, 1>(o, t, a, y, b0, c);
+  for_channel_passes(o, B, c0, c1, [&](int64_t b0, int64_t c, auto nb, auto r) {
+    int_nibble_rows<decltype(nb)::value, decltype(r)::value>(o, t, a, y, b0, c);
   });
 }
 
