@@ -168,7 +168,7 @@ def test_opting_in_where_the_cpu_lacks_the_integer_kernel_warns(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="swsc_hf"):
             previous = set_integer_dot(True)
-        assert "need AVX2" in caplog.text and "portable" in caplog.text
+        assert "use AVX2" in caplog.text and "VBMI" in caplog.text and "portable" in caplog.text
         assert not integer_dot_available()
     finally:
         set_integer_dot(previous)

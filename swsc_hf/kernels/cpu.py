@@ -170,7 +170,7 @@ def set_integer_dot(enabled: bool) -> bool:
                            "warning logged when they were built)")
         return False
     if enabled and not torch.ops.swsc_hf_cpu.integer_dot_available():
-        logger.warning("swsc_hf: set_integer_dot(True) has no effect on this CPU: the integer kernels need AVX2 "
-                       "(4-bit tables) or AVX-512 VBMI and VNNI (quadruples), and the kernels use %s here; the float "
-                       "kernels keep running", cpu_isa())
+        logger.warning("swsc_hf: set_integer_dot(True) has no effect on this CPU: the integer kernels run where the "
+                       "kernels use AVX2 (4-bit tables; CPUs without AVX-512) or AVX-512 with VBMI and VNNI "
+                       "(quadruples), and they use %s here; the float kernels keep running", cpu_isa())
     return bool(torch.ops.swsc_hf_cpu.set_integer_dot(bool(enabled)))

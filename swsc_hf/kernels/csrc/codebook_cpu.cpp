@@ -36,8 +36,8 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
-#include <numeric>
 #include <mutex>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <type_traits>
