@@ -149,6 +149,12 @@ inline bool exact_half(float value, uint16_t& bits) {
   return static_cast<float>(h) == value;
 }
 
+// 4-bit codes of scalar tables in channels and scale groups of whole blocks of `block` values (0: none), whose code
+// bytes hold a block's even values in their low nibbles and its odd ones in their high nibbles.
+inline bool whole_nibble_blocks(const Layout& l, int64_t block) {
+  return block && l.seg == 1 && l.bits == 4 && l.length % block == 0 && l.group % block == 0;
+}
+
 constexpr int64_t kSplitBook = 128;  // float16 values per codebook in Operands::half_split
 
 struct Operands {
@@ -561,10 +567,7 @@ std::vector<uint8_t> byte_planes(const Operands& o) {
 
 // byte_planes of 4-bit scalar tables in blocks of whole kPlaneBlock values (kPlaneBytes per book), or empty.
 std::vector<uint8_t> half_planes(const Operands& o) {
-  const Layout& l = o.l;
-  const int64_t group = l.group ? l.group : l.length;
-  if (l.seg != 1 || l.bits != 4 || l.length % kPlaneBlock || group % kPlaneBlock) return {};
-  return byte_planes(o);
+  return whole_nibble_blocks(o.l, kPlaneBlock) ? byte_planes(o) : std::vector<uint8_t>();
 }
 
 // y[b, c] for R channels from c and NB activation rows from b0 (x in nibble_order of 16 lanes).
@@ -1050,10 +1053,10 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
 // without AVX-512 the float path spends a float16 conversion per 8 values on top of the shuffles.
 constexpr int32_t kNibbleActMax = 64 * 128;  // activation integers in [-8192, 8192]
 constexpr int64_t kNibbleBookBytes = 16;     // per codebook: 16 table bytes
+static_assert(kIntUnit == avx2::kPlaneBlock, "both 4-bit kernels read x in nibble_order of 16 lanes");
 
 bool nibble_int_layout(const Layout& l) {
-  return integer_dot.load() && active_isa() == kAvx2 && l.seg == 1 && l.bits == 4 && l.length % kIntUnit == 0 &&
-         l.group % kIntUnit == 0;
+  return integer_dot.load() && active_isa() == kAvx2 && whole_nibble_blocks(l, kIntUnit);
 }
 
 // The 4-bit tables as integers plus 128 (past n_clusters: 128, the value 0) and the float value of one step.
@@ -1079,8 +1082,9 @@ NibbleTables nibble_tables(const Operands& o) {
   return t;
 }
 
-// Per row and unit the activation bytes in the order of the looked-up codes (the unit's even values, then its odd
-// ones) and the activation step; per row and scale group the table offset's share of the sums.
+// Per row and unit the activation bytes in the order of the looked-up codes (nibble_order of 16 lanes: the unit's
+// even values, then its odd ones) and the activation step; per row and scale group the table offset's share of the
+// sums.
 struct NibbleActivations {
   std::vector<int8_t> lo, hi;
   std::vector<float> step, offset;
@@ -1096,6 +1100,7 @@ ALWAYS_INLINE __m256i ordered_bytes(const __m256i (&v)[4]) {
   return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // undo the in-lane packs
 }
 
+// From x in nibble_order of 16 lanes.
 NibbleActivations nibble_activations(const float* x, int64_t B, const Layout& l) {
   const int64_t units = l.length / kIntUnit, units_per_group = (l.group ? l.group : l.length) / kIntUnit;
   NibbleActivations a{std::vector<int8_t>(B * l.length), std::vector<int8_t>(B * l.length),
@@ -1106,11 +1111,9 @@ NibbleActivations nibble_activations(const float* x, int64_t B, const Layout& l)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t u = 0; u < units; ++u) {
       const float* xu = x + b * l.length + u * kIntUnit;
-      alignas(32) float ordered[kIntUnit];  // the unit's even values, then its odd ones
-      for (int64_t i = 0; i < kIntUnit / 2; ++i) ordered[i] = xu[2 * i], ordered[kIntUnit / 2 + i] = xu[2 * i + 1];
       __m256 v[4], amax = _mm256_setzero_ps();
       for (int k = 0; k < 4; ++k) {
-        v[k] = _mm256_load_ps(ordered + 8 * k);
+        v[k] = _mm256_loadu_ps(xu + 8 * k);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
       }
       alignas(32) float lanes[8];
@@ -1233,10 +1236,7 @@ int64_t simd_lanes(int64_t isa) { return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 
 
 // Whether gemv_nibbles runs this layout on `isa`: 4-bit codes of scalar tables, channels and scale groups of whole
 // blocks of two vectors.
-bool nibble_layout(const Layout& l, int64_t isa) {
-  const int64_t block = 2 * simd_lanes(isa);
-  return block && l.seg == 1 && l.bits == 4 && l.length % block == 0 && l.group % block == 0;
-}
+bool nibble_layout(const Layout& l, int64_t isa) { return whole_nibble_blocks(l, 2 * simd_lanes(isa)); }
 
 // The n values of x with each block of 2 * lanes reordered as its even values, then its odd ones (gemv_nibbles').
 std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
@@ -1281,32 +1281,23 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   at::Tensor y = float_result(x, o.l.channels);
   const int64_t B = xf.numel() / o.l.length;
   float* yp = y.data_ptr<float>();
-  if (plan.kernel == GemvPlan::kInteger) {
-    const IntTables t = vbmi::int_tables(o);
-    const IntActivations a = vbmi::int_activations(xf.data_ptr<float>(), B, o.l.length);
-    at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-      vbmi::int_dot(o, t, a, B, yp, c0, c1);
-    });
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-  }
-  if (plan.kernel == GemvPlan::kIntegerNibbles) {
-    const NibbleTables t = nibble_tables(o);
-    const NibbleActivations a = avx2::nibble_activations(xf.data_ptr<float>(), B, o.l);
-    at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-      avx2::int_nibble_dot(o, t, a, B, yp, c0, c1);
-    });
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-  }
-  const bool planes = plan.kernel == GemvPlan::kPlanes, nibbles = planes || plan.kernel == GemvPlan::kNibbles;
-  const bool pairs = plan.kernel == GemvPlan::kPairPlanes;
-  const int64_t order_lanes = planes ? avx2::kPlaneBlock / 2 : simd_lanes(isa);
+  const bool integer = plan.kernel == GemvPlan::kInteger, int_nibbles = plan.kernel == GemvPlan::kIntegerNibbles;
+  const bool planes = plan.kernel == GemvPlan::kPlanes, pairs = plan.kernel == GemvPlan::kPairPlanes;
+  const bool nibbles = planes || int_nibbles || plan.kernel == GemvPlan::kNibbles;  // x in nibble_order
+  const int64_t order_lanes = planes || int_nibbles ? avx2::kPlaneBlock / 2 : simd_lanes(isa);
   const std::vector<float> reordered =
       nibbles ? nibble_order(xf.data_ptr<float>(), xf.numel(), order_lanes)
       : pairs ? avx2::pair_order(xf.data_ptr<float>(), xf.numel(), o.l.length, o.l.group ? o.l.group : o.l.length)
               : std::vector<float>();
   const float* xp = nibbles || pairs ? reordered.data() : xf.data_ptr<float>();
+  const IntTables int_books = integer ? vbmi::int_tables(o) : IntTables{};
+  const IntActivations int_x = integer ? vbmi::int_activations(xp, B, o.l.length) : IntActivations{};
+  const NibbleTables nibble_books = int_nibbles ? nibble_tables(o) : NibbleTables{};
+  const NibbleActivations nibble_x = int_nibbles ? avx2::nibble_activations(xp, B, o.l) : NibbleActivations{};
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-    if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
+    if (integer) vbmi::int_dot(o, int_books, int_x, B, yp, c0, c1);
+    else if (int_nibbles) avx2::int_nibble_dot(o, nibble_books, nibble_x, B, yp, c0, c1);
+    else if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (pairs) avx2::gemv_pairs(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (nibbles) avx2::gemv_nibbles(o, xp, B, yp, c0, c1);
