@@ -32,6 +32,13 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --compile dense,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head --cpp-wrapper swsc-4bit-head,swsc-2bit-head \
     --out docs/results/speed-decode.jsonl   # compiled decoding rows
 $PY benchmarks/speed.py --threads 2 --repeats 3 \
+    --methods dense,dense-bf16,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head \
+    --compile dense,swsc-4bit-head,swsc-3bit-head,swsc-2bit-head --integer-dot swsc-4bit-head \
+    --out docs/results/speed-decode.jsonl   # the same on the AVX2 EPYC: integer rows, no C++ wrapper
+$PY benchmarks/speed.py --threads 2 --repeats 5 --methods dense,swsc-4bit-head --compile dense,swsc-4bit-head \
+    --compile-sdpa dense,swsc-4bit-head --no-llama-cpp \
+    --out docs/results/speed-attention-ab.jsonl   # decode attention kernel against SDPA (docs/design.md)
+$PY benchmarks/speed.py --threads 2 --repeats 3 \
     --methods dense,dense-bf16,swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
     --compile swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128-head6 \
     --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
@@ -81,16 +88,28 @@ SLOW_REASONS = {
     "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
 }
 
-DECODE_RUN_NOTE = ("A separate, earlier run of fewer models (before the GEMVs prefetched the code bytes of the "
-                   "channels two passes ahead, docs/design.md; the table above is a later run): the "
-                   "compiled-decoding rows and their references, timed after the kernels gained float16 pair "
-                   "tables decoded by 16-bit register permutes (`swsc-3bit`) and 4-bit codes decoded from "
-                   "widened bytes against reordered activations (`swsc-4bit`), with `+compile-cpp` rows for "
-                   "compile_decoding(cpp_wrapper=True). Settings as above. Speeds on this shared machine vary by "
-                   "day (llama.cpp: 77.5 tokens/s in this run, 142 in the previous focused run); compare ratios "
-                   "within a run. The `+compile` warm-ups reused inductor's on-disk cache from earlier runs; "
-                   "cold, a separate measurement took 35 s (`+compile`) and 368 s (`+compile-cpp`) for the first "
-                   "compiled generate.")
+DECODE_RUN_NOTE = ("Focused runs of fewer models: the compiled-decoding rows (`+compile`, "
+                   "swsc_hf.compile_decoding) and their references, with `+compile-cpp` rows "
+                   "(compile_decoding(cpp_wrapper=True)) and `+int` rows (swsc_hf.set_integer_dot) where a run has "
+                   "them. Settings as above. Speeds on these shared machines vary by day; compare ratios within a "
+                   "run. Warm-ups that reused inductor's on-disk cache from earlier runs are short; cold, a separate "
+                   "measurement took 35 s (`+compile`) and 368 s (`+compile-cpp`) for the first compiled generate.")
+
+# The first run whose compiled rows attend with swsc_hf's CPU decode attention (swsc_hf.kernels.decode_attention);
+# the compiled rows of earlier runs ran torch's SDPA on the packed heads.
+DECODE_ATTENTION_SINCE = "20261207T044505Z"
+
+
+def decode_run_notes(records: list[dict], run: str) -> list[str]:
+    """What distinguishes speed run `run` of the compiled-decoding section, and its `+int` rows' agreement."""
+    if run >= DECODE_ATTENTION_SINCE:
+        attention = ("Compiled rows of this run attend with swsc_hf's CPU decode attention kernel (the cache split "
+                     "over the threads, its unfilled tail not read; docs/design.md).")
+    else:
+        attention = ("This run is older than swsc_hf's decode attention kernel: its compiled rows attend with "
+                     "torch's SDPA on the packed heads (and its kernels are older than those of later tables).")
+    return [attention, ""] + integer_agreement(records, run)
+
 
 INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): on AVX-512 CPUs the `swsc-2bit` "
                     "quadruples' GEMV on integer dot products (the codebook as 8-bit integers, the activations as "
@@ -833,7 +852,7 @@ def main(argv: list[str] | None = None) -> None:
     lines += speed_section(speed)
     if speed_decode:
         lines += speed_section(speed_decode, "## Decode speed, compiled rows (latest focused run on each CPU)",
-                               DECODE_RUN_NOTE)
+                               DECODE_RUN_NOTE, per_run=decode_run_notes)
     if speed_integer:
         lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run on each CPU)",
                                INTEGER_RUN_NOTE, per_run=integer_agreement)

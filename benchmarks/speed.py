@@ -30,9 +30,30 @@ import common
 import methods
 import torch
 from tqdm.auto import tqdm
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from swsc_hf import compile_decoding, set_integer_dot, wikitext2_test_text
 from swsc_hf.kernels import GEMV_MAX_TOKENS
+
+SDPA_DECODING = "swsc_hf_bench_packed_sdpa"
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """compile_decoding's attention with torch's SDPA in place of swsc_hf's decode attention kernel: single-token
+    steps on the packed key/value heads (what compile_decoding ran before the kernel; the `+compile-sdpa` rows)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or module.training or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(pack_gqa(query, groups), key, value,
+                                                           attn_mask=pack_gqa(attention_mask, groups), scale=scaling)
+    return out.reshape(out.shape[0], query.shape[1], 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SDPA_DECODING, packed_sdpa_forward)
+AttentionMaskInterface.register(SDPA_DECODING, sdpa_mask)
 
 DEFAULT_METHODS = ("dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-3bit,swsc-3bit-head,swsc-2bit,swsc-2bit-head,"
                    "swsc-bits4.25,hqq-4b-g64")
@@ -44,16 +65,20 @@ class TorchCase:
     kind = "torch"
 
     def __init__(self, label: str, family: str, model, bits: float, prompt: torch.Tensor, compiled: bool,
-                 cpp_wrapper: bool = False, integer_dot: bool = False) -> None:
+                 cpp_wrapper: bool = False, integer_dot: bool = False, sdpa_attention: bool = False) -> None:
         self.label, self.family, self.model, self.bits, self.prompt = label, family, model, bits, prompt
         self.compiled, self.cpp_wrapper, self.integer_dot = compiled, cpp_wrapper, integer_dot
         # compiled: what swsc_hf.compile_decoding makes generate do (a static KV cache, the prefill eager, each
-        # decode step one torch.compile'd graph with static shapes, grouped-query attention without key/value
-        # copies); compile_decoding's attention switch also reaches the eager case sharing this model, where
-        # transformers already packs single-token steps the same way. cpp_wrapper: the inductor option that
-        # compile_decoding(cpp_wrapper=True) sets
+        # decode step one torch.compile'd graph with static shapes, its attention swsc_hf's decode attention on
+        # the key/value heads). Eager cases keep the model's own attention: each run sets its case's, as cases
+        # share a model. cpp_wrapper: the inductor option that compile_decoding(cpp_wrapper=True) sets.
+        # sdpa_attention: compiled with torch's SDPA on the packed heads instead of the decode attention kernel
+        original_attention = model.config._attn_implementation
         if compiled:
             compile_decoding(model)
+        self.attention = SDPA_DECODING if sdpa_attention else model.config._attn_implementation
+        if compiled:
+            model.set_attn_implementation(original_attention)
         options = {"cpp_wrapper": True} if cpp_wrapper else None
         self.decode_step = (torch.compile(self._static_step, fullgraph=True, dynamic=False, options=options)
                             if compiled else None)
@@ -68,6 +93,8 @@ class TorchCase:
 
     @torch.no_grad()
     def run(self, new_tokens: int) -> tuple[float, float]:
+        if self.model.config._attn_implementation != self.attention:
+            self.model.set_attn_implementation(self.attention)
         previous = set_integer_dot(self.integer_dot)  # swsc_hf.set_integer_dot: this case's kernels only
         try:
             return self._run_static(new_tokens) if self.compiled else self._run_eager(new_tokens)
@@ -205,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
                         "cache and a torch.compile'd decode step, as swsc_hf.compile_decoding; comma-separated)")
     parser.add_argument("--cpp-wrapper", default="", help="methods to also time with compiled decoding whose "
                         "wrapper inductor emits in C++ (compile_decoding(cpp_wrapper=True); comma-separated)")
+    parser.add_argument("--compile-sdpa", default="", help="methods to also time with compiled decoding whose "
+                        "single-token attention is torch's SDPA on the packed heads, not swsc_hf's decode attention "
+                        "kernel (the kernel's A/B; comma-separated)")
     parser.add_argument("--integer-dot", default="", help="methods to also time with integer dot products "
                         "(swsc_hf.set_integer_dot), eager and, for those in --compile, compiled; comma-separated")
     parser.add_argument("--integer-windows", type=int, default=4, help="WikiText-2 test windows of 512 tokens on "
@@ -225,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     to_compile = set(methods.select(args.compile)) if args.compile else set()
     to_compile_cpp = set(methods.select(args.cpp_wrapper)) if args.cpp_wrapper else set()
     to_integer = set(methods.select(args.integer_dot)) if args.integer_dot else set()
+    to_compile_sdpa = set(methods.select(args.compile_sdpa)) if args.compile_sdpa else set()
     info = common.run_info()
     dense, tokenizer = common.load_dense()
     prompt = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[:, : args.prompt_tokens]
@@ -249,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         if name in to_compile_cpp:
             cases.append(TorchCase(f"{name}+compile-cpp", methods.METHODS[name][0], model, bits, prompt,
                                    compiled=True, cpp_wrapper=True))
+        if name in to_compile_sdpa:
+            cases.append(TorchCase(f"{name}+compile-sdpa", methods.METHODS[name][0], model, bits, prompt,
+                                   compiled=True, sdpa_attention=True))
     del dense
     if args.llama_cpp:
         try:
@@ -287,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         decode = statistics.median(case.times["decode"])
         record = {"method": case.label.split("+")[0], "label": case.label, "family": case.family,
                   "kind": case.kind, "compiled": case.compiled, "cpp_wrapper": getattr(case, "cpp_wrapper", False),
+                  "attention": getattr(case, "attention", None),
                   "integer_dot": getattr(case, "integer_dot", False),
                   "avg_bits": case.bits, "threads": args.threads,
                   "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,

@@ -6,11 +6,13 @@ compressed matmuls stay the one custom op (`swsc_hf::codebook_matmul`). transfor
 step (not the prefill, whose shape changes with every prompt) when the cache is static, but only on GPUs unless its
 `CompileConfig` is flagged for all devices; `compile_decoding` sets that up. Imports nothing from swsc_hf.
 
-Grouped-query attention: under torch.compile transformers' SDPA attention copies the cached keys and values once per
-query head (`repeat_kv`) at every step, the single largest cost of a compiled CPU decode step of SmolLM2 (about a
-third of it at 1 thread). `compile_decoding` switches a model on "sdpa" to `PACKED_GQA_SDPA`, the same attention
-except that a single-token step stacks the query heads of each group as rows of one query block against the shared
-key/value head (what transformers itself does outside compilation), so nothing is copied.
+Attention: under torch.compile transformers' SDPA attention copies the cached keys and values once per query head
+(`repeat_kv`) at every step of a grouped-query model, and torch's CPU SDPA then splits the step's attention over
+batch x heads only. `compile_decoding` switches a model on "sdpa" to `PACKED_GQA_SDPA`: a single-token step stacks the
+query heads of each group as rows of one query block against the shared key/value head (transformers' own `pack_gqa`,
+so nothing is copied) and runs `swsc_hf.kernels.decode_attention`, which on CPU splits the cache over the threads and
+skips the unfilled tail of the static cache. Together they were about a third of a compiled SmolLM2 step on 2 threads
+before (docs/design.md). Prompts, training and everything else take transformers' SDPA attention unchanged.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, CompileConfig
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .kernels import decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def packed_gqa_sdpa_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention; a single-token grouped-query step runs on the key/value heads without copies.
+    """transformers' SDPA attention, except that a single-token step runs `decode_attention` on the key/value heads.
 
     query (batch, heads, 1, dim) becomes (batch, kv_heads, heads / kv_heads, dim) by transformers' own `pack_gqa`:
     the heads sharing a key/value head are rows of one query block (a per-head mask is packed alike, a shared one
@@ -47,13 +50,12 @@ def packed_gqa_sdpa_forward(
     """
     groups = getattr(module, "num_key_value_groups", 1)
     heads, q_length = query.shape[1], query.shape[2]
-    packable = (groups > 1 and q_length == 1 and not module.training and kwargs.get("softcap") is None
+    packable = (q_length == 1 and not module.training and kwargs.get("softcap") is None
                 and kwargs.get("position_bias") is None and not kwargs.get("output_attentions", False))
     if not packable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = F.scaled_dot_product_attention(pack_gqa(query, groups), key, value,
-                                         attn_mask=pack_gqa(attention_mask, groups), scale=scaling)
+    out = decode_attention(pack_gqa(query, groups), key, value, pack_gqa(attention_mask, groups), scale=scaling)
     return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 

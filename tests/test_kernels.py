@@ -27,6 +27,8 @@ from swsc_hf.kernels import (
     codebook_matmul,
     cpu_gemv_kernel,
     cpu_isa,
+    decode_attention,
+    decode_attention_kernel,
     limit_cpu_isa,
     load_cpu_kernels,
     reference_codebook_matmul,
@@ -411,7 +413,7 @@ def test_compile_decoding_with_the_cpp_wrapper_generates_the_same_tokens():
         swsc_hf.compile_decoding(model, backend="eager", cpp_wrapper=True)
 
 
-def test_packed_gqa_attention_matches_sdpa_without_copying_keys(monkeypatch):
+def test_packed_gqa_attention_runs_the_decode_kernel_and_matches_sdpa(monkeypatch):
     from transformers.integrations import sdpa_attention
 
     from swsc_hf import generation
@@ -424,13 +426,21 @@ def test_packed_gqa_attention_matches_sdpa_without_copying_keys(monkeypatch):
     shared[0, ..., 7:] = False
     per_head = torch.rand(2, 6, 1, 11, generator=torch.Generator().manual_seed(1)) > 0.3
     per_head[..., 0] = True
+    kernels = []
+
+    def spy(query, key, value, mask, scale):  # records where decode_attention runs these operands
+        kernels.append(decode_attention_kernel(query, key, value, mask))
+        return decode_attention(query, key, value, mask, scale=scale)
+
     for mask in (shared, per_head):
         expected, _ = sdpa_attention.sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
         with monkeypatch.context() as patch:
             patch.setattr(generation, "sdpa_attention_forward", None)  # a single-token step must not fall back
+            patch.setattr(generation, "decode_attention", spy)
             packed, _ = generation.packed_gqa_sdpa_forward(module, query, key, value, mask, scaling=0.3)
         assert packed.shape == expected.shape == (2, 1, 6, 8)
         torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)
+    assert kernels == ["cpu", "cpu"]  # the compiled decode attention, on the key/value heads
 
 
 def test_compile_decoding_switches_sdpa_to_packed_gqa_attention():

@@ -1,11 +1,14 @@
-"""Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels."""
+"""Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels; and
+`decode_attention`, the compiled CPU attention for decode steps."""
 
+from .attention import DECODE_MAX_ROWS, decode_attention, decode_attention_kernel
 from .cpu import cpu_isa, integer_dot_available, limit_cpu_isa, load_cpu_kernels, set_integer_dot
 from .dispatch import (
     GEMV_MAX_TOKENS,
     choose_kernel,
     codebook_matmul,
     cpu_gemv_kernel,
+    kernels_enabled,
     set_kernels_enabled,
     table_grads,
     unsupported_reason,
@@ -19,14 +22,18 @@ from .reference import (
 )
 
 __all__ = [
+    "DECODE_MAX_ROWS",
     "GEMV_MAX_TOKENS",
     "channel_tiles",
     "choose_kernel",
     "codebook_matmul",
     "cpu_gemv_kernel",
     "cpu_isa",
+    "decode_attention",
+    "decode_attention_kernel",
     "dequantize_channels",
     "integer_dot_available",
+    "kernels_enabled",
     "limit_cpu_isa",
     "load_cpu_kernels",
     "reference_codebook_matmul",

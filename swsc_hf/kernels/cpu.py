@@ -23,7 +23,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "codebook_cpu.cpp", Path(__file__).parent / "csrc" / "codebook_simd.inc")
+_CSRC = Path(__file__).parent / "csrc"
+# the compiled files first; the rest are included by them and count in the build's digest
+SOURCES = tuple(_CSRC / name for name in ("codebook_cpu.cpp", "decode_attention.cpp", "codebook_simd.inc",
+                                           "decode_attention_simd.inc", "cpu_isa.h"))
+COMPILED = SOURCES[:2]
 ISA_NAMES = ("portable", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -57,7 +61,7 @@ def _build() -> bool:
         name = f"swsc_hf_cpu_{digest}"
         directory = build_directory(name)
         with exclusive_build(directory):
-            load(name=name, sources=[str(SOURCES[0])], extra_cflags=["-O3", "-fopenmp"],
+            load(name=name, sources=[str(path) for path in COMPILED], extra_cflags=["-O3", "-fopenmp"],
                  extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False, verbose=False)
         _register_fakes()
     except Exception as error:  # no compiler, no headers, a failed build: the reference path still works
@@ -128,6 +132,10 @@ def _register_fakes() -> None:
         @torch.library.register_fake(f"swsc_hf_cpu::{name}")
         def _(x, codes, codebook, scales, layout, size=size):
             return x.new_empty(*x.shape[:-1], layout[size])
+
+    @torch.library.register_fake("swsc_hf_cpu::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def cpu_isa() -> str:

@@ -52,6 +52,11 @@ def set_kernels_enabled(enabled: bool) -> bool:
     return previous
 
 
+def kernels_enabled() -> bool:
+    """Whether `set_kernels_enabled` lets the compiled kernels run (they may still be missing: `load_cpu_kernels`)."""
+    return _enabled["kernels"]
+
+
 def layout_key(spec: LayerSpec) -> tuple[int, ...]:
     """The codebook term of `spec` as ints (the custom op's `layout` argument)."""
     group = spec.scale_group_size if spec.scale_groups else 0

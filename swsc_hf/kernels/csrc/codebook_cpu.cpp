@@ -30,6 +30,8 @@
 
 #include <immintrin.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -47,9 +49,8 @@
 // compiler spill the live vector registers around it (and insert vzeroupper), which costs more than the work.
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+namespace swsc_hf_isa {
 namespace {
-
-enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int64_t detect_isa() {
   __builtin_cpu_init();
@@ -61,10 +62,23 @@ int64_t detect_isa() {
 
 std::atomic<int64_t> max_isa{kAvx512};
 
+}  // namespace
+
 int64_t active_isa() {
   static const int64_t detected = detect_isa();
   return std::min(detected, max_isa.load());
 }
+
+int64_t set_max_isa(int64_t level) {
+  TORCH_CHECK(level >= kPortable && level <= kAvx512, "swsc_hf_cpu: isa level must be 0, 1 or 2");
+  return max_isa.exchange(level);
+}
+
+}  // namespace swsc_hf_isa
+
+namespace {
+
+using namespace swsc_hf_isa;
 
 struct Layout {
   int64_t channels, length, n_clusters, seg, bits, group, rows_per_book;
@@ -1431,11 +1445,6 @@ std::tuple<at::Tensor, at::Tensor> table_grads(const at::Tensor& grad_m, const a
       for (int64_t i = 0; i < book_size; ++i) bp[b * book_size + i] = float(total[b * stride + i]);
   }
   return {grad_book, grad_scales};
-}
-
-int64_t set_max_isa(int64_t level) {
-  TORCH_CHECK(level >= kPortable && level <= kAvx512, "swsc_hf_cpu: isa level must be 0, 1 or 2");
-  return max_isa.exchange(level);
 }
 
 int64_t isa() { return active_isa(); }
