@@ -59,9 +59,10 @@ def static_cache_mask(length: int, filled: int) -> torch.Tensor:
     return mask
 
 
-# (batch, heads, rows, dim, length, value_dim): SmolLM2's packed step, Gemma-3's head size, odd sizes and tails
+# (batch, heads, rows, dim, length, value_dim): SmolLM2's packed step, Gemma-3's head size, odd sizes and tails,
+# a head size of 96 (64 values in registers, then one vector at a time)
 SHAPES = [(1, 3, 3, 64, 640, 64), (1, 1, 4, 256, 300, 256), (2, 2, 5, 40, 333, 24), (1, 2, 1, 8, 5, 8),
-          (1, 4, 1, 17, 97, 33)]
+          (1, 4, 1, 17, 97, 33), (1, 2, 2, 96, 70, 96)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
