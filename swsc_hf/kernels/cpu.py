@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (csrc/codebook_cpu.cpp): built on first use with the system compiler and cached.
+"""The compiled CPU kernels (csrc/codebook_cpu.cpp, the compressed matmul; csrc/decode_attention.cpp): built on
+first use with the system compiler and cached.
 
 `torch.utils.cpp_extension.load` compiles the source once per source hash and torch version into
 `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) and later imports reuse it (about 10 s the first time).

@@ -45,7 +45,8 @@ _enabled = {"kernels": True}
 def set_kernels_enabled(enabled: bool) -> bool:
     """Use the compiled kernels (True, the default) or only the reference path (False); returns the previous value.
 
-    For comparing the two paths on a model; `SWSC_HF_KERNELS=0` does the same for a whole process.
+    For comparing the two paths on a model (the decode attention's reference is torch's SDPA); `SWSC_HF_KERNELS=0`
+    does the same for a whole process.
     """
     previous = _enabled["kernels"]
     _enabled["kernels"] = bool(enabled)

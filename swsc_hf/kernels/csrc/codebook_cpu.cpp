@@ -18,6 +18,7 @@
 //   gemv_t(u[B, channels], ...) -> [B, length]     z[b, p] = sum_c M[c, p] u[b, c]
 //   dequant(..., start, stop)   -> [stop - start, length] float32 rows of M
 //   gemv_kernel(...)            -> the name of the kernel gemv runs these operands on here
+//   (decode_attention.cpp adds decode_attention, the attention of decode steps)
 // All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
 // Instruction sets are chosen at run time (AVX-512F+BW, AVX2+FMA+F16C, portable C++); set_max_isa caps the choice.
 // set_integer_dot(true) opts gemv in to integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI;
