@@ -11,8 +11,9 @@ Attention: under torch.compile transformers' SDPA attention copies the cached ke
 batch x heads only. `compile_decoding` switches a model on "sdpa" to `PACKED_GQA_SDPA`: a single-token step stacks the
 query heads of each group as rows of one query block against the shared key/value head (transformers' own `pack_gqa`,
 so nothing is copied) and runs `swsc_hf.kernels.decode_attention`, which on CPU splits the cache over the threads and
-skips the unfilled tail of the static cache. Together they were about a third of a compiled SmolLM2 step on 2 threads
-before (docs/design.md). Prompts, training and everything else take transformers' SDPA attention unchanged.
+skips the unfilled tail of the static cache. Each had been about a third of a compiled SmolLM2 step: the copies at 1
+thread, torch's SDPA on the packed heads at 2 threads on an AVX2 CPU (docs/design.md). Prompts, training and
+everything else take transformers' SDPA attention unchanged.
 """
 
 from __future__ import annotations

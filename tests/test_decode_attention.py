@@ -126,6 +126,7 @@ def test_operands_outside_the_kernel_go_to_sdpa():
     assert decode_attention_kernel(torch.randn(1, 4, 3, 16), k, v) == "sdpa"  # heads SDPA would broadcast
     assert decode_attention_kernel(q, k, v, torch.zeros(1, 1, 1, 21)) == "sdpa"  # a mask of the wrong length
     assert decode_attention_kernel(q, k, v, torch.zeros(1, 1, 1, 20, dtype=torch.float64)) == "sdpa"
+    assert decode_attention_kernel(q, k, v, torch.tensor(0.0)) == "sdpa"  # a scalar mask
     trained = q.clone().requires_grad_()
     assert decode_attention_kernel(trained, k, v) == "sdpa"
     with torch.no_grad():

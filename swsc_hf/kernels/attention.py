@@ -38,7 +38,7 @@ def decode_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch
     if attn_mask is not None:
         full = (batch, heads, rows, key.shape[2])
         if (attn_mask.dtype not in (torch.bool, torch.float32) or attn_mask.device.type != "cpu"
-                or attn_mask.dim() > 4
+                or not 1 <= attn_mask.dim() <= 4
                 or any(m not in (1, n) for m, n in zip(attn_mask.shape[::-1], full[::-1], strict=False))):
             return "sdpa"  # a mask that does not broadcast to the scores' shape: SDPA says what is wrong
     if not (kernels_enabled() and load_cpu_kernels()):
