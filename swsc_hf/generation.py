@@ -4,7 +4,7 @@ At batch 1 a small model's decode step is a few hundred small eager PyTorch ops 
 cache, attention) around the compressed matmuls; compiled, they become a handful of fused kernels while the
 compressed matmuls stay the one custom op (`swsc_hf::codebook_matmul`). transformers already compiles the decode
 step (not the prefill, whose shape changes with every prompt) when the cache is static, but only on GPUs unless its
-`CompileConfig` is flagged for all devices; `compile_decoding` sets that up. Imports nothing from swsc_hf.
+`CompileConfig` is flagged for all devices; `compile_decoding` sets that up.
 
 Attention: under torch.compile transformers' SDPA attention copies the cached keys and values once per query head
 (`repeat_kv`) at every step of a grouped-query model, and torch's CPU SDPA then splits the step's attention over

@@ -173,6 +173,8 @@ def test_bad_operands_name_the_problem():
         op(q, k[:, :, :, :8], v, None, 1.0)
     with pytest.raises(RuntimeError, match="mask must be bool or float32"):
         op(q, k, v, torch.zeros(1, 1, 1, 20, dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="mask must have 1 to 4 dims"):
+        op(q, k, v, torch.tensor(0.0), 1.0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])

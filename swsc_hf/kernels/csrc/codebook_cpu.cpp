@@ -197,7 +197,9 @@ struct Operands {
   ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
     return scales.data ? scales[c * n_groups + g] : 1.0f;
   }
-  ALWAYS_INLINE float scale(int64_t c, int64_t p) const { return scales.data ? scales[c * n_groups + p / l.group] : 1.0f; }
+  ALWAYS_INLINE float scale(int64_t c, int64_t p) const {
+    return scales.data ? scales[c * n_groups + p / l.group] : 1.0f;
+  }
 };
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,

@@ -224,7 +224,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   if (mask) {
     TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kFloat,
                 "swsc_hf_cpu.decode_attention: mask must be bool or float32, got ", mask->scalar_type());
-    TORCH_CHECK(mask->dim() <= 4, "swsc_hf_cpu.decode_attention: mask must have at most 4 dims, got ", mask->sizes());
+    TORCH_CHECK(mask->dim() >= 1 && mask->dim() <= 4, "swsc_hf_cpu.decode_attention: mask must have 1 to 4 dims, got ",
+                mask->sizes());
     m = mask->stride(-1) == 1 || mask->stride(-1) == 0 ? *mask : mask->contiguous();
     m = m.expand({B, H, R, L});
     p.mask = m.data_ptr();
