@@ -21,9 +21,9 @@
 //   (decode_attention.cpp adds decode_attention, the attention of decode steps)
 // All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
 // Instruction sets are chosen at run time (AVX-512F+BW, AVX2+FMA+F16C, portable C++); set_max_isa caps the choice.
-// set_integer_dot(true) opts gemv in to integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI;
-// integer_dot_available says whether this CPU has them): faster, a codebook rounded to 8 bits away from the float
-// path.
+// set_integer_dot(true) opts gemv in to integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI)
+// and for 4-bit scalar tables (AVX2 kernels; integer_dot_available says whether this CPU has either): faster, a
+// codebook rounded to 8 bits away from the float path.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

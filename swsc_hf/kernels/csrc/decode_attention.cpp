@@ -31,7 +31,7 @@ namespace {
 
 using namespace swsc_hf_isa;
 
-// Cephes' single-precision exp: range reduction by ln 2, a degree-6 polynomial; 0 below the smallest normal float.
+// The constants of the kernel's exp (decode_attention_simd.inc).
 constexpr float kExpMax = 88.3762626647949f, kExpMin = -87.3365447504f, kLog2e = 1.44269504088896341f;
 constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
@@ -94,16 +94,17 @@ struct Vec {
   ALWAYS_INLINE static V add(V a, V b) { return _mm512_add_ps(a, b); }
   ALWAYS_INLINE static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   ALWAYS_INLINE static float sum(V x) { return _mm512_reduce_add_ps(x); }
-  ALWAYS_INLINE static V exp(V x) {
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, set1(kExpMin), _CMP_GE_OQ);
-    x = _mm512_max_ps(_mm512_min_ps(x, set1(kExpMax)), set1(kExpMin));
-    const V n = _mm512_roundscale_ps(fmadd(x, set1(kLog2e), set1(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = fmadd(n, set1(-kLn2Lo), fmadd(n, set1(-kLn2Hi), x));
-    V y = set1(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) y = fmadd(y, x, set1(kExpPoly[i]));
-    y = fmadd(y, _mm512_mul_ps(x, x), add(x, set1(1.0f)));
-    const __m512i scale = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(keep, y, _mm512_castsi512_ps(scale));
+  ALWAYS_INLINE static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  ALWAYS_INLINE static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  ALWAYS_INLINE static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  ALWAYS_INLINE static V floor(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  // 2^n for whole numbers n in the float exponent's range
+  ALWAYS_INLINE static V pow2(V n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  // y where x >= limit, else 0
+  ALWAYS_INLINE static V zero_below(V y, V x, float limit) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(limit), _CMP_GE_OQ), y);
   }
 };
 
@@ -133,16 +134,15 @@ struct Vec {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  ALWAYS_INLINE static V exp(V x) {
-    const V keep = _mm256_cmp_ps(x, set1(kExpMin), _CMP_GE_OQ);
-    x = _mm256_max_ps(_mm256_min_ps(x, set1(kExpMax)), set1(kExpMin));
-    const V n = _mm256_floor_ps(fmadd(x, set1(kLog2e), set1(0.5f)));
-    x = fmadd(n, set1(-kLn2Lo), fmadd(n, set1(-kLn2Hi), x));
-    V y = set1(kExpPoly[0]);
-    for (int i = 1; i < 6; ++i) y = fmadd(y, x, set1(kExpPoly[i]));
-    y = fmadd(y, _mm256_mul_ps(x, x), add(x, set1(1.0f)));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(keep, _mm256_mul_ps(y, _mm256_castsi256_ps(scale)));
+  ALWAYS_INLINE static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  ALWAYS_INLINE static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  ALWAYS_INLINE static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  ALWAYS_INLINE static V floor(V x) { return _mm256_floor_ps(x); }
+  ALWAYS_INLINE static V pow2(V n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  ALWAYS_INLINE static V zero_below(V y, V x, float limit) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, set1(limit), _CMP_GE_OQ), y);
   }
 };
 
@@ -166,7 +166,12 @@ struct Vec {
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static float sum(V x) { return x; }
-  static V exp(V x) { return x < kExpMin ? 0.0f : std::exp(x); }
+  static V min(V a, V b) { return std::min(a, b); }
+  static V max(V a, V b) { return std::max(a, b); }
+  static V mul(V a, V b) { return a * b; }
+  static V floor(V x) { return std::floor(x); }
+  static V pow2(V n) { return std::ldexp(1.0f, int(n)); }
+  static V zero_below(V y, V x, float limit) { return x >= limit ? y : 0.0f; }
 };
 
 #include "decode_attention_simd.inc"
