@@ -97,6 +97,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # embedding stays dense)
     **{f"swsc-{b}bit-head": ("swsc_hf", dict(preset=f"swsc-{b}bit", modules_to_not_convert=["embed_tokens"]))
        for b in (4, 3, 2)},
+    # ... with every codebook on its 8-bit grid (`int8_codebooks`), which the CPU kernels' integer dot products read
+    # exactly and so run by default (AVX2 CPUs: the 4-bit tables)
+    "swsc-4bit-int8": ("swsc_hf", dict(preset="swsc-4bit", int8_codebooks=True)),
+    "swsc-4bit-head-int8": ("swsc_hf", dict(preset="swsc-4bit", int8_codebooks=True,
+                                            modules_to_not_convert=["embed_tokens"])),
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **SWSC_CALIBRATION)) for b in (4, 3, 2)},
     # Ours, then the codebooks and scales distilled toward the dense model on the calibration windows
     # (quality.py also records the model before distillation, under the name without "-kd").

@@ -79,10 +79,10 @@ SLOW_REASONS = {
                "attention, the KV cache), each with dispatch overhead that llama.cpp's single C++ graph does not pay; "
                "compiled decoding (`+compile`, swsc_hf.compile_decoding) fuses most of them, and then about two "
                "thirds of a step (measured at 2 threads) is the look-up-table GEMV (swsc_hf.kernels), which "
-               "multiplies float32 activations where llama.cpp uses int8 dot products (integer dot products are "
-               "opt-in here, swsc_hf.set_integer_dot: the 2-bit quadruples on AVX-512 VBMI, the 4-bit tables on "
-               "AVX2-only CPUs); prefill rebuilds float32 "
-               "tiles for a BLAS GEMM.",
+               "multiplies float32 activations where llama.cpp uses int8 dot products (integer dot products, for "
+               "the 2-bit quadruples on AVX-512 VBMI and the 4-bit tables on AVX2-only CPUs, run by default only on "
+               "codebooks stored on their 8-bit grid, the `-int8` rows, and on others after "
+               "swsc_hf.set_integer_dot); prefill rebuilds float32 tiles for a BLAS GEMM.",
     "hqq": "HQQ's PyTorch backend dequantizes the whole weight in every forward (its fast kernels are CUDA-only).",
     "quanto": "quanto on CPU unpacks and dequantizes the int4 weight in every forward (no fused CPU int4 kernel).",
     "torchao": "torchao's CPU intx path holds int8 codes and dequantizes them in every forward.",
@@ -117,12 +117,14 @@ INTEGER_RUN_NOTE = ("`+int` rows decode with swsc_hf.set_integer_dot(True): on A
                     "on CPUs without AVX-512 the 4-bit tables' (the table as 8-bit integers looked up by a byte "
                     "shuffle, the activations as 14-bit integers in two bytes, `vpmaddubsw`; docs/design.md). Opt-in "
                     "because the codebook's rounding changes the outputs; the perplexities below measure what it "
-                    "costs. Prefill is unchanged (the many-token path has no integer kernel). `swsc-2.2b-cal-t128` "
-                    "is the calibrated and tuned 2.2-bit recipe (128 tuning steps; quadruples everywhere, output "
-                    "head dense, float32); `-head6` compresses its head too, to a 6-bit table (`head_bits=6`, "
-                    "calibrated and tuned with the rest; the embedding stays dense). The data-free `swsc-2bit-head` "
-                    "is a speed row: its perplexity (about 3e5) says nothing about quality, and its greedy tokens "
-                    "flip at the smallest change. Settings as above; compare ratios within a run.")
+                    "costs. Rows named `-int8` store every codebook on that 8-bit grid (`int8_codebooks=True`), "
+                    "which those kernels read exactly and so run without set_integer_dot (their `+int` twins run the "
+                    "same kernels). Prefill is unchanged (the many-token path has no integer kernel). "
+                    "`swsc-2.2b-cal-t128` is the calibrated and tuned 2.2-bit recipe (128 tuning steps; quadruples "
+                    "everywhere, output head dense, float32); `-head6` compresses its head too, to a 6-bit table "
+                    "(`head_bits=6`, calibrated and tuned with the rest; the embedding stays dense). The data-free "
+                    "`swsc-2bit-head` is a speed row: its perplexity (about 3e5) says nothing about quality, and its "
+                    "greedy tokens flip at the smallest change. Settings as above; compare ratios within a run.")
 
 
 def integer_agreement(records: list[dict], run: str) -> list[str]:
@@ -137,7 +139,13 @@ def integer_agreement(records: list[dict], run: str) -> list[str]:
             same = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=True)) if a != b), len(mine))
             lines.append(f"`{label}`: the first {same} of {len(mine)} greedy tokens equal `{twin['label']}`'s.")
         ppl = r.get("gemv_perplexity")
-        if ppl:
+        if ppl and "reference" in ppl:
+            lines.append(f"Its perplexity through the decode kernel (WikiText-2 test, {ppl['windows']} windows of "
+                         f"{ppl['tokens_per_window']} tokens fed {ppl['tokens_per_forward']} per forward on the KV "
+                         f"cache): {ppl['float']:.6g} with the default kernels (integer ones for codebooks on their "
+                         f"8-bit grid), {ppl['integer']:.6g} with integer dot products for every codebook, "
+                         f"{ppl['reference']:.6g} on the reference path (no compiled kernels).")
+        elif ppl:
             change = 100 * (ppl["integer"] / ppl["float"] - 1)
             lines.append(f"Its perplexity through the decode kernel (WikiText-2 test, {ppl['windows']} windows of "
                          f"{ppl['tokens_per_window']} tokens fed {ppl['tokens_per_forward']} per forward on the KV "

@@ -34,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from swsc_hf import compile_decoding, set_integer_dot, wikitext2_test_text
+from swsc_hf import compile_decoding, set_integer_dot, set_kernels_enabled, wikitext2_test_text
 from swsc_hf.kernels import GEMV_MAX_TOKENS
 
 SDPA_DECODING = "swsc_hf_bench_packed_sdpa"
@@ -155,7 +155,8 @@ def decode_kernel_perplexity(model, windows: torch.Tensor) -> float:
 
 
 def integer_perplexities(case: TorchCase, windows: torch.Tensor) -> dict:
-    """The decode-kernel perplexity of an integer-dot case's model with the float and the integer kernels."""
+    """The decode-kernel perplexity of an integer-dot case's model with the default kernels ("float": integer only
+    for codebooks on their 8-bit grid), with integer dot products for every codebook, and on the reference path."""
     out = {"windows": windows.shape[0], "tokens_per_window": windows.shape[1], "tokens_per_forward": GEMV_MAX_TOKENS}
     for name, integer in (("float", False), ("integer", True)):
         previous = set_integer_dot(integer)
@@ -163,6 +164,11 @@ def integer_perplexities(case: TorchCase, windows: torch.Tensor) -> dict:
             out[name] = decode_kernel_perplexity(case.model, windows)
         finally:
             set_integer_dot(previous)
+    previous = set_kernels_enabled(False)
+    try:
+        out["reference"] = decode_kernel_perplexity(case.model, windows)
+    finally:
+        set_kernels_enabled(previous)
     return out
 
 

@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = dict(
     rows_per_codebook=0, affine_correction=False, kmeans_iters=25, seed=0, error_feedback=True, refit_rounds=0,
     refit_damp=0.0, rotate_residual=False, parameter_ratio=None, share_group_size=1, share_types=None,
     share_selection="types", bits_ladder="all", layer_overrides={},
-    n_samples=64, seq_len=512, table_dtype="float16",
+    n_samples=64, seq_len=512, table_dtype="float16", int8_codebooks=False,
     layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=1e-3, tune_scales_lr=2e-3, tune_norms_lr=0.0,
     tune_positions=0, tune_samples=0, tune_dtype="float32", time_budget=None, head_bits=None,
 )
@@ -128,6 +128,13 @@ class SWSCConfig(QuantizationConfigMixin):
             basis (`share_group_size` > 1) take its rank from `rank`/`parameter_ratio`, not from an override.
         table_dtype: dtype of the stored float tables (codebooks, scales, factors): "float16" (default, also for
             float32 models, so sizes match what is published), "bfloat16", "float32", or "auto" (the model's).
+        int8_codebooks: round every codebook, once compression (tuning included) is done, to integers in [-127, 127]
+            times one step per codebook, stored in `table_dtype` (`core.compress.int8_grid_codebook`). The CPU
+            kernels' integer dot products compute on that grid, so they read such layers exactly and run them by
+            default: 4-bit scalar tables on AVX2 CPUs, 256 quadruples on AVX-512 VBMI ones (`set_integer_dot` makes
+            them round any codebook instead). A value moves by at most 1/254 of its codebook's largest magnitude.
+            Needs float16 or float32 tables: bfloat16 rounds the grid's multiples too coarsely to be read as it (so
+            with table_dtype="auto" on a bfloat16 model the layers keep the float kernels).
         modules_to_not_convert: module names (or suffixes) kept dense; defaults keep lm_head and embeddings
             (and only the embeddings with `head_bits`).
         head_bits: compress the output head (`get_output_embeddings()`, e.g. lm_head) with a table of
@@ -217,6 +224,7 @@ class SWSCConfig(QuantizationConfigMixin):
         n_samples: int | None = None,
         seq_len: int | None = None,
         table_dtype: str | None = None,
+        int8_codebooks: bool | None = None,
         layer_tune_steps: int | None = None,
         layer_tune_lr: float | None = None,
         tune_steps: int | None = None,
@@ -300,7 +308,7 @@ class SWSCConfig(QuantizationConfigMixin):
                                ("tune_dtype", TUNE_DTYPES)):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 fail(field, f"use one of {allowed}")
-        for field in ("affine_correction", "error_feedback", "rotate_residual"):
+        for field in ("affine_correction", "error_feedback", "rotate_residual", "int8_codebooks"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "use True or False")
         for field in ("modules_to_not_convert", "share_types"):
@@ -308,6 +316,9 @@ class SWSCConfig(QuantizationConfigMixin):
             if not (value is None and field == "share_types") and (
                     not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
                 fail(field, "use a list of module names")
+        if self.int8_codebooks and self.table_dtype == "bfloat16":
+            fail("int8_codebooks", "bfloat16 tables cannot hold the 8-bit grid exactly; use table_dtype='float16' "
+                 "(the default) or 'float32', or int8_codebooks=False")
         if not isinstance(self.compressed_layers, dict):
             fail("compressed_layers", "use a dict of layer name -> layout, as swsc_hf writes it")
         if self.preset is not None and (not isinstance(self.preset, str) or self.preset not in PRESETS):

@@ -57,7 +57,7 @@ def _compress(layer: SWSCLinear, weight, name: str, config, dtype) -> dict:
         return {key: torch.zeros(shape, dtype=torch.uint8 if key == "codes" else dtype, device=weight.device)
                 for key, shape in layer.spec.tensor_shapes().items()}
     layer.relative_error = relative_error(weight, compressed)
-    return SWSCLinear.stored_tensors(compressed, dtype)
+    return SWSCLinear.stored_tensors(compressed, dtype, config.int8_codebooks)
 
 
 def raise_compress_errors(model) -> None:

@@ -17,7 +17,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 
 from .atomic_save import install_atomic_save
 from .config import SWSCConfig
-from .core.compress import CompressedWeight
+from .core.compress import CompressedWeight, int8_grid_codebook
 from .core.spec import LayerSpec
 from .experts import (
     SWSCExperts,
@@ -401,6 +401,15 @@ def untie_compressed(model: nn.Module) -> None:
         if getattr(config, "tie_word_embeddings", False):
             config.tie_word_embeddings = False
     logger.info("swsc_hf: untied %s (compressed) from the dense tensor it shared", sorted(untied))
+
+
+def round_codebooks_to_int8(model: nn.Module) -> None:
+    """Put every codebook of `model`'s compressed layers (experts' too) on its 8-bit grid, in its stored dtype
+    (`SWSCConfig.int8_codebooks`, `core.compress.int8_grid_codebook`)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SWSCLinear) and module.spec.n_clusters:
+                module.codebook.data = int8_grid_codebook(module.codebook.data)
 
 
 def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:

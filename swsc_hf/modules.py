@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core.compress import CompressedWeight, to_weight
+from .core.compress import CompressedWeight, int8_grid_codebook, to_weight
 from .core.packing import pack_codes
 from .core.spec import LayerSpec
 from .kernels import channel_tiles, codebook_matmul, dequantize_channels, unpacked_codes
@@ -68,12 +68,16 @@ class SWSCLinear(KeepsTableDtype, nn.Module):
 
     # ---- construction --------------------------------------------------------------------------------------
     @staticmethod
-    def stored_tensors(compressed: CompressedWeight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The tensors a layer stores for `compressed`: floats in `dtype`, codes bit-packed."""
+    def stored_tensors(compressed: CompressedWeight, dtype: torch.dtype,
+                       int8_codebook: bool = False) -> dict[str, torch.Tensor]:
+        """The tensors a layer stores for `compressed`: floats in `dtype` (with `int8_codebook`, the codebook on its
+        8-bit grid: `core.compress.int8_grid_codebook`), codes bit-packed."""
         spec = compressed.spec
         out: dict[str, torch.Tensor] = {}
         if spec.n_clusters:
             out["codebook"] = compressed.codebook.to(dtype)
+            if int8_codebook:
+                out["codebook"] = int8_grid_codebook(out["codebook"])
             out["codes"] = pack_codes(compressed.codes, spec.code_bits)
             if compressed.scales is not None:
                 out["scales"] = compressed.scales.to(dtype)

@@ -33,6 +33,7 @@ from .model_ops import (
     plan_head,
     record_layouts,
     replace_with_shells,
+    round_codebooks_to_int8,
     target_shapes,
     tied_weight_names,
     untie_compressed,
@@ -169,7 +170,8 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
     """Compress `model` in place as `config` says and make it saveable/reloadable as an swsc_hf checkpoint.
 
     `tokenizer` (else `config.tokenizer`) is needed for calibrated compression only; calibrated compression ends
-    with `config.tune_steps` of distillation toward the dense model (`tune_toward_dense`).
+    with `config.tune_steps` of distillation toward the dense model (`tune_toward_dense`); `config.int8_codebooks`
+    puts the codebooks on their 8-bit grid after all of it.
     """
     start = time.perf_counter()
     config.check_compressible()
@@ -186,6 +188,8 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
     mark_compressed(model, config, SWSCQuantizer(config, pre_quantized=True))
     if teacher is not None:
         tune_toward_dense(model, config, teacher, tokenizer or config.tokenizer, time.perf_counter() - start)
+    if config.int8_codebooks:
+        round_codebooks_to_int8(model)
     finalize_compressed_model(model, config)
     install_model_card(model)
     allow_dtype_casts(model)

@@ -96,6 +96,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotate-residual", action="store_true", default=None,
                         help="rotate the residual stream by a random Hadamard matrix before compressing (Llama-style "
                              "decoders; SWSCConfig.rotate_residual)")
+    parser.add_argument("--int8-codebooks", action="store_true", default=None,
+                        help="put every codebook on its 8-bit grid after compressing, so the CPU kernels' integer dot "
+                             "products run it exactly and by default (SWSCConfig.int8_codebooks)")
     parser.add_argument("--tune-steps", type=int,
                         help="with --calibration: steps of distillation toward the dense model (default 64; 0 = off)")
     parser.add_argument("--layer-tune-steps", type=int,

@@ -119,6 +119,14 @@ def test_integer_agreement_follows_each_cpu_run():
     assert "the first 2 of 3 greedy tokens" in xeon and "+5.00%" in xeon
 
 
+def test_integer_agreement_gives_the_reference_path_where_a_run_measured_it():
+    r = {**speed_record("r1", "EPYC", "q-int8+int", 10.0), "first_tokens": [1, 2],
+         "gemv_perplexity": dict(float=55.6899, integer=55.6899, reference=55.6908, windows=4, tokens_per_window=512,
+                                 tokens_per_forward=8)}
+    text = " ".join(report.integer_agreement([r], "r1"))
+    assert "55.6899 with the default kernels" in text and "55.6908 on the reference path" in text
+
+
 def test_stale_recipes_names_the_fields_a_preset_change_moved_and_skips_records_without_a_recipe():
     def measured(method: str, recipe: dict | None) -> dict:
         return {**record(method, "swsc_hf", 16, 25.0), "setting": {"preset": method, "n_samples": 64},

@@ -105,17 +105,18 @@ def test_compress_layer_overrides_reach_the_layers_they_name(tiny_with_tokenizer
 def test_compress_bits_ladder_scalar_keeps_every_layer_a_scalar_table(tiny_with_tokenizer, tmp_path):
     """`--bits-ladder scalar` reaches the calibrated allocation: every layer gets a scalar table (the fastest
     kernels), and the choice is saved in config.json; `--head-bits` gives the head its own table, and the tuning,
-    refit and rotation flags reach the config."""
+    refit, rotation and 8-bit grid flags reach the config."""
     text = tmp_path / "calibration.txt"
     text.write_text("the quick brown fox jumps over the lazy dog and keeps running far away\n" * 100)
     out = tmp_path / "compressed"
     assert main(["compress", str(tiny_with_tokenizer), str(out), "--bits", "2.5", "--calibration", str(text),
                  "--n-samples", "4", "--calibration-seq-len", "32", "--tune-steps", "0",
                  "--bits-ladder", "scalar", "--tune-samples", "3", "--head-bits", "6", "--layer-tune-steps", "2",
-                 "--refit-rounds", "2", "--refit-damp", "0.1", "--tune-dtype", "bfloat16", "--rotate-residual"]) == 0
+                 "--refit-rounds", "2", "--refit-damp", "0.1", "--tune-dtype", "bfloat16", "--rotate-residual",
+                 "--int8-codebooks"]) == 0
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["bits_ladder"] == "scalar" and config["refit_rounds"] == 2 and config["refit_damp"] == 0.1
-    assert config["rotate_residual"] is True
+    assert config["rotate_residual"] is True and config["int8_codebooks"] is True
     assert config["head_bits"] == 6 and config["compressed_layers"]["lm_head"]["n_clusters"] == 64
     assert config["tune_samples"] == 3 and config["layer_tune_steps"] == 2 and config["tune_dtype"] == "bfloat16"
     assert {layer.get("segment_length", 1) for layer in config["compressed_layers"].values()} == {1}

@@ -34,6 +34,8 @@ from swsc_hf.core.spec import LayerSpec
         (dict(method="magic"), "method"),
         (dict(preset="nope"), "preset"),
         (dict(table_dtype="int8"), "table_dtype"),
+        (dict(int8_codebooks=1), "int8_codebooks"),
+        (dict(int8_codebooks=True, table_dtype="bfloat16"), "int8_codebooks.*table_dtype='float16'"),
         (dict(n_clusters=0, rank=0), "n_clusters"),
         (dict(bogus=1), "bogus"),
         (dict(format_version=99), "format_version"),

@@ -1,5 +1,5 @@
-"""The opt-in integer kernels (set_integer_dot: AVX-512 quadruples, AVX2 4-bit tables) against a model of their
-arithmetic and the float path."""
+"""The integer kernels (AVX-512 quadruples, AVX2 4-bit tables) against a model of their arithmetic and the float
+path: by default for codebooks on their 8-bit grid (`int8_codebooks`), for every codebook with set_integer_dot."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from conftest import KERNEL_LAYOUTS
 from test_kernels import make_layer_tensors, oracle_weight
 
+from swsc_hf import SWSCConfig
+from swsc_hf.core.compress import int8_grid_codebook
 from swsc_hf.core.spec import LayerSpec
 from swsc_hf.kernels import (
     GEMV_MAX_TOKENS,
@@ -55,12 +57,15 @@ def integer_dot():
     set_integer_dot(previous)
 
 
-def random_layer(layout: tuple):
-    """A layout tuple's LayerSpec, random codes (unpacked and packed), codebook and scales, and its float64 weight."""
+def random_layer(layout: tuple, dtype: torch.dtype = torch.float16, on_grid: bool = False):
+    """A layout tuple's LayerSpec, random codes (unpacked and packed), codebook (on its 8-bit grid with `on_grid`)
+    and scales in `dtype`, and its float64 weight."""
     out_f, in_f, k, seg, dim, group, rows = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, cluster_dim=dim, scale_group_size=group,
                      rows_per_codebook=rows)
-    codes, packed, codebook, scales = make_layer_tensors(spec)
+    codes, packed, codebook, scales = make_layer_tensors(spec, dtype=dtype)
+    if on_grid:
+        codebook = int8_grid_codebook(codebook)
     return spec, codes, packed, codebook, scales, oracle_weight(spec, codes, codebook, scales)
 
 
@@ -84,22 +89,32 @@ def integer_model(spec: LayerSpec, codes, codebook, scales, x: torch.Tensor, act
     return (dots * group_scale * step.double()[book_of][:, None] * xstep[:, None, :]).sum(-1)
 
 
+def assert_integer_outputs(layer: tuple, x: torch.Tensor, act_max: int, max_error: float) -> None:
+    """`codebook_matmul` of `layer` (as `random_layer` gives it) on x equals a model of the integer arithmetic (float32
+    sums of the units, the table offset taken out per scale group) and lies within `max_error` (relative) of the
+    float64 oracle, but not on it (0: the float path ran)."""
+    spec, codes, packed, codebook, scales, weight = layer
+    with torch.no_grad():
+        got = codebook_matmul(x, packed, codebook, scales, spec)
+    model = integer_model(spec, codes, codebook, scales, x, act_max=act_max)
+    torch.testing.assert_close(got.double(), model, rtol=0, atol=3e-5 * float(model.abs().max()))
+    exact = x.double() @ weight.t()
+    assert 0 < float((got.double() - exact).norm() / exact.norm()) <= max_error
+
+
+def uneven_activations(tokens: int, features: int, g: torch.Generator) -> torch.Tensor:
+    """Random activations whose units of 32 values span different ranges."""
+    return torch.randn(tokens, features, generator=g) * (torch.rand(features, generator=g) * 4)
+
+
 @needs_vbmi
 @pytest.mark.parametrize("layout", INTEGER_LAYOUTS, ids=lambda t: "-".join(map(str, t)))
 def test_integer_kernel_equals_its_arithmetic_and_stays_near_the_float_path(layout, integer_dot):
-    spec, codes, packed, codebook, scales, weight = random_layer(layout)
+    layer = random_layer(layout)
     g = torch.Generator().manual_seed(2)
     for tokens in range(1, GEMV_MAX_TOKENS + 1):
-        uneven = torch.rand(spec.in_features, generator=g) * 4  # blocks of different ranges
-        x = torch.randn(tokens, spec.in_features, generator=g) * uneven
-        with torch.no_grad():
-            got = codebook_matmul(x, packed, codebook, scales, spec)
-        model = integer_model(spec, codes, codebook, scales, x)
-        scale = float(model.abs().max())
-        torch.testing.assert_close(got.double(), model, rtol=0, atol=3e-5 * scale)  # float32 sums of the units
-        exact = x.double() @ weight.t()
-        error = float((got.double() - exact).norm() / exact.norm())
-        assert 0 < error <= 3e-2  # mostly the codebook rounded to 8 bits; 0: the float path ran
+        # mostly the codebook rounded to 8 bits
+        assert_integer_outputs(layer, uneven_activations(tokens, layer[0].in_features, g), ACT_MAX, 3e-2)
 
 
 @needs_vbmi
@@ -117,22 +132,14 @@ def test_integer_kernel_takes_bfloat16_activations_and_leading_dims(integer_dot)
 @needs_avx2
 @pytest.mark.parametrize("layout", NIBBLE_LAYOUTS, ids=lambda t: "-".join(map(str, t)))
 def test_avx2_integer_kernel_equals_its_arithmetic_and_stays_near_the_float_path(layout, integer_dot):
-    spec, codes, packed, codebook, scales, weight = random_layer(layout)
+    layer = spec, _, packed, codebook, scales, _ = random_layer(layout)
     g = torch.Generator().manual_seed(6)
     previous = limit_cpu_isa("avx2")  # AVX-512 CPUs keep their float kernels: the cap runs this one there too
     try:
         assert cpu_gemv_kernel(packed, codebook, scales, spec) == "integer_nibbles"
         for tokens in range(1, GEMV_MAX_TOKENS + 1):
-            uneven = torch.rand(spec.in_features, generator=g) * 4  # units of different ranges
-            x = torch.randn(tokens, spec.in_features, generator=g) * uneven
-            with torch.no_grad():
-                got = codebook_matmul(x, packed, codebook, scales, spec)
-            model = integer_model(spec, codes, codebook, scales, x, act_max=NIBBLE_ACT_MAX)
-            # float32 sums of the units, and the table offset taken out in float per scale group
-            torch.testing.assert_close(got.double(), model, rtol=0, atol=3e-5 * float(model.abs().max()))
-            exact = x.double() @ weight.t()
-            error = float((got.double() - exact).norm() / exact.norm())
-            assert 0 < error <= 3e-2  # mostly the table rounded to 8 bits; 0: the float path ran
+            # mostly the table rounded to 8 bits
+            assert_integer_outputs(layer, uneven_activations(tokens, spec.in_features, g), NIBBLE_ACT_MAX, 3e-2)
     finally:
         limit_cpu_isa(previous)
 
@@ -155,6 +162,84 @@ def test_layouts_and_cpus_without_the_integer_kernel_keep_exact_results(layout, 
         if previous is not None:
             limit_cpu_isa(previous)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def assert_grid_books_run_integer_by_default(layout, dtype, kernel: str, act_max: int) -> None:
+    """With set_integer_dot off, a codebook on its grid runs `kernel` and gives the float64 oracle's outputs up to
+    the activations' rounding; the same codebook off the grid (as random, or with one value nudged) runs a float
+    kernel, exact to float32."""
+    layer = spec, codes, packed, codebook, scales, _ = random_layer(layout, dtype, on_grid=True)
+    assert set_integer_dot(False) is False  # the default
+    assert cpu_gemv_kernel(packed, codebook, scales, spec) == kernel
+    g = torch.Generator().manual_seed(7)
+    for tokens in (1, 3, GEMV_MAX_TOKENS):
+        # the activations rounded to 14-15 bits alone, and float16's rounding of the books (measured 1e-4 to 2e-4)
+        assert_integer_outputs(layer, uneven_activations(tokens, spec.in_features, g), act_max, 5e-4)
+    nudged = codebook.clone()
+    nudged.view(-1)[3] += float(codebook.float().abs().amax(dim=(1, 2))[0]) / BOOK_MAX * 0.3
+    for off_grid in (random_layer(layout, dtype)[3], nudged):
+        assert cpu_gemv_kernel(packed, off_grid, scales, spec) not in ("integer", "integer_nibbles")
+        x = torch.randn(2, spec.in_features, generator=g)
+        expected = x.double() @ oracle_weight(spec, codes, off_grid, scales).t()
+        with torch.no_grad():
+            got = codebook_matmul(x, packed, off_grid, scales, spec)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_avx2
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", NIBBLE_LAYOUTS, ids=lambda t: "-".join(map(str, t)))
+def test_avx2_tables_on_their_grid_run_integer_by_default(layout, dtype):
+    previous = limit_cpu_isa("avx2")
+    try:
+        assert_grid_books_run_integer_by_default(layout, dtype, "integer_nibbles", NIBBLE_ACT_MAX)
+    finally:
+        limit_cpu_isa(previous)
+
+
+@needs_vbmi
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", INTEGER_LAYOUTS, ids=lambda t: "-".join(map(str, t)))
+def test_quadruples_on_their_grid_run_integer_by_default(layout, dtype):
+    assert_grid_books_run_integer_by_default(layout, dtype, "integer", ACT_MAX)
+
+
+@needs_avx2
+def test_int8_codebooks_compress_every_layer_onto_the_grid_and_the_integer_kernel(tiny_dense_dir, input_ids):
+    """Data-free on load and calibrated with tuning after it: every codebook ends on its grid, the layers run the
+    integer kernel by default, and the model's outputs stay within the grid's rounding of the float tables'."""
+    from transformers import AutoModelForCausalLM
+
+    def load(**fields):
+        return AutoModelForCausalLM.from_pretrained(
+            tiny_dense_dir, quantization_config=SWSCConfig(preset="swsc-4bit", **fields)).eval()
+
+    plain, grid = load(), load(int8_codebooks=True)
+    layers = [m for m in grid.modules() if hasattr(m, "codebook")]
+    assert layers and all(torch.equal(m.codebook, int8_grid_codebook(m.codebook)) for m in layers)
+    assert not all(torch.equal(m.codebook, int8_grid_codebook(m.codebook))
+                   for m in plain.modules() if hasattr(m, "codebook"))
+    previous = limit_cpu_isa("avx2")
+    try:
+        assert {cpu_gemv_kernel(m.codes, m.codebook, m.scales, m.spec) for m in layers} == {"integer_nibbles"}
+        with torch.no_grad():
+            ids = input_ids[:1, :GEMV_MAX_TOKENS]  # decode-sized: the GEMV runs
+            expected, got = plain(ids).logits, grid(ids).logits
+    finally:
+        limit_cpu_isa(previous)
+    assert float((got - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_int8_codebooks_hold_after_tuning(tiny_dense_dir, calibration):
+    from transformers import AutoModelForCausalLM
+
+    from swsc_hf import compress_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    compress_model(model, SWSCConfig(preset="swsc-4bit", int8_codebooks=True, tune_steps=2, tune_lr=1e-1,
+                                     **calibration))
+    layers = [m for m in model.modules() if hasattr(m, "codebook")]
+    assert layers and all(torch.equal(m.codebook, int8_grid_codebook(m.codebook)) for m in layers)
 
 
 def test_integer_dot_is_off_by_default_and_returns_the_previous_setting():

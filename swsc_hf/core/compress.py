@@ -26,6 +26,8 @@ MAX_FIT_SEGMENTS = 1 << 16
 # Columns fixed between two lazy (matmul) updates of the rest of the matrix, as in GPTQ; small blocks keep the
 # per-column updates cheap.
 GPTQ_BLOCK = 32
+# The integers of `int8_grid_codebook`: a book's values as integer multiples of its largest magnitude / 127.
+INT8_GRID_MAX = 127
 
 
 @dataclass
@@ -85,6 +87,20 @@ def group_absmax(values: torch.Tensor, group: int) -> torch.Tensor:
     """Per row and group of `group` columns, the largest magnitude (1 where a group is all zero)."""
     scales = values.reshape(values.shape[0], -1, group).abs().amax(dim=2)
     return torch.where(scales > 0, scales, torch.ones_like(scales))
+
+
+def int8_grid_codebook(codebook: torch.Tensor) -> torch.Tensor:
+    """`codebook` (n_books, K, v) with each book's values rounded to integers in [-127, 127] times one step, the book's
+    largest magnitude as stored / 127, returned in the codebook's dtype.
+
+    That grid is what the CPU kernels' integer dot products compute on, so they read such a book exactly (to the
+    dtype's rounding of the multiples) and run it by default. A value moves by at most half a step, 1/254 of the
+    book's largest magnitude.
+    """
+    values = codebook.float()
+    top = values.abs().amax(dim=tuple(range(1, values.dim())), keepdim=True)
+    step = torch.where(top > 0, top / INT8_GRID_MAX, torch.ones_like(top))
+    return (torch.round(values / step).clamp(-INT8_GRID_MAX, INT8_GRID_MAX) * step).to(codebook.dtype)
 
 
 def compress_weight(

@@ -6,7 +6,8 @@ first use with the system compiler and cached.
 A build killed midway is redone by the next process (`exclusive_build`), not waited on forever.
 Without a working compiler `load_cpu_kernels()` returns False after one logged warning (with `SWSC_HF_KERNELS=0`, after
 an info line) and layers use the reference path. The instruction set (AVX-512F+BW, AVX2+FMA+F16C or portable C++) is
-chosen at run time. `set_integer_dot(True)` opts in to integer dot products where the CPU and layout have them.
+chosen at run time. Integer dot products run where the CPU and layout have them, by default for codebooks on their
+8-bit grid (`SWSCConfig.int8_codebooks`), for every codebook after `set_integer_dot(True)`.
 """
 
 from __future__ import annotations
@@ -162,16 +163,18 @@ def integer_dot_available() -> bool:
 
 
 def set_integer_dot(enabled: bool) -> bool:
-    """Opt in to integer dot products for decode-sized calls; returns the previous setting.
+    """Opt every codebook in to integer dot products for decode-sized calls (False, the default: only codebooks
+    already on their 8-bit grid); returns the previous setting.
 
     Covers, over output channels, 8-bit codes of 4-dim vectors (the `swsc-2bit` layout: channels of whole 64
     values, scale groups of whole 32) on CPUs with AVX-512 VBMI and VNNI, and 4-bit scalar tables (`swsc-4bit`:
     channels and scale groups of whole 32 values) where the kernels run AVX2 (CPUs without AVX-512); other layouts
-    and CPUs keep the float kernels. The codebook is rounded to 8-bit integers and the activations to 15-bit (14-bit
-    for the 4-bit tables) integers per 32 values, so outputs differ from the float kernels' by the codebook's
-    rounding (docs/results.md measures the perplexity cost); those GEMVs run 1.4-2.6x faster per layer
-    (docs/design.md). Process-wide, eager and compiled alike. Without the kernels or those instructions it logs a
-    warning and changes nothing.
+    and CPUs keep the float kernels. The activations are rounded to 15-bit (14-bit for the 4-bit tables) integers
+    per 32 values, and the codebook to 8-bit integers: exactly for codebooks on that grid (`SWSCConfig.
+    int8_codebooks`), which run these kernels without opting in; opted in, other codebooks too, so outputs then
+    differ from the float kernels' by the codebook's rounding (docs/results.md measures the perplexity cost). These
+    GEMVs run 1.4-2.6x faster per layer (docs/design.md). Process-wide, eager and compiled alike. Without the
+    kernels or those instructions it logs a warning and changes nothing.
     """
     if not load_cpu_kernels():
         if enabled:

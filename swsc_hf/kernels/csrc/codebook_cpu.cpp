@@ -21,9 +21,10 @@
 //   (decode_attention.cpp adds decode_attention, the attention of decode steps)
 // All take the layout as [channels, length, n_clusters, segment_length, code_bits, scale_group, rows_per_book].
 // Instruction sets are chosen at run time (AVX-512F+BW, AVX2+FMA+F16C, portable C++); set_max_isa caps the choice.
-// set_integer_dot(true) opts gemv in to integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI)
-// and for 4-bit scalar tables (AVX2 kernels; integer_dot_available says whether this CPU has either): faster, a
-// codebook rounded to 8 bits away from the float path.
+// gemv runs integer dot products for 8-bit codes of 4-dim vectors (AVX-512 VBMI + VNNI) and for 4-bit scalar tables
+// (AVX2 kernels; integer_dot_available says whether this CPU has either) where every codebook already lies on its
+// 8-bit grid (int8_codebooks at compression), which they then read exactly; set_integer_dot(true) opts every
+// codebook in, rounded to 8 bits away from the float path.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -818,7 +819,7 @@ void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------------------------
-// Integer dot products, opt-in (set_integer_dot), for 8-bit codes of 4-dim vectors over output channels
+// Integer dot products (runs_integer, below) for 8-bit codes of 4-dim vectors over output channels
 // (swsc-2bit), where the float kernels spend a load and an insert per 4-value codeword. The codebook is rounded to
 // 8-bit integers (one step per codebook) kept as byte planes, one per element, offset by 128 to unsigned bytes; the
 // activations to 15-bit integers per unit of 32 values, each as two signed bytes (hi * 128 + lo); unsigned-by-signed
@@ -827,8 +828,8 @@ void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_
 // channels: a 256-entry plane is four byte permutes over 64 bytes (AVX-512 VBMI), each merging the bytes whose codes
 // it holds (bits 6 and 7). Each 32-bit lane sums 16 products of one unit (the low bytes' sum started at -128 times
 // the sum of the activations: the offset), is converted to float once, times the activation step, group scale and
-// codebook step. The outputs differ from the float kernels by the codebook's rounding, which is why this path is
-// not the default.
+// codebook step. Codebooks on their 8-bit grid (books_on_int_grid) run here by default: the outputs then differ
+// from the float kernels' by the activations' rounding only. Others run here with set_integer_dot(true), rounded.
 constexpr int32_t kIntBookMax = 127;       // codebook integers in [-127, 127]
 constexpr int32_t kIntActMax = 127 * 128;  // activation integers in [-16256, 16256]: two signed bytes, hi * 128 + lo
 constexpr int64_t kIntUnit = 32;           // values per activation step
@@ -848,11 +849,37 @@ bool int_dot_supported() {
 
 bool int_dot_available() { return active_isa() == kAvx512 && int_dot_supported(); }
 
-// Whether gemv runs a layout on the integer kernel: opted in, the CPU has it (within the cap), 8-bit codes of 4-dim
-// vectors in channels of whole 64 values and scale groups of whole units.
+// Whether the integer kernel reads a layout: the CPU has it (within the cap), 8-bit codes of 4-dim vectors in
+// channels of whole 64 values and scale groups of whole units.
 bool int_layout(const Layout& l) {
-  return integer_dot.load() && int_dot_available() && l.seg == 4 && l.bits == 8 && l.length % kIntBlock == 0 &&
-         l.group % kIntUnit == 0;
+  return int_dot_available() && l.seg == 4 && l.bits == 8 && l.length % kIntBlock == 0 && l.group % kIntUnit == 0;
+}
+
+// Float16 rounds a value by at most 1/2048 of it, so each value of a book stored in float16 from its 8-bit grid is
+// within this fraction of itself from its multiple of the step (recomputed from the stored top, the same step).
+// An off-grid value passes with a chance of at most |q| / 512 (under 1 in 4), a value the grid would zero never.
+constexpr float kGridTolerance = 1.0f / 1024;
+
+// Whether each codebook's first n values lie on its 8-bit grid: every value c within kGridTolerance * |c| of q * step,
+// q = c / step rounded, step = the book's largest magnitude / 127, the integer kernels' step
+// (swsc_hf.core.int8_grid_codebook writes such books). The integer kernels read those exactly.
+bool books_on_int_grid(const Operands& o, int64_t n) {
+  const int64_t n_books = (o.l.channels + o.l.rows_per_book - 1) / o.l.rows_per_book;
+  for (int64_t b = 0; b < n_books; ++b) {
+    const float* book = o.tables.data() + b * o.l.book_stride;
+    float top = 0.0f;
+    for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(book[i]));
+    const float step = top / kIntBookMax;
+    for (int64_t i = 0; i < n && top > 0.0f; ++i)
+      if (std::fabs(book[i] - std::nearbyint(book[i] / step) * step) > std::fabs(book[i]) * kGridTolerance)
+        return false;
+  }
+  return true;
+}
+
+// Whether gemv runs these operands on an integer kernel that reads `layout_fits`: books on their grid, or opted in.
+bool runs_integer(const Operands& o, bool layout_fits, int64_t book_values) {
+  return layout_fits && (integer_dot.load() || books_on_int_grid(o, book_values));
 }
 
 // The codebooks as integers plus 128: per book and element a plane of bytes, an entry per code (past n_clusters:
@@ -1060,7 +1087,7 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
 }  // namespace vbmi
 #pragma GCC pop_options
 
-// Integer dot products on AVX2 for 4-bit scalar tables, opt-in like the above (set_integer_dot): llama.cpp's IQ4_NL
+// Integer dot products on AVX2 for 4-bit scalar tables, chosen like the above (runs_integer): llama.cpp's IQ4_NL
 // recipe with two activation bytes. The 16-entry table is rounded to 8-bit integers (one step per codebook) plus 128,
 // one register; per unit of 32 values a byte shuffle looks up the 32 codes (low nibbles in the low 128-bit lane, high
 // nibbles in the high one), `vpmaddubsw` multiplies those unsigned bytes by each activation byte and sums pairs to 16
@@ -1072,9 +1099,7 @@ constexpr int32_t kNibbleActMax = 64 * 128;  // activation integers in [-8192, 8
 constexpr int64_t kNibbleBookBytes = 16;     // per codebook: 16 table bytes
 static_assert(kIntUnit == avx2::kPlaneBlock, "both 4-bit kernels read x in nibble_order of 16 lanes");
 
-bool nibble_int_layout(const Layout& l) {
-  return integer_dot.load() && active_isa() == kAvx2 && whole_nibble_blocks(l, kIntUnit);
-}
+bool nibble_int_layout(const Layout& l) { return active_isa() == kAvx2 && whole_nibble_blocks(l, kIntUnit); }
 
 // The 4-bit tables as integers plus 128 (past n_clusters: 128, the value 0) and the float value of one step.
 struct NibbleTables {
@@ -1275,8 +1300,8 @@ struct GemvPlan {
 
 GemvPlan plan_gemv(const Operands& o) {
   const int64_t isa = kernel_isa(o.l);
-  if (int_layout(o.l)) return {GemvPlan::kInteger, isa, {}};
-  if (nibble_int_layout(o.l)) return {GemvPlan::kIntegerNibbles, isa, {}};
+  if (runs_integer(o, int_layout(o.l), o.l.n_clusters * 4)) return {GemvPlan::kInteger, isa, {}};
+  if (runs_integer(o, nibble_int_layout(o.l), o.l.n_clusters)) return {GemvPlan::kIntegerNibbles, isa, {}};
   if (isa == kAvx2) {
     std::vector<uint8_t> planes = avx2::pair_planes(o);
     if (!planes.empty()) return {GemvPlan::kPairPlanes, isa, std::move(planes)};
@@ -1326,9 +1351,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 }
 
 // The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
-// quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) when opted in, "planes" and "pair_planes" (AVX2,
-// float16 byte planes of 4-bit scalar and 6-bit pair tables), "nibbles" (4-bit codes, float permutes), "float" (the
-// general decoder) or "portable".
+// quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) for books on their 8-bit grid or when opted in,
+// "planes" and "pair_planes" (AVX2, float16 byte planes of 4-bit scalar and 6-bit pair tables), "nibbles" (4-bit
+// codes, float permutes), "float" (the general decoder) or "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
   const GemvPlan plan = plan_gemv(make_operands(codes, codebook, scales, layout));
