@@ -220,7 +220,7 @@ def install_compressed(model: nn.Module, name: str, compressed: CompressedWeight
         layer.bias = nn.Parameter(dense.bias.detach().clone(), requires_grad=False)
     if compressed.spec.shared_basis is not None:
         link_shared_basis(layer, getattr(model, SHARED_BASES_ATTR))
-    layer.load_compressed(compressed, config.table_torch_dtype(weight.dtype))
+    layer.load_compressed(compressed, config.table_torch_dtype(weight.dtype), config.int8_codebooks)
     layer.relative_error = relative_error(weight, compressed)
     swap_module(model, name, layer)
     return layer
@@ -239,7 +239,7 @@ def install_compressed_experts(model: nn.Module, name: str, compressed: dict[str
                          device=next(iter(stacked.values())).device)
     for projection, layers in compressed.items():
         for index, (layer, fitted) in enumerate(zip(module.layers(projection), layers, strict=True)):
-            layer.load_compressed(fitted, table_dtype)
+            layer.load_compressed(fitted, table_dtype, config.int8_codebooks)
             layer.relative_error = relative_error(expert_matrix(stacked[projection], index, module.is_transposed),
                                                   fitted)
     swap_module(model, name, module)

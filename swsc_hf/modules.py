@@ -87,9 +87,9 @@ class SWSCLinear(KeepsTableDtype, nn.Module):
                 out["lowrank_b"] = compressed.lowrank_b.to(dtype).contiguous()
         return out
 
-    def load_compressed(self, compressed: CompressedWeight, dtype: torch.dtype) -> None:
-        """Install fitted terms (replacing the placeholders)."""
-        for name, tensor in self.stored_tensors(compressed, dtype).items():
+    def load_compressed(self, compressed: CompressedWeight, dtype: torch.dtype, int8_codebook: bool = False) -> None:
+        """Install fitted terms (replacing the placeholders), as `stored_tensors` gives them."""
+        for name, tensor in self.stored_tensors(compressed, dtype, int8_codebook).items():
             setattr(self, name, nn.Parameter(tensor, requires_grad=False))
 
     def __setattr__(self, name: str, value) -> None:

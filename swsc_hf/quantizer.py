@@ -170,8 +170,9 @@ def compress_model(model: nn.Module, config: SWSCConfig, tokenizer=None) -> nn.M
     """Compress `model` in place as `config` says and make it saveable/reloadable as an swsc_hf checkpoint.
 
     `tokenizer` (else `config.tokenizer`) is needed for calibrated compression only; calibrated compression ends
-    with `config.tune_steps` of distillation toward the dense model (`tune_toward_dense`); `config.int8_codebooks`
-    puts the codebooks on their 8-bit grid after all of it.
+    with `config.tune_steps` of distillation toward the dense model (`tune_toward_dense`); with
+    `config.int8_codebooks` every layer is installed with its codebook on the 8-bit grid and, after tuning, put
+    back on it.
     """
     start = time.perf_counter()
     config.check_compressible()

@@ -166,8 +166,8 @@ def test_layouts_and_cpus_without_the_integer_kernel_keep_exact_results(layout, 
 
 def assert_grid_books_run_integer_by_default(layout, dtype, kernel: str, act_max: int) -> None:
     """With set_integer_dot off, a codebook on its grid runs `kernel` and gives the float64 oracle's outputs up to
-    the activations' rounding; the same codebook off the grid (as random, or with one value nudged) runs a float
-    kernel, exact to float32."""
+    the activations' rounding; the same codebook off the grid (as random, with one value nudged, or with a value
+    the grid would round to zero) runs a float kernel (whose exactness the float kernels' tests check)."""
     layer = spec, codes, packed, codebook, scales, _ = random_layer(layout, dtype, on_grid=True)
     assert set_integer_dot(False) is False  # the default
     assert cpu_gemv_kernel(packed, codebook, scales, spec) == kernel
@@ -175,15 +175,12 @@ def assert_grid_books_run_integer_by_default(layout, dtype, kernel: str, act_max
     for tokens in (1, 3, GEMV_MAX_TOKENS):
         # the activations rounded to 14-15 bits alone, and float16's rounding of the books (measured 1e-4 to 2e-4)
         assert_integer_outputs(layer, uneven_activations(tokens, spec.in_features, g), act_max, 5e-4)
-    nudged = codebook.clone()
-    nudged.view(-1)[3] += float(codebook.float().abs().amax(dim=(1, 2))[0]) / BOOK_MAX * 0.3
-    for off_grid in (random_layer(layout, dtype)[3], nudged):
+    step = float(codebook.float().abs().amax(dim=(1, 2))[0]) / BOOK_MAX
+    nudged, tiny = codebook.clone(), codebook.clone()
+    nudged.view(-1)[3] += step * 0.3
+    tiny.view(-1)[3] = step * 0.01
+    for off_grid in (make_layer_tensors(spec, dtype=dtype)[2], nudged, tiny):
         assert cpu_gemv_kernel(packed, off_grid, scales, spec) not in ("integer", "integer_nibbles")
-        x = torch.randn(2, spec.in_features, generator=g)
-        expected = x.double() @ oracle_weight(spec, codes, off_grid, scales).t()
-        with torch.no_grad():
-            got = codebook_matmul(x, packed, off_grid, scales, spec)
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 @needs_avx2
@@ -228,6 +225,21 @@ def test_int8_codebooks_compress_every_layer_onto_the_grid_and_the_integer_kerne
     finally:
         limit_cpu_isa(previous)
     assert float((got - expected).norm() / expected.norm()) < 2e-2
+
+
+def test_int8_codebooks_hold_for_each_group_compressed_apart(tiny_dense_dir):
+    """Multi-process compression installs group by group (`compress_group`) and ships the layers as installed."""
+    from transformers import AutoModelForCausalLM
+
+    from swsc_hf.compression import compress_group, compression_groups, target_names
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir)
+    config = SWSCConfig(preset="swsc-4bit", int8_codebooks=True)
+    groups = compression_groups(target_names(model, config), config)[:3]
+    for group in groups:
+        compress_group(model, group, config)
+    layers = [model.get_submodule(name) for group in groups for name in group]
+    assert len(layers) == 3 and all(torch.equal(m.codebook, int8_grid_codebook(m.codebook)) for m in layers)
 
 
 def test_int8_codebooks_hold_after_tuning(tiny_dense_dir, calibration):
