@@ -43,8 +43,9 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
     --compile swsc-4bit-head,swsc-2bit-head,swsc-2.2b-cal-t128-head6 \
     --integer-dot swsc-2bit-head,swsc-2.2b-cal-t128,swsc-2.2b-cal-t128-head6 \
     --out docs/results/speed-integer.jsonl  # integer dot product rows and their decode-kernel perplexity
-$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head \
-    --compile swsc-4bit-head --integer-dot swsc-4bit-head --out docs/results/speed-integer.jsonl  # the same, AVX2
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head,swsc-4bit-head-int8 \
+    --compile dense,swsc-4bit-head,swsc-4bit-head-int8 --integer-dot swsc-4bit-head,swsc-4bit-head-int8 \
+    --out docs/results/speed-integer.jsonl  # the same, AVX2, with the codebooks on their 8-bit grid (-int8)
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
 python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton

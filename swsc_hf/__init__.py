@@ -20,7 +20,7 @@ from .generation import compile_decoding
 from .hub import build_model_card, push_compressed
 from .kernels import cpu_isa, set_integer_dot, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
-from .model_ops import dequantize_model
+from .model_ops import dequantize_model, round_codebooks_to_int8
 from .modules import SWSCLinear
 from .openvino_export import OpenVINOCausalLM, export_openvino
 from .quantizer import SWSCQuantizer, compress_model
@@ -61,6 +61,7 @@ __all__ = [
     "prepare_for_training",
     "push_compressed",
     "register_with_peft",
+    "round_codebooks_to_int8",
     "save_atomically",
     "set_integer_dot",
     "set_kernels_enabled",

@@ -242,6 +242,22 @@ def test_int8_codebooks_hold_for_each_group_compressed_apart(tiny_dense_dir):
     assert len(layers) == 3 and all(torch.equal(m.codebook, int8_grid_codebook(m.codebook)) for m in layers)
 
 
+def test_round_codebooks_to_int8_puts_trained_codebooks_back_on_the_grid(tiny_dense_dir):
+    from transformers import AutoModelForCausalLM
+
+    import swsc_hf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dense_dir, quantization_config=SWSCConfig(
+        preset="swsc-4bit", int8_codebooks=True))
+    layers = [m for m in model.modules() if hasattr(m, "codebook")]
+    with torch.no_grad():
+        for m in layers:  # what centroid training does to them
+            m.codebook.add_(torch.randn(m.codebook.shape, generator=torch.Generator().manual_seed(0)).half() * 1e-2)
+    assert not any(torch.equal(m.codebook, int8_grid_codebook(m.codebook)) for m in layers)
+    swsc_hf.round_codebooks_to_int8(model)
+    assert all(torch.equal(m.codebook, int8_grid_codebook(m.codebook)) for m in layers)
+
+
 def test_int8_codebooks_hold_after_tuning(tiny_dense_dir, calibration):
     from transformers import AutoModelForCausalLM
 
