@@ -819,7 +819,7 @@ void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_
 #pragma GCC pop_options
 
 // ---------------------------------------------------------------------------------------------------------------
-// Integer dot products (runs_integer, below) for 8-bit codes of 4-dim vectors over output channels
+// Integer dot products (plan_gemv chooses them) for 8-bit codes of 4-dim vectors over output channels
 // (swsc-2bit), where the float kernels spend a load and an insert per 4-value codeword. The codebook is rounded to
 // 8-bit integers (one step per codebook) kept as byte planes, one per element, offset by 128 to unsigned bytes; the
 // activations to 15-bit integers per unit of 32 values, each as two signed bytes (hi * 128 + lo); unsigned-by-signed
@@ -875,11 +875,6 @@ bool books_on_int_grid(const Operands& o, int64_t n) {
         return false;
   }
   return true;
-}
-
-// Whether gemv runs these operands on an integer kernel that reads `layout_fits`: books on their grid, or opted in.
-bool runs_integer(const Operands& o, bool layout_fits, int64_t book_values) {
-  return layout_fits && (integer_dot.load() || books_on_int_grid(o, book_values));
 }
 
 // The codebooks as integers plus 128: per book and element a plane of bytes, an entry per code (past n_clusters:
@@ -1087,7 +1082,7 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
 }  // namespace vbmi
 #pragma GCC pop_options
 
-// Integer dot products on AVX2 for 4-bit scalar tables, chosen like the above (runs_integer): llama.cpp's IQ4_NL
+// Integer dot products on AVX2 for 4-bit scalar tables, chosen like the above: llama.cpp's IQ4_NL
 // recipe with two activation bytes. The 16-entry table is rounded to 8-bit integers (one step per codebook) plus 128,
 // one register; per unit of 32 values a byte shuffle looks up the 32 codes (low nibbles in the low 128-bit lane, high
 // nibbles in the high one), `vpmaddubsw` multiplies those unsigned bytes by each activation byte and sums pairs to 16
@@ -1107,7 +1102,10 @@ struct NibbleTables {
   std::vector<float> step;
 };
 
-NibbleTables nibble_tables(const Operands& o) {
+// The tables rounded to integers of one step per book (its largest magnitude / 127). With `grid_only` (no
+// set_integer_dot), empty unless every value c is within kGridTolerance * |c| of its multiple of the step: the books
+// are on their 8-bit grid, which the kernel then reads exactly (books_on_int_grid's test, made while rounding).
+NibbleTables nibble_tables(const Operands& o, bool grid_only) {
   const Layout& l = o.l;
   const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
   NibbleTables t{std::vector<uint8_t>(n_books * kNibbleBookBytes, 128), std::vector<float>(n_books, 1.0f)};
@@ -1116,8 +1114,10 @@ NibbleTables nibble_tables(const Operands& o) {
     float top = 0.0f;
     for (int64_t k = 0; k < l.n_clusters; ++k) top = std::max(top, std::fabs(book[k]));
     if (top > 0.0f) t.step[b] = top / kIntBookMax;
+    const float step = t.step[b];
     for (int64_t k = 0; k < l.n_clusters; ++k) {
-      const float q = std::nearbyint(book[k] / t.step[b]);  // to nearest, ties to even
+      const float q = std::nearbyint(book[k] / step);  // to nearest, ties to even
+      if (grid_only && std::fabs(book[k] - q * step) > std::fabs(book[k]) * kGridTolerance) return {};
       t.bytes[b * kNibbleBookBytes + k] = uint8_t(int32_t(std::clamp(q, -127.0f, 127.0f)) + 128);
     }
   }
@@ -1296,12 +1296,17 @@ struct GemvPlan {
   enum Kernel { kInteger, kIntegerNibbles, kPlanes, kPairPlanes, kNibbles, kFloat } kernel;
   int64_t isa;
   std::vector<uint8_t> planes;  // kPlanes: avx2::half_planes; kPairPlanes: avx2::pair_planes
+  NibbleTables tables = {};     // kIntegerNibbles: nibble_tables
 };
 
 GemvPlan plan_gemv(const Operands& o) {
   const int64_t isa = kernel_isa(o.l);
-  if (runs_integer(o, int_layout(o.l), o.l.n_clusters * 4)) return {GemvPlan::kInteger, isa, {}};
-  if (runs_integer(o, nibble_int_layout(o.l), o.l.n_clusters)) return {GemvPlan::kIntegerNibbles, isa, {}};
+  const bool grid_only = !integer_dot.load();
+  if (int_layout(o.l) && (!grid_only || books_on_int_grid(o, o.l.n_clusters * 4))) return {GemvPlan::kInteger, isa, {}};
+  if (nibble_int_layout(o.l)) {
+    NibbleTables tables = nibble_tables(o, grid_only);
+    if (!tables.bytes.empty()) return {GemvPlan::kIntegerNibbles, isa, {}, std::move(tables)};
+  }
   if (isa == kAvx2) {
     std::vector<uint8_t> planes = avx2::pair_planes(o);
     if (!planes.empty()) return {GemvPlan::kPairPlanes, isa, std::move(planes)};
@@ -1334,11 +1339,10 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const float* xp = nibbles || pairs ? reordered.data() : xf.data_ptr<float>();
   const IntTables int_books = integer ? vbmi::int_tables(o) : IntTables{};
   const IntActivations int_x = integer ? vbmi::int_activations(xp, B, o.l.length) : IntActivations{};
-  const NibbleTables nibble_books = int_nibbles ? nibble_tables(o) : NibbleTables{};
   const NibbleActivations nibble_x = int_nibbles ? avx2::nibble_activations(xp, B, o.l) : NibbleActivations{};
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
     if (integer) vbmi::int_dot(o, int_books, int_x, B, yp, c0, c1);
-    else if (int_nibbles) avx2::int_nibble_dot(o, nibble_books, nibble_x, B, yp, c0, c1);
+    else if (int_nibbles) avx2::int_nibble_dot(o, plan.tables, nibble_x, B, yp, c0, c1);
     else if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (pairs) avx2::gemv_pairs(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
