@@ -26,7 +26,7 @@ from transformers import AttentionInterface, CompileConfig
 from transformers.integrations.sdpa_attention import pack_gqa, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .kernels import decode_attention
+from .kernels import decode_attention, load_cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,19 @@ def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: 
         raise ValueError(f"compile_decoding(cpp_wrapper=True) needs backend='inductor', got backend={backend!r}")
     # torch.compile takes a mode or options, not both; the options leave the default mode
     options = {"cpp_wrapper": True} if cpp_wrapper else None
-    config = CompileConfig(fullgraph=fullgraph, dynamic=False, backend=backend,
+    # A sliding-window layer's static cache keeps its length as a Python int, which a static-shape graph specialises
+    # on: Gemma-3 would recompile at every token and stop at dynamo's recompile limit. Automatic dynamic shapes
+    # (dynamic=None) make that int symbolic after one recompile; other models keep static shapes.
+    text_config = model.config.get_text_config()
+    sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or ())
+    config = CompileConfig(fullgraph=fullgraph, dynamic=None if sliding else False, backend=backend,
                            mode=None if cpp_wrapper else "default", options=options)
     config._compile_all_devices = True  # transformers' documented switch for compiling off-GPU
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(PACKED_GQA_SDPA)
+    # built (or found) now: the first compiled step must not trace the kernels' one-time loading and its lock
+    load_cpu_kernels()
     logger.info("swsc_hf: generate will decode with a static cache and a %s-compiled step", backend)
     return model

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +198,38 @@ def test_compiled_decoding_attends_through_the_kernel_and_generates_the_eager_to
     calls = sum(event.count for event in profile.key_averages() if event.key == "swsc_hf_cpu::decode_attention")
     assert calls >= 7 * model.config.num_hidden_layers  # every decode step after the first compiled one
     assert torch.equal(compiled, eager)
+
+
+def test_compiled_decoding_of_sliding_window_layers_runs_past_the_recompile_limit():
+    """Gemma-3's sliding-window cache layers keep their length as a Python int: with static shapes every token
+    recompiled the step, and generate stopped at dynamo's recompile limit (8) with fullgraph=True."""
+    from test_architectures import tiny_model
+
+    import swsc_hf
+
+    model = tiny_model("gemma3")
+    prompt = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(5))
+    eager = model.generate(prompt, max_new_tokens=24, do_sample=False)
+    swsc_hf.compile_decoding(model, backend="eager")
+    assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), eager)
+    dense_layers = tiny_model("llama")
+    swsc_hf.compile_decoding(dense_layers, backend="eager")
+    assert dense_layers.generation_config.compile_config.dynamic is False  # full attention keeps static shapes
+
+
+def test_compile_decoding_works_in_a_process_that_has_not_loaded_the_kernels():
+    """The decode attention loads the kernels on first use; inside the first compiled step that load (and its lock)
+    could not be traced, so a model without compressed layers failed to generate."""
+    script = (
+        "import torch, swsc_hf\n"
+        "from test_architectures import tiny_model\n"
+        "model = tiny_model('llama')\n"
+        "prompt = torch.randint(0, 128, (1, 9))\n"
+        "eager = model.generate(prompt, max_new_tokens=4, do_sample=False)\n"
+        "swsc_hf.compile_decoding(model, backend='eager')\n"
+        "assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), eager)\n"
+    )
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
