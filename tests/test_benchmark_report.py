@@ -85,6 +85,16 @@ def test_speed_section_shows_the_latest_run_of_each_cpu_and_what_misses_the_targ
     assert "x3.00 of dense fp32" not in text  # r2 meets it
 
 
+def test_speed_section_names_the_model_and_compares_with_its_own_llama_cpp_row():
+    gemma = [{**speed_record("g1", "EPYC", "dense", 10.0, "dense"), "model": "gemma3-270m"},
+             {**speed_record("g1", "EPYC", "swsc-4bit-head", 30.0), "model": "gemma3-270m"},
+             {**speed_record("g1", "EPYC", "llama.cpp-q4_k_m", 60.0, "llama.cpp"), "model": "gemma3-270m",
+              "kind": "llama.cpp"}]
+    text = "\n".join(report.speed_section(gemma))
+    assert "Run g1, Gemma-3-270M" in text and "SmolLM2" not in text
+    assert "| `swsc-4bit-head` | 4.00 | 1.000 | 1.00 | 30.0 | 3.00 | - | 0.50 |" in text
+
+
 def test_calibration_domain_pairs_each_shakespeare_row_with_its_wikitext_recipe_and_leaves_the_second_domain():
     def on(data: str, method: str, ppl: float, dataset: str | None = None) -> dict:
         r = record(method, "dense" if method == "dense" else "swsc_hf", 32, ppl, 4.25)
