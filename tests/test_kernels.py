@@ -473,13 +473,15 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
 
 @pytest.mark.parametrize("book_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", [(40, 96, 64, 2, 32), (24, 192, 64, 2, 96), (48, 64, 256, 4, 16),
-                                    (24, 128, 128, 4, 0), (48, 96, 16, 1, 32), (40, 48, 16, 1, 16)],
+                                    (24, 128, 128, 4, 0), (48, 96, 16, 1, 32), (40, 48, 16, 1, 16),
+                                    (40, 64, 256, 2, 16), (24, 96, 200, 2, 32), (20, 40, 256, 2, 0)],
                          ids=lambda t: "-".join(map(str, t)))
 def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; on AVX2,
     4-bit scalar tables and 64 pairs in blocks of 32 values are looked up in float16 byte planes (channels of 48
-    values keep the float permutes; groups of 96 take steps of 64 and 32 values). Values that are not float16
-    exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
+    values keep the float permutes; groups of 96 take steps of 64 and 32 values), and pairs of 8-bit codes in groups
+    of whole 16 values are gathered as float16 pairs (channels of 40 values keep the float gather). Values that are not
+    float16 exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
     out_f, in_f, k, seg, group = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
@@ -502,6 +504,9 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
         assert kernel == ("planes" if planes else "nibbles")
     elif k == 64:
         assert kernel == ("pair_planes" if planes else "float")
+    elif seg == 2:  # 8-bit pair codes
+        half_pairs = cpu_isa() == "avx2" and book_dtype == torch.float16 and (group or in_f) % 16 == 0
+        assert kernel == ("half_pairs" if half_pairs else "float")
 
 
 def test_cpu_gemv_kernel_names_the_transposed_and_reference_paths():
