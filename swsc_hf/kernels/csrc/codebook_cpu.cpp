@@ -1364,8 +1364,8 @@ std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
 struct GemvPlan {
   enum Kernel { kInteger, kIntegerNibbles, kPlanes, kPairPlanes, kHalfPairs, kNibbles, kFloat } kernel;
   int64_t isa;
-  std::vector<uint8_t> planes;      // kPlanes: avx2::half_planes; kPairPlanes: avx2::pair_planes
-  NibbleTables tables = {};         // kIntegerNibbles: nibble_tables
+  std::vector<uint8_t> planes;       // kPlanes: avx2::half_planes; kPairPlanes: avx2::pair_planes
+  NibbleTables tables = {};          // kIntegerNibbles: nibble_tables
   std::vector<uint32_t> pairs = {};  // kHalfPairs: avx2::half_pair_table
 };
 
