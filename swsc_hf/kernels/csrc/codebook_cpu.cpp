@@ -929,9 +929,15 @@ bool int_layout(const Layout& l) {
 // An off-grid value passes with a chance of at most |q| / 512 (under 1 in 4), a value the grid would zero never.
 constexpr float kGridTolerance = 1.0f / 1024;
 
-// Whether each codebook's first n values lie on its 8-bit grid: every value c within kGridTolerance * |c| of q * step,
-// q = c / step rounded, step = the book's largest magnitude / 127, the integer kernels' step
-// (swsc_hf.core.int8_grid_codebook writes such books). The integer kernels read those exactly.
+// Whether value c is off the 8-bit grid of `step`: farther than kGridTolerance * |c| from q * step, q = c / step
+// rounded.
+inline bool off_int_grid(float c, float q, float step) {
+  return std::fabs(c - q * step) > std::fabs(c) * kGridTolerance;
+}
+
+// Whether each codebook's first n values lie on its 8-bit grid: none off_int_grid of the step the integer kernels
+// use, the book's largest magnitude / 127 (swsc_hf.core.int8_grid_codebook writes such books). The integer kernels
+// read those exactly.
 bool books_on_int_grid(const Operands& o, int64_t n) {
   const int64_t n_books = (o.l.channels + o.l.rows_per_book - 1) / o.l.rows_per_book;
   for (int64_t b = 0; b < n_books; ++b) {
@@ -940,8 +946,7 @@ bool books_on_int_grid(const Operands& o, int64_t n) {
     for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(book[i]));
     const float step = top / kIntBookMax;
     for (int64_t i = 0; i < n && top > 0.0f; ++i)
-      if (std::fabs(book[i] - std::nearbyint(book[i] / step) * step) > std::fabs(book[i]) * kGridTolerance)
-        return false;
+      if (off_int_grid(book[i], std::nearbyint(book[i] / step), step)) return false;
   }
   return true;
 }
@@ -1172,8 +1177,8 @@ struct NibbleTables {
 };
 
 // The tables rounded to integers of one step per book (its largest magnitude / 127). With `grid_only` (no
-// set_integer_dot), empty unless every value c is within kGridTolerance * |c| of its multiple of the step: the books
-// are on their 8-bit grid, which the kernel then reads exactly (books_on_int_grid's test, made while rounding).
+// set_integer_dot), empty if a value is off_int_grid; otherwise the books are on their 8-bit grid, which the kernel
+// then reads exactly (books_on_int_grid's test, made while rounding).
 NibbleTables nibble_tables(const Operands& o, bool grid_only) {
   const Layout& l = o.l;
   const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
@@ -1186,7 +1191,7 @@ NibbleTables nibble_tables(const Operands& o, bool grid_only) {
     const float step = t.step[b];
     for (int64_t k = 0; k < l.n_clusters; ++k) {
       const float q = std::nearbyint(book[k] / step);  // to nearest, ties to even
-      if (grid_only && std::fabs(book[k] - q * step) > std::fabs(book[k]) * kGridTolerance) return {};
+      if (grid_only && off_int_grid(book[k], q, step)) return {};
       t.bytes[b * kNibbleBookBytes + k] = uint8_t(int32_t(std::clamp(q, -127.0f, 127.0f)) + 128);
     }
   }
