@@ -102,6 +102,12 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "swsc-4bit-int8": ("swsc_hf", dict(preset="swsc-4bit", int8_codebooks=True)),
     "swsc-4bit-head-int8": ("swsc_hf", dict(preset="swsc-4bit", int8_codebooks=True,
                                             modules_to_not_convert=["embed_tokens"])),
+    # ... with the tied input embeddings read from the compressed head (`embedding_from_head`) instead of a dense
+    # copy: the tied matrix is stored once, compressed, as in a GGUF file
+    "swsc-4bit-head-tied": ("swsc_hf", dict(preset="swsc-4bit", modules_to_not_convert=["embed_tokens"],
+                                            embedding_from_head=True)),
+    "swsc-4bit-head-int8-tied": ("swsc_hf", dict(preset="swsc-4bit", int8_codebooks=True, embedding_from_head=True,
+                                                 modules_to_not_convert=["embed_tokens"])),
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **SWSC_CALIBRATION)) for b in (4, 3, 2)},
     # Ours, then the codebooks and scales distilled toward the dense model on the calibration windows
     # (quality.py also records the model before distillation, under the name without "-kd").

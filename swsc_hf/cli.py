@@ -87,7 +87,7 @@ def _config_from_args(args):
         "seq_len": args.calibration_seq_len, "table_dtype": args.table_dtype, "bits": args.bits,
         "bits_ladder": args.bits_ladder, "head_bits": args.head_bits, "refit_rounds": args.refit_rounds,
         "refit_damp": args.refit_damp, "rotate_residual": args.rotate_residual, "int8_codebooks": args.int8_codebooks,
-        "layer_overrides": args.layer_overrides,
+        "layer_overrides": args.layer_overrides, "embedding_from_head": args.embedding_from_head,
         "tune_steps": args.tune_steps, "layer_tune_steps": args.layer_tune_steps, "tune_samples": args.tune_samples,
         "tune_dtype": args.tune_dtype, "time_budget": args.time_budget,
     }

@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = dict(
     n_samples=64, seq_len=512, table_dtype="float16", int8_codebooks=False,
     layer_tune_steps=0, layer_tune_lr=1e-3, tune_steps=64, tune_lr=1e-3, tune_scales_lr=2e-3, tune_norms_lr=0.0,
     tune_positions=0, tune_samples=0, tune_dtype="float32", time_budget=None, head_bits=None,
+    embedding_from_head=False,
 )
 TABLE_DTYPES = ("float16", "bfloat16", "float32", "auto")
 TUNE_DTYPES = ("float32", "bfloat16", "auto")
@@ -142,6 +143,11 @@ class SWSCConfig(QuantizationConfigMixin):
             `--output-tensor-type`); an int from 2 to 8, None = the head stays as `modules_to_not_convert` says. Its
             inputs calibrate it like any layer; a tied input embedding stays dense and is untied; a `bits=` budget
             leaves it out. The head is read in full for every generated token (SmolLM2-135M: 21% of the weights).
+        embedding_from_head: where the input embeddings are tied to a compressed output head, read them from the
+            head's tables (`SWSCEmbedding`: each token's row decoded on look-up, as a GGUF file stores one
+            quantized token_embd for both) instead of keeping a dense copy. The tied matrix is then stored once,
+            compressed: Gemma-3-270M's is 62% of its weights. The embeddings take the head's compression error
+            (SmolLM2 with `swsc-4bit` and its head: perplexity +1.5%).
 
     Basis Sharing (layers sharing one input-side basis):
         parameter_ratio: fraction of a layer's parameters kept by its low-rank term.
@@ -236,6 +242,7 @@ class SWSCConfig(QuantizationConfigMixin):
         tune_dtype: str | None = None,
         time_budget: float | None = ...,  # type: ignore[assignment]
         head_bits: int | None = None,
+        embedding_from_head: bool | None = None,
         bits: float | None = None,
         preset: str | None = None,
         modules_to_not_convert: list[str] | None = None,
@@ -308,7 +315,8 @@ class SWSCConfig(QuantizationConfigMixin):
                                ("tune_dtype", TUNE_DTYPES)):
             if not isinstance(getattr(self, field), str) or getattr(self, field) not in allowed:
                 fail(field, f"use one of {allowed}")
-        for field in ("affine_correction", "error_feedback", "rotate_residual", "int8_codebooks"):
+        for field in ("affine_correction", "error_feedback", "rotate_residual", "int8_codebooks",
+                      "embedding_from_head"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "use True or False")
         for field in ("modules_to_not_convert", "share_types"):
@@ -316,6 +324,9 @@ class SWSCConfig(QuantizationConfigMixin):
             if not (value is None and field == "share_types") and (
                     not isinstance(value, list) or not all(isinstance(v, str) for v in value)):
                 fail(field, "use a list of module names")
+        if self.embedding_from_head and self.rotate_residual:
+            fail("embedding_from_head", "a rotated residual stream (rotate_residual=True) rotates the dense input "
+                 "embedding's output; use one of them")
         if self.int8_codebooks and self.table_dtype == "bfloat16":
             fail("int8_codebooks", "bfloat16 tables cannot hold the 8-bit grid exactly; use table_dtype='float16' "
                  "(the default) or 'float32', or int8_codebooks=False")

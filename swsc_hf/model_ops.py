@@ -27,7 +27,7 @@ from .experts import (
     expert_shape,
     is_fused_experts,
 )
-from .modules import KeepsTableDtype, SWSCLinear
+from .modules import KeepsTableDtype, SWSCEmbedding, SWSCLinear
 from .rotation import finish_loading, remove_rotation
 from .validation import check_finite, validate_codes
 
@@ -132,9 +132,24 @@ def output_head_name(model: nn.Module) -> str | None:
 
 def plan_head(model: nn.Module, config: SWSCConfig) -> None:
     """With `config.head_bits`, record the output head's layout in `config.compressed_layers` before compression, so
-    every path (on load, after load, `bits=` budgets, which leave it out) compresses it so."""
-    if config.head_bits is None:
-        return
+    every path (on load, after load, `bits=` budgets, which leave it out) compresses it so. With
+    `config.embedding_from_head`, check before compressing that the head will be compressed and the input embeddings
+    are tied to it."""
+    if config.head_bits is not None:
+        plan_head_layout(model, config)
+    if config.embedding_from_head:
+        name = output_head_name(model)
+        will_compress = name in config.compressed_layers or name in dict(
+            find_targets(model, config.modules_to_not_convert, log=False).linears)
+        if not will_compress:
+            raise ValueError("SWSCConfig.embedding_from_head=True reads the input embeddings from the compressed "
+                             f"output head, but {type(model).__name__}'s head {name!r} stays dense; set head_bits= "
+                             "(or remove it from modules_to_not_convert), or drop embedding_from_head")
+        tied_input_embedding(model, name, require_tie=True)
+
+
+def plan_head_layout(model: nn.Module, config: SWSCConfig) -> None:
+    """Record the `head_bits` layout of the output head in `config.compressed_layers` (unless one is recorded)."""
     name = output_head_name(model)
     if name is None:
         raise ValueError(f"SWSCConfig.head_bits={config.head_bits} compresses the output head, but "
@@ -382,6 +397,52 @@ def mark_compressed(model: nn.Module, config: SWSCConfig, quantizer) -> None:
     model.quantization_method = "swsc"
 
 
+def tied_input_embedding(model: nn.Module, head_name: str | None, *, require_tie: bool) -> nn.Embedding:
+    """The input embedding `SWSCConfig.embedding_from_head` replaces, after checking it can read the output head
+    `head_name`: an nn.Embedding (or a scaled one, as Gemma's) of the head's shape, tied to it (`require_tie`; a
+    compressed checkpoint was untied when it was saved)."""
+    embedding = model.get_input_embeddings()
+    model_name = type(model).__name__
+    plain = type(embedding) is nn.Embedding
+    scaled = (isinstance(embedding, nn.Embedding) and type(embedding).__name__.endswith("ScaledWordEmbedding")
+              and isinstance(getattr(embedding, "scalar_embed_scale", None), (int, float)))
+    if not (plain or scaled):
+        raise ValueError(f"SWSCConfig.embedding_from_head=True: {model_name}'s input embedding is a "
+                         f"{type(embedding).__name__}, not an nn.Embedding (or a scaled one, as Gemma's) whose rows "
+                         "can be read from the head; drop embedding_from_head")
+    head = model.get_submodule(head_name) if head_name else None
+    head_shape = (head.out_features, head.in_features) if head is not None else None
+    if tuple(embedding.weight.shape) != head_shape:
+        raise ValueError(f"SWSCConfig.embedding_from_head=True: {model_name}'s input embedding is "
+                         f"{tuple(embedding.weight.shape)} and its output head {head_shape}; drop "
+                         "embedding_from_head")
+    if require_tie:
+        embedding_name = next(name for name, module in model.named_modules() if module is embedding)
+        pair = {f"{head_name}.weight", f"{embedding_name}.weight"}
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        if not any({key, source} == pair for key, source in tied.items()):
+            raise ValueError(f"SWSCConfig.embedding_from_head=True: {model_name}'s input embedding is a matrix of its "
+                             "own, not tied to the output head (tie_word_embeddings=False); drop embedding_from_head")
+    return embedding
+
+
+def read_embeddings_from_head(model: nn.Module, *, require_tie: bool) -> None:
+    """`SWSCConfig.embedding_from_head`: put an `SWSCEmbedding` reading the compressed output head in place of the
+    input embedding tied to it, whose dense weight is dropped; idempotent."""
+    if isinstance(model.get_input_embeddings(), SWSCEmbedding):
+        return
+    name = output_head_name(model)
+    head = model.get_output_embeddings()
+    if not isinstance(head, SWSCLinear):
+        raise ValueError("SWSCConfig.embedding_from_head=True reads the input embeddings from the compressed output "
+                         f"head, but {type(model).__name__}'s head {name!r} is not compressed; set head_bits= or drop "
+                         "embedding_from_head")
+    embedding = tied_input_embedding(model, name, require_tie=require_tie)
+    shape = tuple(embedding.weight.shape)
+    model.set_input_embeddings(SWSCEmbedding(head, embedding))
+    logger.info("swsc_hf: the input embeddings read the compressed %s (their dense %s copy is dropped)", name, shape)
+
+
 def tied_weight_names(model: nn.Module) -> set[str]:
     """Names of the weights transformers ties to another tensor (e.g. `lm_head.weight` to the embeddings)."""
     return set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -430,6 +491,8 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
         validate_codes(name, module)
         check_finite(name, module)
     record_layouts(model, config)
+    if config.embedding_from_head:
+        read_embeddings_from_head(model, require_tie=True)
     untie_compressed(model)
     missed = {name: reason for name, (_, reason) in dense_matrices_left(model, config.modules_to_not_convert).items()
               if reason not in KEPT_DENSE_BY_DESIGN}
@@ -478,9 +541,12 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     for name, module in list(model.named_modules()):
         if isinstance(module, SWSCExperts):
             swap_module(model, name, module.dense_experts(dtype))
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     for name, module in list(model.named_modules()):
         if isinstance(module, SWSCLinear):
             swap_module(model, name, dense_layer(module, dtype))
+    if isinstance(embedding, SWSCEmbedding):
+        model.set_input_embeddings(embedding.dense_embedding(model.get_output_embeddings().weight))
     if hasattr(model, SHARED_BASES_ATTR):
         delattr(model, SHARED_BASES_ATTR)
     remove_rotation(model)

@@ -9,7 +9,7 @@ from torch import nn
 from .core.compress import CompressedWeight, int8_grid_codebook, to_weight
 from .core.packing import pack_codes
 from .core.spec import LayerSpec
-from .kernels import channel_tiles, codebook_matmul, dequantize_channels, unpacked_codes
+from .kernels import channel_tiles, codebook_matmul, dequantize_channels, dequantize_weight_rows, unpacked_codes
 
 
 class KeepsTableDtype:
@@ -144,6 +144,18 @@ class SWSCLinear(KeepsTableDtype, nn.Module):
             weight += self.lowrank_a.float() @ self.basis.float().to(weight.device)
         return weight.to(self.dense_dtype)
 
+    def weight_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (1-D output indices) of the dense weight, in the model's dtype, decoded from only their
+        codes: the look-up of an embedding tied to this layer (`SWSCEmbedding`)."""
+        spec = self.spec
+        rows = rows.to(self.codes.device if spec.n_clusters else self.lowrank_a.device)
+        out = torch.zeros(len(rows), spec.in_features, dtype=torch.float32, device=rows.device)
+        if spec.n_clusters:
+            out += dequantize_weight_rows(self.codes, self.codebook, getattr(self, "scales", None), spec, rows)
+        if spec.rank:
+            out += self.lowrank_a[rows].float() @ self.basis.float().to(out.device)
+        return out.to(self.dense_dtype)
+
     def extra_repr(self) -> str:
         spec = self.spec
         parts = [f"in_features={spec.in_features}", f"out_features={spec.out_features}"]
@@ -155,3 +167,54 @@ class SWSCLinear(KeepsTableDtype, nn.Module):
         if spec.rank:
             parts.append(f"rank={spec.rank}" + (f" (shared basis {spec.shared_basis})" if spec.shared_basis else ""))
         return ", ".join(parts + [f"bias={self.bias is not None}"])
+
+
+class SWSCEmbedding(nn.Module):
+    """Input embeddings read from the compressed output head they are tied to (`SWSCConfig.embedding_from_head`):
+    token t's embedding is row t of the head's weight, decoded from its codes on look-up, so the tied matrix is
+    stored once, compressed, as a GGUF file stores one quantized token_embd for both.
+
+    `replaced` is the nn.Embedding this stands for (its padding index and Gemma's `scalar_embed_scale` are kept);
+    its dense weight is dropped. The head is referenced, not registered as a child: its tensors are saved, moved and
+    offloaded under the head's name only.
+    """
+
+    def __init__(self, head: SWSCLinear, replaced: nn.Embedding) -> None:
+        super().__init__()
+        if "weight" in replaced._parameters:
+            del replaced.weight
+        self.__dict__["head"] = head
+        self.__dict__["replaced"] = replaced
+        self.num_embeddings = head.out_features
+        self.embedding_dim = head.in_features
+        self.padding_idx = replaced.padding_idx
+        self.embed_scale: float | None = getattr(replaced, "scalar_embed_scale", None)
+        # Empty, in the model's dtype: transformers takes `model.dtype` (and a saved config's dtype) from the first
+        # float parameter, which would otherwise be a table of the first compressed layer.
+        self.dtype_marker = nn.Parameter(torch.empty(0, dtype=head.dense_dtype, device=next(head.parameters()).device),
+                                         requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        # accelerate's offload hook brings the head's tensors in, as for the head's own forward, and out again
+        hook = getattr(head, "_hf_hook", None)
+        if hook is not None:
+            (input_ids,), _ = hook.pre_forward(head, input_ids)
+        rows = head.weight_rows(input_ids.reshape(-1)).reshape(*input_ids.shape, self.embedding_dim)
+        if hook is not None:
+            rows = hook.post_forward(head, rows)
+        if self.embed_scale is not None:  # rounded to the rows' dtype first, as Gemma's embedding does
+            rows = rows * rows.new_tensor(self.embed_scale)
+        return rows
+
+    def dense_embedding(self, weight: nn.Parameter) -> nn.Embedding:
+        """The embedding this replaced, holding `weight` (the dense head's, so the two are tied again)."""
+        embedding = self.replaced
+        embedding.weight = weight
+        if self.embed_scale is not None and getattr(embedding, "embed_scale", None) is not None:
+            embedding.embed_scale = torch.tensor(self.embed_scale, device=weight.device)  # a meta buffer on load
+        return embedding
+
+    def extra_repr(self) -> str:
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, read from the compressed output head{scale}"

@@ -31,6 +31,7 @@ from .model_ops import (
     find_targets,
     mark_compressed,
     plan_head,
+    read_embeddings_from_head,
     record_layouts,
     replace_with_shells,
     round_codebooks_to_int8,
@@ -93,6 +94,8 @@ class SWSCQuantizer(HfQuantizer):
             if config.rotate_residual:
                 attach_rotation(model)  # its signs arrive with the checkpoint
             untie_compressed(model)  # checkpoints saved before untying existed still say tie_word_embeddings=True
+            if config.embedding_from_head:
+                read_embeddings_from_head(model, require_tie=False)  # untied when it was saved
             model._keys_to_ignore_on_load_unexpected = (set(model._keys_to_ignore_on_load_unexpected or ())
                                                          | ignore_patterns(config.compressed_layers))
             if checkpoint_files:

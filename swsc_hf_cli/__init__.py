@@ -82,6 +82,9 @@ def _add_compression_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-bits", type=int,
                         help="also compress the output head (lm_head) with 2**N shared values scaled per 128 weights "
                              "(2-8; default: the head stays dense)")
+    parser.add_argument("--embedding-from-head", action="store_true", default=None,
+                        help="with a compressed head tied to the input embeddings: read the embeddings from the "
+                             "head's tables instead of keeping a dense copy (SWSCConfig.embedding_from_head)")
     parser.add_argument("--calibration", help='calibration text file or "wikitext2" (enables data-aware mode)')
     parser.add_argument("--n-samples", type=int, help="calibration sequences")
     parser.add_argument("--calibration-seq-len", type=int, help="calibration sequence length")

@@ -87,6 +87,11 @@ def test_bad_arguments_give_a_clear_error(tiny_with_tokenizer, tmp_path, capsys)
     assert main(["compress", str(tiny_with_tokenizer), str(tmp_path / "x"), "--rank", "-3"]) == 2
     assert "SWSCConfig.rank=-3 is invalid" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    # the tiny model's embeddings are not tied to its head
+    assert main(["compress", str(tiny_with_tokenizer), str(tmp_path / "x"), "--head-bits", "4",
+                 "--embedding-from-head"]) == 2
+    assert "SWSCConfig.embedding_from_head=True" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_compress_layer_overrides_reach_the_layers_they_name(tiny_with_tokenizer, tmp_path, capsys):

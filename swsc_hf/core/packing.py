@@ -102,8 +102,11 @@ def _unpack_groups_of_eight(packed: Tensor, bits: int, count: int, start: int) -
     return ((word[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
 
 
-def _unpack_any(packed: Tensor, bits: int, count: int, start: int) -> Tensor:
-    offset = torch.arange(start, start + count, device=packed.device) * bits
+def unpack_codes_at(packed: Tensor, bits: int, positions: Tensor) -> Tensor:
+    """The codes at `positions` (an int64 tensor of code indices, any shape) of a stream made by :func:`pack_codes`,
+    int64 in the shape of `positions`: a gather, for codes scattered over the stream (a few rows of a matrix)."""
+    _check_bits(bits)
+    offset = positions.to(torch.int64) * bits
     byte = offset >> 3
     last = packed.numel() - 1
     # Bytes past the end are clamped to the last one; they only feed bits above the mask.
@@ -111,3 +114,7 @@ def _unpack_any(packed: Tensor, bits: int, count: int, start: int) -> Tensor:
     word |= packed[(byte + 1).clamp_max_(last)].to(torch.int32) << 8
     word |= packed[(byte + 2).clamp_max_(last)].to(torch.int32) << 16
     return ((word >> (offset & 7).to(torch.int32)) & ((1 << bits) - 1)).to(torch.int64)
+
+
+def _unpack_any(packed: Tensor, bits: int, count: int, start: int) -> Tensor:
+    return unpack_codes_at(packed, bits, torch.arange(start, start + count, device=packed.device))

@@ -16,6 +16,7 @@ from .dispatch import (
 from .reference import (
     channel_tiles,
     dequantize_channels,
+    dequantize_weight_rows,
     reference_codebook_matmul,
     reference_table_grads,
     unpacked_codes,
@@ -32,6 +33,7 @@ __all__ = [
     "decode_attention",
     "decode_attention_kernel",
     "dequantize_channels",
+    "dequantize_weight_rows",
     "integer_dot_available",
     "kernels_enabled",
     "limit_cpu_isa",

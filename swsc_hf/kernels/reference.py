@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.compress import reconstruct_channels
-from ..core.packing import unpack_codes
+from ..core.packing import unpack_codes, unpack_codes_at
 from ..core.spec import LayerSpec
 
 # Channels are rebuilt in tiles of at most this many weights, so no call holds a whole dense matrix.
@@ -36,6 +36,31 @@ def dequantize_channels(
     channel_scales = None if scales is None else scales.float()
     channel_codes = unpacked_codes(codes, spec, start, stop)
     return reconstruct_channels(spec, codebook.float(), channel_codes, channel_scales, start)
+
+
+def dequantize_weight_rows(
+    codes: torch.Tensor, codebook: torch.Tensor, scales: torch.Tensor | None, spec: LayerSpec, rows: torch.Tensor,
+) -> torch.Tensor:
+    """Rows `rows` (1-D int64, output indices) of the codebook term's (out x in) weight, float32 (len(rows), in):
+    an embedding look-up in a compressed head, reading only the codes of those rows (whole channels when channels
+    are rows; one code per input channel and row otherwise)."""
+    rows = rows.to(device=codes.device, dtype=torch.int64)
+    book = codebook.float()
+    per = spec.segments_per_channel
+    if spec.cluster_dim == "output":
+        positions = rows[:, None] * per + torch.arange(per, device=codes.device)
+        values = book[(rows // spec.channels_per_codebook)[:, None], unpack_codes_at(codes, spec.code_bits, positions)]
+        values = values.reshape(len(rows), spec.channel_length)
+        if scales is not None:
+            values = values * scales[rows].float().repeat_interleave(spec.scale_group_size, dim=1)
+        return values
+    channels = torch.arange(spec.channels, device=codes.device)
+    positions = channels[None, :] * per + (rows // spec.segment_length)[:, None]
+    values = book[(channels // spec.channels_per_codebook)[None, :], unpack_codes_at(codes, spec.code_bits, positions),
+                  (rows % spec.segment_length)[:, None]]
+    if scales is not None:
+        values = values * scales.float().t()[rows // spec.scale_group_size]
+    return values
 
 
 def channel_tiles(spec: LayerSpec, max_elements: int = TILE_ELEMENTS) -> Iterator[tuple[int, int]]:
