@@ -108,6 +108,9 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
                                             embedding_from_head=True)),
     "swsc-4bit-head-int8-tied": ("swsc_hf", dict(preset="swsc-4bit", int8_codebooks=True, embedding_from_head=True,
                                                  modules_to_not_convert=["embed_tokens"])),
+    # ... the head with its own 6-bit table (`head_bits=6`), the embeddings dense or read from it
+    "swsc-4bit-head6": ("swsc_hf", dict(preset="swsc-4bit", head_bits=6)),
+    "swsc-4bit-head6-tied": ("swsc_hf", dict(preset="swsc-4bit", head_bits=6, embedding_from_head=True)),
     **{f"swsc-{b}bit-cal": ("swsc_hf", dict(preset=f"swsc-{b}bit", **SWSC_CALIBRATION)) for b in (4, 3, 2)},
     # Ours, then the codebooks and scales distilled toward the dense model on the calibration windows
     # (quality.py also records the model before distillation, under the name without "-kd").

@@ -149,11 +149,12 @@ class SWSCLinear(KeepsTableDtype, nn.Module):
         codes: the look-up of an embedding tied to this layer (`SWSCEmbedding`)."""
         spec = self.spec
         rows = rows.to(self.codes.device if spec.n_clusters else self.lowrank_a.device)
-        out = torch.zeros(len(rows), spec.in_features, dtype=torch.float32, device=rows.device)
+        out = None
         if spec.n_clusters:
-            out += dequantize_weight_rows(self.codes, self.codebook, getattr(self, "scales", None), spec, rows)
+            out = dequantize_weight_rows(self.codes, self.codebook, getattr(self, "scales", None), spec, rows)
         if spec.rank:
-            out += self.lowrank_a[rows].float() @ self.basis.float().to(out.device)
+            low = self.lowrank_a[rows].float() @ self.basis.float().to(rows.device)
+            out = low if out is None else out + low
         return out.to(self.dense_dtype)
 
     def extra_repr(self) -> str:

@@ -51,11 +51,12 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model was loaded in (config.dtype), else its input embeddings' (never compressed)."""
+    """The dtype the model was loaded in (config.dtype), else its input embeddings' (their weight, or an
+    `SWSCEmbedding`'s empty marker in the model's dtype)."""
     dtype = getattr(model.config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
+    return dtype if isinstance(dtype, torch.dtype) else next(model.get_input_embeddings().parameters()).dtype
 
 
 def swsc_config(model: nn.Module):

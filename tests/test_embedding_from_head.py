@@ -60,6 +60,12 @@ def test_layer_weight_rows_include_the_low_rank_term():
     torch.testing.assert_close(layer.weight_rows(rows), layer.dequantize()[rows])
 
 
+def tiny_gemma3_config() -> transformers.Gemma3TextConfig:
+    return transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                         max_position_embeddings=128, tie_word_embeddings=True)
+
+
 @pytest.fixture(scope="module")
 def tied_dir(tmp_path_factory):
     torch.manual_seed(0)
@@ -99,9 +105,7 @@ def test_embeddings_read_the_head_and_round_trip(tied_dir, tmp_path, on_load):
 def test_gemma_scaled_embeddings_equal_a_dense_copy_of_the_head():
     """The oracle: the same compression with the dense embedding overwritten by the dequantized head (Gemma-3
     multiplies embeddings by sqrt(hidden), rounded to the model's dtype)."""
-    config = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                           sliding_window=16, max_position_embeddings=128, tie_word_embeddings=True)
+    config = tiny_gemma3_config()
 
     def compressed(embedding_from_head: bool) -> nn.Module:
         torch.manual_seed(0)
@@ -148,3 +152,17 @@ def test_refused_before_compressing(tied_dir, tmp_path):
         SWSCConfig(embedding_from_head=True, rotate_residual=True)
     with pytest.raises(ValueError, match="embedding_from_head"):
         SWSCConfig(embedding_from_head="yes")
+
+
+def test_compiled_decoding_generates_the_eager_tokens():
+    """`compile_decoding` traces the embedding look-up into the step (fullgraph) on Gemma-3's dynamic shapes."""
+    import swsc_hf
+
+    config = tiny_gemma3_config()
+    torch.manual_seed(0)
+    model = compress_model(AutoModelForCausalLM.from_config(config).eval(),
+                           SWSCConfig(**CONFIG, embedding_from_head=True))
+    prompt = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(5))
+    eager = model.generate(prompt, max_new_tokens=24, do_sample=False)
+    swsc_hf.compile_decoding(model, backend="eager")
+    assert torch.equal(model.generate(prompt, max_new_tokens=24, do_sample=False), eager)

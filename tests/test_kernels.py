@@ -474,14 +474,17 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
 @pytest.mark.parametrize("book_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("layout", [(40, 96, 64, 2, 32), (24, 192, 64, 2, 96), (48, 64, 256, 4, 16),
                                     (24, 128, 128, 4, 0), (48, 96, 16, 1, 32), (40, 48, 16, 1, 16),
-                                    (40, 64, 256, 2, 16), (24, 96, 200, 2, 32), (20, 40, 256, 2, 0)],
+                                    (40, 64, 256, 2, 16), (24, 96, 200, 2, 32), (20, 40, 256, 2, 0),
+                                    (40, 96, 64, 1, 32), (24, 192, 50, 1, 96), (40, 48, 64, 1, 16),
+                                    (24, 40, 64, 1, 0)],
                          ids=lambda t: "-".join(map(str, t)))
 def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; on AVX2,
-    4-bit scalar tables and 64 pairs in blocks of 32 values are looked up in float16 byte planes (channels of 48
-    values keep the float permutes; groups of 96 take steps of 64 and 32 values), and pairs of 8-bit codes in groups
-    of whole 16 values are gathered as float16 pairs (channels of 40 values keep the float gather). Values that are not
-    float16 exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
+    4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are looked up
+    in float16 byte planes (channels of 48 values keep the float permutes for 4-bit codes; groups of 96 take steps
+    of 32 and 16 codes), and pairs of 8-bit codes in groups of whole 16 values are gathered as float16 pairs
+    (channels of 40 values keep the float gather). Values that are not float16 exactly (float32 with full mantissas,
+    bfloat16 beyond float16's range) must take the float32 table."""
     out_f, in_f, k, seg, group = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
@@ -500,6 +503,9 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     kernel = cpu_gemv_kernel(packed, codebook, scales, spec)
     if cpu_isa() == "portable":
         assert kernel == "portable"
+    elif seg == 1 and k > 32:  # 6-bit codes
+        six_bit = cpu_isa() == "avx2" and book_dtype == torch.float16 and (group or in_f) % 16 == 0
+        assert kernel == ("six_bit_planes" if six_bit else "float")
     elif seg == 1:
         assert kernel == ("planes" if planes else "nibbles")
     elif k == 64:

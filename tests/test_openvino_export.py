@@ -26,12 +26,14 @@ LAYOUTS = {
                                                         scale_group_size=32, rows_per_codebook=24, rank=4),
     "basis sharing (low rank only, shared bases)": dict(preset="basis-sharing-paper"),
     "swsc-4bit on a rotated residual stream": dict(preset="swsc-4bit", rotate_residual=True),
+    "tied embeddings read from the compressed head": dict(preset="swsc-4bit", head_bits=4, embedding_from_head=True),
 }
 
 
 def tiny_compressed(**config) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    tied = config.get("embedding_from_head", False)
+    model = LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=tied)).eval()
     compress_model(model, SWSCConfig(**config))
     return model
 

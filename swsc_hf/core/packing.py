@@ -110,9 +110,8 @@ def unpack_codes_at(packed: Tensor, bits: int, positions: Tensor) -> Tensor:
     byte = offset >> 3
     last = packed.numel() - 1
     # Bytes past the end are clamped to the last one; they only feed bits above the mask.
-    word = packed[byte].to(torch.int32)
-    word |= packed[(byte + 1).clamp_max_(last)].to(torch.int32) << 8
-    word |= packed[(byte + 2).clamp_max_(last)].to(torch.int32) << 16
+    word = (packed[byte].to(torch.int32) | packed[(byte + 1).clamp_max(last)].to(torch.int32) << 8
+            | packed[(byte + 2).clamp_max(last)].to(torch.int32) << 16)
     return ((word >> (offset & 7).to(torch.int32)) & ((1 << bits) - 1)).to(torch.int64)
 
 

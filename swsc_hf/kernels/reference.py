@@ -50,7 +50,7 @@ def dequantize_weight_rows(
     if spec.cluster_dim == "output":
         positions = rows[:, None] * per + torch.arange(per, device=codes.device)
         values = book[(rows // spec.channels_per_codebook)[:, None], unpack_codes_at(codes, spec.code_bits, positions)]
-        values = values.reshape(len(rows), spec.channel_length)
+        values = values.reshape(-1, spec.channel_length)
         if scales is not None:
             values = values * scales[rows].float().repeat_interleave(spec.scale_group_size, dim=1)
         return values

@@ -641,51 +641,54 @@ void gemv_planes(const Operands& o, const uint8_t* planes, const float* x, int64
 }
 
 
-// 6-bit codes of pairs (swsc-3bit: 64 two-value codewords) whose values are float16 exactly, in scale groups (or
-// channels) of a multiple of 32 values: four byte planes per codebook (element 0's low and high bytes, element 1's),
-// each of 64 entries in four 16-byte registers. A byte shuffle looks up 16 codes' bytes in each register and two
-// byte blends on the index's bits 4 and 5 pick the register; interleaving low and high bytes gives float16 values
-// that F16C widens. Steps of 32 codes use 256-bit shuffles (both lanes hold the same register), a group's last 32
-// values, where fewer than 64 remain, 128-bit ones. The float kernel gathers a float per value from the table: on a
-// Zen 3 EPYC the planes ran 2.5x faster (one thread, 1536 x 576, groups of 192) and 1.9x with 128-bit steps only.
-// Activations in pair_order.
-constexpr int64_t kPairBookBytes = 4 * 64;  // per codebook: [element][low, high byte][64 codes]
+// 6-bit codes (64-entry tables) of pairs (swsc-3bit) or scalars (the `bits=` ladder's 33-64-value tables) whose
+// values are float16 exactly, in scale groups (or channels) of whole 16 codes: byte planes per codebook (each
+// element's low and high bytes), each of 64 entries in four 16-byte registers. A byte shuffle looks up 16 codes'
+// bytes in each register and two byte blends on the index's bits 4 and 5 pick the register; interleaving low and
+// high bytes gives float16 values that F16C widens. Steps of 32 codes use 256-bit shuffles (both lanes hold the
+// same register), a group's last 16 codes, where fewer than 32 remain, 128-bit ones. The float kernel gathers a
+// float per value from the table: on a Zen 3 EPYC the pair planes ran 2.5x faster (one thread, 1536 x 576, groups
+// of 192) and 1.9x with 128-bit steps only. Activations in six_bit_order.
+template <int SEG>
+constexpr int64_t kSixBitBookBytes = SEG * 2 * 64;  // per codebook: [element][low, high byte][64 codes]
 
-// byte_planes of 6-bit pairs in scale groups (or channels) of whole 32 values (kPairBookBytes per book), or empty.
-std::vector<uint8_t> pair_planes(const Operands& o) {
+// byte_planes of 6-bit pairs or scalars in scale groups (or channels) of whole 16 codes, or empty.
+std::vector<uint8_t> six_bit_planes(const Operands& o) {
   const Layout& l = o.l;
-  const int64_t group = l.group ? l.group : l.length;
-  if (l.seg != 2 || l.bits != 6 || l.length % 32 || group % 32) return {};
+  const int64_t group = l.group ? l.group : l.length, step = 16 * l.seg;
+  if ((l.seg != 1 && l.seg != 2) || l.bits != 6 || l.length % step || group % step) return {};
   return byte_planes(o);
 }
 
-// Steps of a scale group of `size` values from its start: 64 values while at least 64 remain, then 32.
-template <class Body>
-ALWAYS_INLINE void for_pair_steps(int64_t start, int64_t size, Body body) {
+// Steps of a scale group of `size` values from its start: 32 codes while at least 32 remain, then 16.
+template <int SEG, class Body>
+ALWAYS_INLINE void for_six_bit_steps(int64_t start, int64_t size, Body body) {
   int64_t p = start;
-  for (; p + 64 <= start + size; p += 64) body(p, std::integral_constant<int, 64>{});
-  if (p < start + size) body(p, std::integral_constant<int, 32>{});
+  for (; p + 32 * SEG <= start + size; p += 32 * SEG) body(p, std::integral_constant<int, 32>{});
+  if (p < start + size) body(p, std::integral_constant<int, 16>{});
 }
 
-// The n values of x (rows of `length`) in the order the pair kernel multiplies them: per 64-value step, element 0
-// of codes 0-7, 16-23, 8-15, 24-31, then element 1 of the same; per 32-value step, element 0 of codes 0-15, then
-// element 1.
-std::vector<float> pair_order(const float* x, int64_t n, int64_t length, int64_t group) {
+// The n values of x (rows of `length`) in the order the 6-bit plane kernel multiplies them: per 32-code step,
+// element 0 of codes 0-7, 16-23, 8-15, 24-31, then element 1 of the same (pairs); per 16-code step, element 0 of
+// codes 0-15, then element 1.
+std::vector<float> six_bit_order(const float* x, int64_t n, int64_t length, int64_t group, int64_t seg) {
   static constexpr int kBlockOfVector[4] = {0, 2, 1, 3};
   std::vector<float> out(n);
-  for (int64_t row = 0; row < n; row += length)
-    for (int64_t g0 = 0; g0 < length; g0 += group)
-      for_pair_steps(row + g0, group, [&](int64_t p, auto values) {
-        if constexpr (decltype(values)::value == 64) {
-          for (int v = 0; v < 8; ++v)
-            for (int i = 0; i < 8; ++i) out[p + v * 8 + i] = x[p + 2 * (kBlockOfVector[v % 4] * 8 + i) + v / 4];
-        } else {
-          for (int i = 0; i < 16; ++i) {
-            out[p + i] = x[p + 2 * i];
-            out[p + 16 + i] = x[p + 2 * i + 1];
-          }
-        }
-      });
+  auto reorder = [&](auto seg_constant) {
+    constexpr int S = decltype(seg_constant)::value;
+    for (int64_t row = 0; row < n; row += length)
+      for (int64_t g0 = 0; g0 < length; g0 += group)
+        for_six_bit_steps<S>(row + g0, group, [&](int64_t p, auto codes) {
+          constexpr int kCodes = decltype(codes)::value;
+          for (int e = 0; e < S; ++e)
+            for (int i = 0; i < kCodes; ++i) {
+              const int code = kCodes == 32 ? kBlockOfVector[i / 8] * 8 + i % 8 : i;
+              out[p + e * kCodes + i] = x[p + S * code + e];
+            }
+        });
+  };
+  if (seg == 1) reorder(std::integral_constant<int, 1>{});
+  else reorder(std::integral_constant<int, 2>{});
   return out;
 }
 
@@ -731,14 +734,15 @@ ALWAYS_INLINE __m256i plane_lookup(const uint8_t* plane, __m256i idx, __m256i bi
   return _mm256_blendv_epi8(a, b, bit5);
 }
 
-// The weights of one step (VALUES = 64 or 32) of a channel whose codes start at src, in pair_order, as float vectors.
-template <int VALUES>
-ALWAYS_INLINE void pair_weights(const uint8_t* src, const uint8_t* book, V* w) {
-  if constexpr (VALUES == 64) {
+// The weights of one step (CODES = 32 or 16) of a channel whose codes start at src, in six_bit_order, as float
+// vectors.
+template <int SEG, int CODES>
+ALWAYS_INLINE void six_bit_weights(const uint8_t* src, const uint8_t* book, V* w) {
+  if constexpr (CODES == 32) {
     const __m256i raw = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(src + 12),
                                             reinterpret_cast<const __m128i*>(src));
     const __m256i idx = pair_codes(raw), bit4 = _mm256_slli_epi16(idx, 3), bit5 = _mm256_slli_epi16(idx, 2);
-    for (int e = 0; e < 2; ++e) {
+    for (int e = 0; e < SEG; ++e) {
       const __m256i low = plane_lookup(book + e * 128, idx, bit4, bit5);
       const __m256i high = plane_lookup(book + e * 128 + 64, idx, bit4, bit5);
       const __m256i a = _mm256_unpacklo_epi8(low, high), b = _mm256_unpackhi_epi8(low, high);
@@ -750,7 +754,7 @@ ALWAYS_INLINE void pair_weights(const uint8_t* src, const uint8_t* book, V* w) {
   } else {
     const __m128i idx = pair_codes(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     const __m128i bit4 = _mm_slli_epi16(idx, 3), bit5 = _mm_slli_epi16(idx, 2);
-    for (int e = 0; e < 2; ++e) {
+    for (int e = 0; e < SEG; ++e) {
       const __m128i low = plane_lookup(book + e * 128, idx, bit4, bit5);
       const __m128i high = plane_lookup(book + e * 128 + 64, idx, bit4, bit5);
       w[e * 2 + 0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(low, high));
@@ -759,28 +763,28 @@ ALWAYS_INLINE void pair_weights(const uint8_t* src, const uint8_t* book, V* w) {
   }
 }
 
-// y[b, c] for R channels from c and NB activation rows from b0 (x in pair_order); channel c + r's codes start at
-// codes + r * (its bytes), with 4 readable bytes past the last.
-template <int NB, int R>
-void gemv_pair_rows(const Operands& o, const uint8_t* planes, const uint8_t* codes, const float* x, float* y,
-                    int64_t b0, int64_t c) {
+// y[b, c] for R channels from c and NB activation rows from b0 (x in six_bit_order); channel c + r's codes start
+// at codes + r * (its bytes), with 4 readable bytes past the last.
+template <int SEG, int NB, int R>
+void gemv_six_bit_rows(const Operands& o, const uint8_t* planes, const uint8_t* codes, const float* x, float* y,
+                       int64_t b0, int64_t c) {
   const Layout& l = o.l;
-  const int64_t group = l.group ? l.group : l.length, channel_bytes = l.length * 3 / 8;
+  const int64_t group = l.group ? l.group : l.length, channel_bytes = l.length / SEG * 3 / 4;
   const uint8_t* book[R];
   V total[R][NB];
   for (int r = 0; r < R; ++r) {
-    book[r] = planes + ((c + r) / l.rows_per_book) * kPairBookBytes;
+    book[r] = planes + ((c + r) / l.rows_per_book) * kSixBitBookBytes<SEG>;
     for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
   }
   for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
     V acc[R][NB];
     for (int r = 0; r < R; ++r)
       for (int b = 0; b < NB; ++b) acc[r][b] = Simd::zero();
-    for_pair_steps(g0, group, [&](int64_t p, auto values) {
-      constexpr int kValues = decltype(values)::value, kVectors = kValues / W;
+    for_six_bit_steps<SEG>(g0, group, [&](int64_t p, auto codes_per_step) {
+      constexpr int kCodes = decltype(codes_per_step)::value, kVectors = kCodes * SEG / W;
       for (int r = 0; r < R; ++r) {
         V w[kVectors];
-        pair_weights<kValues>(codes + r * channel_bytes + p * 3 / 8, book[r], w);
+        six_bit_weights<SEG, kCodes>(codes + r * channel_bytes + p / SEG * 3 / 4, book[r], w);
         for (int b = 0; b < NB; ++b)
           for (int k = 0; k < kVectors; ++k)
             acc[r][b] = Simd::fmadd(w[k], Simd::load_full(x + (b0 + b) * l.length + p + k * W), acc[r][b]);
@@ -791,11 +795,12 @@ void gemv_pair_rows(const Operands& o, const uint8_t* planes, const uint8_t* cod
   store_sums<NB, R>(total, l.channels, y, b0, c);
 }
 
-// gemv for layouts with pair_planes, x in pair_order. A channel without 4 readable stream bytes past its codes (the
-// last) reads a zero-padded copy.
-void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
-                int64_t c1) {
-  const int64_t channel_bytes = o.l.length * 3 / 8;
+// gemv for layouts with six_bit_planes, x in six_bit_order. A channel without 4 readable stream bytes past its
+// codes (the last) reads a zero-padded copy.
+template <int SEG>
+void gemv_six_bit_seg(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
+                      int64_t c1) {
+  const int64_t channel_bytes = o.l.length / SEG * 3 / 4;
   int64_t end = c1;  // channels from `end` on read a copy
   while (end > c0 && end * channel_bytes + 4 > o.code_bytes) --end;
   for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
@@ -803,16 +808,22 @@ void gemv_pairs(const Operands& o, const uint8_t* planes, const float* x, int64_
     int64_t c = c0;
     for (; c + R <= end; c += R) {
       prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
-      gemv_pair_rows<NB, R>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+      gemv_six_bit_rows<SEG, NB, R>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
     }
-    for (; c < end; ++c) gemv_pair_rows<NB, 1>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+    for (; c < end; ++c) gemv_six_bit_rows<SEG, NB, 1>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
     if (c == c1) return;
     std::vector<uint8_t> copy(channel_bytes + 4, 0);
     for (; c < c1; ++c) {
       std::memcpy(copy.data(), o.codes + c * channel_bytes, channel_bytes);
-      gemv_pair_rows<NB, 1>(o, planes, copy.data(), x, y, b0, c);
+      gemv_six_bit_rows<SEG, NB, 1>(o, planes, copy.data(), x, y, b0, c);
     }
   });
+}
+
+void gemv_six_bit(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
+                  int64_t c1) {
+  if (o.l.seg == 1) gemv_six_bit_seg<1>(o, planes, x, B, y, c0, c1);
+  else gemv_six_bit_seg<2>(o, planes, x, B, y, c0, c1);
 }
 
 // Pairs from codebooks of more than 64 codewords (8-bit codes: the `bits=` ladder's 256 pairs, most of the 4.25-bit
@@ -1367,9 +1378,9 @@ std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
 
 // The kernel gemv runs a layout's call on, and what that kernel needs from the codebooks.
 struct GemvPlan {
-  enum Kernel { kInteger, kIntegerNibbles, kPlanes, kPairPlanes, kHalfPairs, kNibbles, kFloat } kernel;
+  enum Kernel { kInteger, kIntegerNibbles, kPlanes, kSixBitPlanes, kHalfPairs, kNibbles, kFloat } kernel;
   int64_t isa;
-  std::vector<uint8_t> planes;       // kPlanes: avx2::half_planes; kPairPlanes: avx2::pair_planes
+  std::vector<uint8_t> planes;       // kPlanes: avx2::half_planes; kSixBitPlanes: avx2::six_bit_planes
   NibbleTables tables = {};          // kIntegerNibbles: nibble_tables
   std::vector<uint32_t> pairs = {};  // kHalfPairs: avx2::half_pair_table
 };
@@ -1383,8 +1394,8 @@ GemvPlan plan_gemv(const Operands& o) {
     if (!tables.bytes.empty()) return {GemvPlan::kIntegerNibbles, isa, {}, std::move(tables)};
   }
   if (isa == kAvx2) {
-    std::vector<uint8_t> planes = avx2::pair_planes(o);
-    if (!planes.empty()) return {GemvPlan::kPairPlanes, isa, std::move(planes)};
+    std::vector<uint8_t> planes = avx2::six_bit_planes(o);
+    if (!planes.empty()) return {GemvPlan::kSixBitPlanes, isa, std::move(planes)};
     std::vector<uint32_t> pairs = avx2::half_pair_table(o);
     if (!pairs.empty()) return {GemvPlan::kHalfPairs, isa, {}, {}, std::move(pairs)};
   }
@@ -1406,14 +1417,15 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const int64_t B = xf.numel() / o.l.length;
   float* yp = y.data_ptr<float>();
   const bool integer = plan.kernel == GemvPlan::kInteger, int_nibbles = plan.kernel == GemvPlan::kIntegerNibbles;
-  const bool planes = plan.kernel == GemvPlan::kPlanes, pairs = plan.kernel == GemvPlan::kPairPlanes;
+  const bool planes = plan.kernel == GemvPlan::kPlanes, six_bit = plan.kernel == GemvPlan::kSixBitPlanes;
   const bool nibbles = planes || int_nibbles || plan.kernel == GemvPlan::kNibbles;  // x in nibble_order
   const int64_t order_lanes = planes || int_nibbles ? avx2::kPlaneBlock / 2 : simd_lanes(isa);
   const std::vector<float> reordered =
       nibbles ? nibble_order(xf.data_ptr<float>(), xf.numel(), order_lanes)
-      : pairs ? avx2::pair_order(xf.data_ptr<float>(), xf.numel(), o.l.length, o.l.group ? o.l.group : o.l.length)
+      : six_bit ? avx2::six_bit_order(xf.data_ptr<float>(), xf.numel(), o.l.length,
+                                      o.l.group ? o.l.group : o.l.length, o.l.seg)
               : std::vector<float>();
-  const float* xp = nibbles || pairs ? reordered.data() : xf.data_ptr<float>();
+  const float* xp = nibbles || six_bit ? reordered.data() : xf.data_ptr<float>();
   const IntTables int_books = integer ? vbmi::int_tables(o) : IntTables{};
   const IntActivations int_x = integer ? vbmi::int_activations(xp, B, o.l.length) : IntActivations{};
   const NibbleActivations nibble_x = int_nibbles ? avx2::nibble_activations(xp, B, o.l) : NibbleActivations{};
@@ -1421,7 +1433,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
     if (integer) vbmi::int_dot(o, int_books, int_x, B, yp, c0, c1);
     else if (int_nibbles) avx2::int_nibble_dot(o, plan.tables, nibble_x, B, yp, c0, c1);
     else if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
-    else if (pairs) avx2::gemv_pairs(o, plan.planes.data(), xp, B, yp, c0, c1);
+    else if (six_bit) avx2::gemv_six_bit(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (plan.kernel == GemvPlan::kHalfPairs) avx2::gemv_half_pairs(o, plan.pairs.data(), xp, B, yp, c0, c1);
     else if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (nibbles) avx2::gemv_nibbles(o, xp, B, yp, c0, c1);
@@ -1434,16 +1446,18 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 
 // The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
 // quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) for books on their 8-bit grid or when opted in,
-// "planes" and "pair_planes" (AVX2, float16 byte planes of 4-bit scalar and 6-bit pair tables), "nibbles" (4-bit
-// codes, float permutes), "float" (the general decoder) or "portable".
+// "planes", "pair_planes" and "six_bit_planes" (AVX2, float16 byte planes of 4-bit scalar, 6-bit pair and 6-bit
+// scalar tables), "half_pairs" (AVX2, float16 pairs of 8-bit codes), "nibbles" (4-bit codes, float permutes),
+// "float" (the general decoder) or "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
-  const GemvPlan plan = plan_gemv(make_operands(codes, codebook, scales, layout));
+  const Operands o = make_operands(codes, codebook, scales, layout);
+  const GemvPlan plan = plan_gemv(o);
   switch (plan.kernel) {
     case GemvPlan::kInteger: return "integer";
     case GemvPlan::kIntegerNibbles: return "integer_nibbles";
     case GemvPlan::kPlanes: return "planes";
-    case GemvPlan::kPairPlanes: return "pair_planes";
+    case GemvPlan::kSixBitPlanes: return o.l.seg == 2 ? "pair_planes" : "six_bit_planes";
     case GemvPlan::kHalfPairs: return "half_pairs";
     case GemvPlan::kNibbles: return "nibbles";
     default: return plan.isa == kPortable ? "portable" : "float";
