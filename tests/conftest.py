@@ -27,6 +27,15 @@ def tiny_dense_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_tied_dense_dir(tmp_path_factory) -> str:
+    """The tiny Llama with its input embeddings and output head tied (one matrix), saved dense."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-tied-dense")
+    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_with_tokenizer(tiny_dense_dir, tmp_path_factory):
     """The tiny Llama plus a small word-level tokenizer saved beside it."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -66,21 +66,13 @@ def tiny_gemma3_config() -> transformers.Gemma3TextConfig:
                                          max_position_embeddings=128, tie_word_embeddings=True)
 
 
-@pytest.fixture(scope="module")
-def tied_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tied")
-    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("on_load", [True, False], ids=["on-load", "in-memory"])
-def test_embeddings_read_the_head_and_round_trip(tied_dir, tmp_path, on_load):
+def test_embeddings_read_the_head_and_round_trip(tiny_tied_dense_dir, tmp_path, on_load):
     config = SWSCConfig(**CONFIG, embedding_from_head=True)
     if on_load:
-        model = AutoModelForCausalLM.from_pretrained(tied_dir, quantization_config=config)
+        model = AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir, quantization_config=config)
     else:
-        model = compress_model(AutoModelForCausalLM.from_pretrained(tied_dir), config)
+        model = compress_model(AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir), config)
     embedding = model.get_input_embeddings()
     assert isinstance(embedding, SWSCEmbedding) and embedding.head is model.lm_head
     assert not [name for name, _ in model.named_parameters() if "embed_tokens.weight" in name]
@@ -125,8 +117,8 @@ def test_gemma_scaled_embeddings_equal_a_dense_copy_of_the_head():
         torch.testing.assert_close(reading(ids).logits, dense(ids).logits)
 
 
-def test_a_disk_offloaded_head_is_read_through_its_hook(tied_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tied_dir, quantization_config=SWSCConfig(**CONFIG,
+def test_a_disk_offloaded_head_is_read_through_its_hook(tiny_tied_dense_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir, quantization_config=SWSCConfig(**CONFIG,
                                                                                          embedding_from_head=True))
     model.save_pretrained(tmp_path / "c")
     device_map = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
@@ -139,14 +131,14 @@ def test_a_disk_offloaded_head_is_read_through_its_hook(tied_dir, tmp_path):
         assert torch.equal(offloaded(ids).logits, model(ids).logits)
 
 
-def test_refused_before_compressing(tied_dir, tmp_path):
+def test_refused_before_compressing(tiny_tied_dense_dir, tmp_path):
     untied = tmp_path / "untied"
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(untied)
     with pytest.raises(ValueError, match="embedding_from_head.*not tied"):
         AutoModelForCausalLM.from_pretrained(untied, quantization_config=SWSCConfig(**CONFIG,
                                                                                     embedding_from_head=True))
     with pytest.raises(ValueError, match="embedding_from_head.*stays dense"):
-        compress_model(AutoModelForCausalLM.from_pretrained(tied_dir),
+        compress_model(AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir),
                        SWSCConfig(preset="swsc-4bit", embedding_from_head=True))
     with pytest.raises(ValueError, match="embedding_from_head"):
         SWSCConfig(embedding_from_head=True, rotate_residual=True)

@@ -194,27 +194,16 @@ def test_absurd_number_of_compressed_layers_fails_fast(monkeypatch):
 
 
 # ---- item 8: tied embeddings and a compressed head: untied, saved, reloaded -------------------------------------
-@pytest.fixture(scope="module")
-def tied_dense_dir(tmp_path_factory):
-    from conftest import tiny_llama_config
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tied-dense")
-    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("on_load", [True, False], ids=["on-load", "in-memory"])
-def test_compressed_head_of_a_tied_model_round_trips(tied_dense_dir, tmp_path, on_load):
+def test_compressed_head_of_a_tied_model_round_trips(tiny_tied_dense_dir, tmp_path, on_load):
     from swsc_hf import SWSCLinear, compress_model
 
     config = SWSCConfig(n_clusters=0, rank=4, modules_to_not_convert=["embed_tokens"])  # lm_head compressed too
     if on_load:
-        model = AutoModelForCausalLM.from_pretrained(tied_dense_dir, quantization_config=config)
+        model = AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir, quantization_config=config)
     else:
-        model = compress_model(AutoModelForCausalLM.from_pretrained(tied_dense_dir), config)
-    dense_embedding = AutoModelForCausalLM.from_pretrained(tied_dense_dir).model.embed_tokens.weight
+        model = compress_model(AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir), config)
+    dense_embedding = AutoModelForCausalLM.from_pretrained(tiny_tied_dense_dir).model.embed_tokens.weight
     assert isinstance(model.lm_head, SWSCLinear) and not model.config.tie_word_embeddings
     assert torch.equal(model.model.embed_tokens.weight, dense_embedding)  # the embedding stays dense
     ids = torch.arange(12)[None] % 128
