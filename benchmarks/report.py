@@ -531,9 +531,10 @@ SECOND_MODEL_SPEED_NOTE = (
 
 CALIBRATED_SPEED_NOTE = (
     "The calibrated 4.25-bit preset (`swsc-4.25b-cal`, the best measured quality at <= 4.25 bits; its compression, "
-    "about half an hour on 2 cores, is part of the run) beside `swsc-4bit` with its head and dense. Its `bits=` "
-    "allocation gives most layers 256 pairs of 8-bit codes and 5- or 6-bit scalar tables, which decode slower than "
-    "`swsc-4bit`'s 4-bit tables (docs/design.md, Forward).")
+    "about half an hour on 2 cores, is part of the run) beside `swsc-4bit` with its head and dense. The preset keeps "
+    "the tied output head dense (float32 here: 113 MB read per token, more than all its compressed layers), and its "
+    "`bits=` allocation gives most layers 256 pairs of 8-bit codes and 5- or 6-bit scalar tables, which decode slower "
+    "than `swsc-4bit`'s 4-bit tables (docs/design.md, Forward).")
 
 
 def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "",
