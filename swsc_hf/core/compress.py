@@ -70,15 +70,17 @@ def to_weight(channels: torch.Tensor, spec: LayerSpec) -> torch.Tensor:
 
 
 def reconstruct_channels(
-    spec: LayerSpec, codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor | None, start: int = 0
+    spec: LayerSpec, codebook: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor | None, start: int = 0,
+    channel_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rebuild channel rows `start:start+len(codes)` from (n_books, K, v) codebooks and (rows, segments) codes."""
-    rows = codes.shape[0]
-    book = (torch.arange(start, start + rows, device=codes.device) // spec.channels_per_codebook)[:, None]
-    segments = codebook[book, codes]  # (rows, segments, v)
-    channels = segments.reshape(rows, spec.channel_length)
+    """Rebuild channel rows `start:start+len(codes)`, or the rows `channel_ids` (int64, one per row of codes), from
+    (n_books, K, v) codebooks and (rows, segments) codes."""
+    if channel_ids is None:
+        channel_ids = torch.arange(start, start + codes.shape[0], device=codes.device)
+    segments = codebook[(channel_ids // spec.channels_per_codebook)[:, None], codes]  # (rows, segments, v)
+    channels = segments.reshape(-1, spec.channel_length)
     if scales is not None:
-        scale = scales[start : start + rows].repeat_interleave(spec.scale_group_size, dim=1)
+        scale = scales[channel_ids].repeat_interleave(spec.scale_group_size, dim=1)
         channels = channels * scale.to(channels.dtype)
     return channels
 

@@ -47,13 +47,10 @@ def dequantize_weight_rows(
     rows = rows.to(device=codes.device, dtype=torch.int64)
     book = codebook.float()
     per = spec.segments_per_channel
-    if spec.cluster_dim == "output":
+    if spec.cluster_dim == "output":  # the rows are channels
         positions = rows[:, None] * per + torch.arange(per, device=codes.device)
-        values = book[(rows // spec.channels_per_codebook)[:, None], unpack_codes_at(codes, spec.code_bits, positions)]
-        values = values.reshape(-1, spec.channel_length)
-        if scales is not None:
-            values = values * scales[rows].float().repeat_interleave(spec.scale_group_size, dim=1)
-        return values
+        return reconstruct_channels(spec, book, unpack_codes_at(codes, spec.code_bits, positions), scales,
+                                    channel_ids=rows)
     channels = torch.arange(spec.channels, device=codes.device)
     positions = channels[None, :] * per + (rows // spec.segment_length)[:, None]
     values = book[(channels // spec.channels_per_codebook)[None, :], unpack_codes_at(codes, spec.code_bits, positions),
