@@ -219,6 +219,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "swsc-4.25b-cal-headin": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", n_samples=16,
                                               modules_to_not_convert=["embed_tokens"], **FIRST_TUNING,
                                               **BEFORE_REFIT)),
+    # The 4.25-bit preset served with its head on a 6-bit table that the tied embeddings read (`head_bits=6`,
+    # `embedding_from_head=True`): the tied matrix stored once, compressed, beside the budget
+    "swsc-4.25b-cal-head6-tied": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", head_bits=6,
+                                                  embedding_from_head=True)),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
     "swsc-bits2.2-cal-tuned": ("swsc_hf", dict(bits=2.2, **CALIBRATION, **FIRST_TUNING)),
     # The 4.25-bit preset as it was before vector tables joined the `bits=` ladder (scalar tables only), and the same

@@ -476,15 +476,17 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
                                     (24, 128, 128, 4, 0), (48, 96, 16, 1, 32), (40, 48, 16, 1, 16),
                                     (40, 64, 256, 2, 16), (24, 96, 200, 2, 32), (20, 40, 256, 2, 0),
                                     (40, 96, 64, 1, 32), (24, 192, 50, 1, 96), (40, 48, 64, 1, 16),
-                                    (24, 40, 64, 1, 0)],
+                                    (24, 40, 64, 1, 0), (40, 96, 32, 2, 32), (22, 80, 128, 2, 16),
+                                    (24, 48, 64, 2, 16), (20, 40, 100, 2, 0)],
                          ids=lambda t: "-".join(map(str, t)))
 def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; on AVX2,
     4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are looked up
     in float16 byte planes (channels of 48 values keep the float permutes for 4-bit codes; groups of 96 take steps
-    of 32 and 16 codes), and pairs of 8-bit codes in groups of whole 16 values are gathered as float16 pairs
-    (channels of 40 values keep the float gather). Values that are not float16 exactly (float32 with full mantissas,
-    bfloat16 beyond float16's range) must take the float32 table."""
+    of 32 and 16 codes), and pairs of 5-8-bit codes in groups of whole 16 values (6-bit ones outside the planes'
+    blocks of 32) are read as float16 pairs by scalar loads (channels of 40 values keep the float gather; the last
+    channel's last step reads past the end of the stream). Values that are not float16 exactly (float32 with full
+    mantissas, bfloat16 beyond float16's range) must take the float32 table."""
     out_f, in_f, k, seg, group = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
@@ -508,11 +510,9 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
         assert kernel == ("six_bit_planes" if six_bit else "float")
     elif seg == 1:
         assert kernel == ("planes" if planes else "nibbles")
-    elif k == 64:
-        assert kernel == ("pair_planes" if planes else "float")
-    elif seg == 2:  # 8-bit pair codes
+    elif seg == 2:  # pairs of 5-8-bit codes
         half_pairs = cpu_isa() == "avx2" and book_dtype == torch.float16 and (group or in_f) % 16 == 0
-        assert kernel == ("half_pairs" if half_pairs else "float")
+        assert kernel == ("pair_planes" if k == 64 and planes else "half_pairs" if half_pairs else "float")
 
 
 def test_cpu_gemv_kernel_names_the_transposed_and_reference_paths():

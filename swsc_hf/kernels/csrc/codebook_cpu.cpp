@@ -3,9 +3,10 @@
 // The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
 // channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
 // mask), looked up in the codebook (a register permute for tables of <= 16/32 floats; whole codeword loads for 4-
-// and 8-dim vectors; on AVX-512, when the values are float16 exactly, 16-bit register permutes for pairs of <= 64
-// codewords and one gather of whole float16 pairs for larger ones; a gather from an L1-resident float table
-// otherwise) and multiplied into the activations.
+// and 8-dim vectors; when the values are float16 exactly, on AVX-512 16-bit register permutes for pairs of <= 64
+// codewords and one gather of whole float16 pairs for larger ones, on AVX2 byte planes looked up by byte shuffles
+// and whole float16 pairs read by scalar loads; a gather from an L1-resident float table otherwise) and multiplied
+// into the activations.
 // Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
@@ -795,28 +796,39 @@ void gemv_six_bit_rows(const Operands& o, const uint8_t* planes, const uint8_t* 
   store_sums<NB, R>(total, l.channels, y, b0, c);
 }
 
-// gemv for layouts with six_bit_planes, x in six_bit_order. A channel without 4 readable stream bytes past its
-// codes (the last) reads a zero-padded copy.
-template <int SEG>
-void gemv_six_bit_seg(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
-                      int64_t c1) {
-  const int64_t channel_bytes = o.l.length / SEG * 3 / 4;
+// Calls rows(b0, c, channel_codes, NB, R) as for_channel_passes does, channel_codes pointing at channel c's codes
+// (channel_bytes each, the channels one after another), with `pad` readable bytes past each channel's last: channels
+// without them in the stream (the last ones) read a zero-padded copy.
+template <class Rows>
+ALWAYS_INLINE void for_padded_channel_passes(const Operands& o, int64_t B, int64_t c0, int64_t c1,
+                                             int64_t channel_bytes, int64_t pad, Rows rows) {
+  using std::integral_constant;
   int64_t end = c1;  // channels from `end` on read a copy
-  while (end > c0 && end * channel_bytes + 4 > o.code_bytes) --end;
+  while (end > c0 && end * channel_bytes + pad > o.code_bytes) --end;
   for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
-    constexpr int NB = decltype(nb)::value, R = decltype(r)::value;
+    constexpr int R = decltype(r)::value;
     int64_t c = c0;
     for (; c + R <= end; c += R) {
       prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
-      gemv_six_bit_rows<SEG, NB, R>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+      rows(b0, c, o.codes + c * channel_bytes, nb, r);
     }
-    for (; c < end; ++c) gemv_six_bit_rows<SEG, NB, 1>(o, planes, o.codes + c * channel_bytes, x, y, b0, c);
+    for (; c < end; ++c) rows(b0, c, o.codes + c * channel_bytes, nb, integral_constant<int, 1>{});
     if (c == c1) return;
-    std::vector<uint8_t> copy(channel_bytes + 4, 0);
+    std::vector<uint8_t> copy(channel_bytes + pad, 0);
     for (; c < c1; ++c) {
       std::memcpy(copy.data(), o.codes + c * channel_bytes, channel_bytes);
-      gemv_six_bit_rows<SEG, NB, 1>(o, planes, copy.data(), x, y, b0, c);
+      rows(b0, c, copy.data(), nb, integral_constant<int, 1>{});
     }
+  });
+}
+
+// gemv for layouts with six_bit_planes, x in six_bit_order.
+template <int SEG>
+void gemv_six_bit_seg(const Operands& o, const uint8_t* planes, const float* x, int64_t B, float* y, int64_t c0,
+                      int64_t c1) {
+  for_padded_channel_passes(o, B, c0, c1, o.l.length / SEG * 3 / 4, 4,
+                            [&](int64_t b0, int64_t c, const uint8_t* codes, auto nb, auto r) {
+    gemv_six_bit_rows<SEG, decltype(nb)::value, decltype(r)::value>(o, planes, codes, x, y, b0, c);
   });
 }
 
@@ -826,42 +838,46 @@ void gemv_six_bit(const Operands& o, const uint8_t* planes, const float* x, int6
   else gemv_six_bit_seg<2>(o, planes, x, B, y, c0, c1);
 }
 
-// Pairs from codebooks of more than 64 codewords (8-bit codes: the `bits=` ladder's 256 pairs, most of the 4.25-bit
-// preset's layers) whose values are float16 exactly, in scale groups (or channels) of whole 16 values: each pair is
-// one 32-bit table entry (element 0 in the low half), so one 8-lane gather reads 8 pairs, 16 values in order, which
-// F16C widens. The general decoder gathers a float per value, twice the gathers (a gather costs about ten cycles on a
-// Zen 3 EPYC, the bound of both).
-constexpr int64_t kHalfPairStep = 16;  // values per gather
+// Pairs of 5-8-bit codes (32-256 codewords; 6-bit codes in blocks of 32 values take pair_planes) whose values are
+// float16 exactly, in scale groups (or channels) of whole 16 values: 8 codes a step, read by one 64-bit load (8 codes
+// of BITS bits are BITS whole bytes), each code's pair by one scalar load of a 32-bit table entry (element 0 in the
+// low half), 16 values in order, which F16C widens. On a Zen 3 EPYC an 8-lane gather of pairs took about 6.5 ns, and
+// the scalar loads ran the 256-pair GEMVs (most of the 4.25-bit preset's layers) about 2x faster than one gather of
+// the 8 pairs did, the 32- and 128-pair ones faster than the general decoder's gather of each value (docs/design.md).
+constexpr int64_t kHalfPairStep = 16;  // values per step (8 codes)
 
 // Per codebook the 2^bits pairs as float16 bits (element 0 low), past n_clusters zero; empty unless the layout is
-// 8-bit codes of pairs in groups of whole kHalfPairStep values and every value is a float16 exactly.
+// pairs of 5-8-bit codes in groups of whole kHalfPairStep values and every value is a float16 exactly.
 std::vector<uint32_t> half_pair_table(const Operands& o) {
   const Layout& l = o.l;
   const int64_t group = l.group ? l.group : l.length;
-  if (l.seg != 2 || l.bits != 8 || l.length % kHalfPairStep || group % kHalfPairStep) return {};
-  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
-  std::vector<uint32_t> table(n_books * 256, 0);
+  if (l.seg != 2 || l.bits < 5 || l.length % kHalfPairStep || group % kHalfPairStep) return {};
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book, entries = int64_t(1) << l.bits;
+  std::vector<uint32_t> table(n_books * entries, 0);
   for (int64_t b = 0; b < n_books; ++b)
     for (int64_t k = 0; k < l.n_clusters; ++k) {
       uint16_t e0, e1;
       const float* pair = o.tables.data() + b * l.book_stride + 2 * k;
       if (!exact_half(pair[0], e0) || !exact_half(pair[1], e1)) return {};
-      table[b * 256 + k] = uint32_t(e0) | uint32_t(e1) << 16;
+      table[b * entries + k] = uint32_t(e0) | uint32_t(e1) << 16;
     }
   return table;
 }
 
-// y[b, c] for R channels from c and NB activation rows from b0 (x in its own order).
-template <int NB, int R>
-void gemv_half_pair_rows(const Operands& o, const uint32_t* table, const float* x, float* y, int64_t b0, int64_t c) {
+// y[b, c] for R channels from c and NB activation rows from b0 (x in its own order); channel c + r's codes start at
+// codes + r * (its bytes), with 8 - BITS readable bytes past the last.
+template <int BITS, int NB, int R>
+void gemv_half_pair_rows(const Operands& o, const uint32_t* table, const uint8_t* codes, const float* x, float* y,
+                         int64_t b0, int64_t c) {
+  constexpr uint64_t kMask = (uint64_t(1) << BITS) - 1;
   const Layout& l = o.l;
   const int64_t group = l.group ? l.group : l.length;
   const uint8_t* src[R];
-  const int* book[R];
+  const uint32_t* book[R];
   V total[R][NB];
   for (int r = 0; r < R; ++r) {
-    src[r] = o.codes + (c + r) * l.segs;  // a byte per code
-    book[r] = reinterpret_cast<const int*>(table + (c + r) / l.rows_per_book * 256);
+    src[r] = codes + r * (l.segs / 8 * BITS);
+    book[r] = table + (c + r) / l.rows_per_book * (int64_t(1) << BITS);
     for (int b = 0; b < NB; ++b) total[r][b] = Simd::zero();
   }
   for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
@@ -873,11 +889,17 @@ void gemv_half_pair_rows(const Operands& o, const uint32_t* table, const float* 
       for (int b = 0; b < NB; ++b)
         for (int k = 0; k < 2; ++k) xv[b][k] = Simd::load_full(x + (b0 + b) * l.length + p + k * W);
       for (int r = 0; r < R; ++r) {
-        const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src[r])));
-        src[r] += kHalfPairStep / 2;
-        const __m256i halves = _mm256_i32gather_epi32(book[r], codes, 4);
-        const V w[2] = {_mm256_cvtph_ps(_mm256_castsi256_si128(halves)),
-                        _mm256_cvtph_ps(_mm256_extracti128_si256(halves, 1))};
+        uint64_t word;
+        std::memcpy(&word, src[r], 8);
+        src[r] += BITS;
+        const uint32_t* pairs = book[r];
+        const V w[2] = {_mm256_cvtph_ps(_mm_setr_epi32(pairs[word & kMask], pairs[(word >> BITS) & kMask],
+                                                       pairs[(word >> 2 * BITS) & kMask],
+                                                       pairs[(word >> 3 * BITS) & kMask])),
+                        _mm256_cvtph_ps(_mm_setr_epi32(pairs[(word >> 4 * BITS) & kMask],
+                                                       pairs[(word >> 5 * BITS) & kMask],
+                                                       pairs[(word >> 6 * BITS) & kMask],
+                                                       pairs[(word >> 7 * BITS) & kMask]))};
         for (int b = 0; b < NB; ++b)
           for (int k = 0; k < 2; ++k) acc[r][b] = Simd::fmadd(w[k], xv[b][k], acc[r][b]);
       }
@@ -887,12 +909,24 @@ void gemv_half_pair_rows(const Operands& o, const uint32_t* table, const float* 
   store_sums<NB, R>(total, l.channels, y, b0, c);
 }
 
+template <int BITS>
+void gemv_half_pairs_of(const Operands& o, const uint32_t* table, const float* x, int64_t B, float* y, int64_t c0,
+                        int64_t c1) {
+  for_padded_channel_passes(o, B, c0, c1, o.l.segs / 8 * BITS, 8 - BITS,
+                            [&](int64_t b0, int64_t c, const uint8_t* codes, auto nb, auto r) {
+    gemv_half_pair_rows<BITS, decltype(nb)::value, decltype(r)::value>(o, table, codes, x, y, b0, c);
+  });
+}
+
 // gemv for layouts with a half_pair_table.
 void gemv_half_pairs(const Operands& o, const uint32_t* table, const float* x, int64_t B, float* y, int64_t c0,
                      int64_t c1) {
-  for_channel_passes(o, B, c0, c1, [&](int64_t b0, int64_t c, auto nb, auto r) {
-    gemv_half_pair_rows<decltype(nb)::value, decltype(r)::value>(o, table, x, y, b0, c);
-  });
+  switch (o.l.bits) {
+    case 5: return gemv_half_pairs_of<5>(o, table, x, B, y, c0, c1);
+    case 6: return gemv_half_pairs_of<6>(o, table, x, B, y, c0, c1);
+    case 7: return gemv_half_pairs_of<7>(o, table, x, B, y, c0, c1);
+    default: return gemv_half_pairs_of<8>(o, table, x, B, y, c0, c1);
+  }
 }
 
 }  // namespace avx2
@@ -1447,7 +1481,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 // The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
 // quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) for books on their 8-bit grid or when opted in,
 // "planes", "pair_planes" and "six_bit_planes" (AVX2, float16 byte planes of 4-bit scalar, 6-bit pair and 6-bit
-// scalar tables), "half_pairs" (AVX2, float16 pairs of 8-bit codes), "nibbles" (4-bit codes, float permutes),
+// scalar tables), "half_pairs" (AVX2, float16 pairs of 5-8-bit codes), "nibbles" (4-bit codes, float permutes),
 // "float" (the general decoder) or "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
