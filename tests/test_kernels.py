@@ -484,9 +484,9 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are looked up
     in float16 byte planes (channels of 48 values keep the float permutes for 4-bit codes; groups of 96 take steps
     of 32 and 16 codes), and pairs of 5-8-bit codes in groups of whole 16 values (6-bit ones outside the planes'
-    blocks of 32) are read as float16 pairs by scalar loads (channels of 40 values keep the float gather; the last
-    channel's last step reads past the end of the stream). Values that are not float16 exactly (float32 with full
-    mantissas, bfloat16 beyond float16's range) must take the float32 table."""
+    blocks of 32) are read as float16 pairs by scalar loads (channels of 40 values keep the float gather; the 5-
+    and 7-bit streams end with the last code, so their last channel reads a zero-padded copy). Values that are not
+    float16 exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
     out_f, in_f, k, seg, group = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
