@@ -798,28 +798,22 @@ void gemv_six_bit_rows(const Operands& o, const uint8_t* planes, const uint8_t* 
 
 // Calls rows(b0, c, channel_codes, NB, R) as for_channel_passes does, channel_codes pointing at channel c's codes
 // (channel_bytes each, the channels one after another), with `pad` readable bytes past each channel's last: channels
-// without them in the stream (the last ones) read a zero-padded copy.
+// without them in the stream (the last ones) read a zero-padded copy, one channel a pass.
 template <class Rows>
 ALWAYS_INLINE void for_padded_channel_passes(const Operands& o, int64_t B, int64_t c0, int64_t c1,
                                              int64_t channel_bytes, int64_t pad, Rows rows) {
-  using std::integral_constant;
   int64_t end = c1;  // channels from `end` on read a copy
   while (end > c0 && end * channel_bytes + pad > o.code_bytes) --end;
-  for_batch_blocks(B, [&](int64_t b0, auto nb, auto r) {
-    constexpr int R = decltype(r)::value;
-    int64_t c = c0;
-    for (; c + R <= end; c += R) {
-      prefetch_channels(o, c + kPrefetchPasses * R, R, c1);
-      rows(b0, c, o.codes + c * channel_bytes, nb, r);
-    }
-    for (; c < end; ++c) rows(b0, c, o.codes + c * channel_bytes, nb, integral_constant<int, 1>{});
-    if (c == c1) return;
-    std::vector<uint8_t> copy(channel_bytes + pad, 0);
-    for (; c < c1; ++c) {
-      std::memcpy(copy.data(), o.codes + c * channel_bytes, channel_bytes);
-      rows(b0, c, copy.data(), nb, integral_constant<int, 1>{});
-    }
+  for_channel_passes(o, B, c0, end, [&](int64_t b0, int64_t c, auto nb, auto r) {
+    rows(b0, c, o.codes + c * channel_bytes, nb, r);
   });
+  std::vector<uint8_t> copy(end < c1 ? channel_bytes + pad : 0, 0);
+  for (int64_t c = end; c < c1; ++c) {
+    std::memcpy(copy.data(), o.codes + c * channel_bytes, channel_bytes);
+    for_batch_blocks(B, [&](int64_t b0, auto nb, auto) {
+      rows(b0, c, copy.data(), nb, std::integral_constant<int, 1>{});
+    });
+  }
 }
 
 // gemv for layouts with six_bit_planes, x in six_bit_order.
