@@ -480,13 +480,17 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
                                     (24, 48, 64, 2, 16), (20, 40, 100, 2, 0)],
                          ids=lambda t: "-".join(map(str, t)))
 def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
-    """Pairs and quadruples whose values are float16 exactly are gathered as float16 codewords on AVX-512; on AVX2,
-    4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are looked up
-    in float16 byte planes (channels of 48 values keep the float permutes for 4-bit codes; groups of 96 take steps
-    of 32 and 16 codes), and pairs of 5-8-bit codes in groups of whole 16 values (6-bit ones outside the planes'
-    blocks of 32) are read as float16 pairs by scalar loads (channels of 40 values keep the float gather; the 5-
-    and 7-bit streams end with the last code, so their last channel reads a zero-padded copy). Values that are not
-    float16 exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the float32 table."""
+    """Pairs and quadruples whose values are float16 exactly are read as float16 codewords.
+    - AVX-512: pairs of <= 64 codewords by 16-bit permutes, of more by scalar loads (below); 4-bit scalar tables by
+      float permutes of two codes per byte where channels and groups are whole blocks of 32 values (48-value
+      channels and 16-value groups take the general decoder).
+    - AVX2: 4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are
+      looked up in float16 byte planes (channels of 48 values keep the float permutes for 4-bit codes; groups of 96
+      take steps of 32 and 16 codes); pairs of 5-8-bit codes in groups of whole 16 values (6-bit ones outside the
+      planes' blocks of 32) are read as float16 pairs by scalar loads (channels of 40 values keep the float gather;
+      the 5- and 7-bit streams end with the last code, so their last channel reads a zero-padded copy).
+    Values that are not float16 exactly (float32 with full mantissas, bfloat16 beyond float16's range) must take the
+    float32 table."""
     out_f, in_f, k, seg, group = layout
     spec = LayerSpec(out_f, in_f, n_clusters=k, segment_length=seg, scale_group_size=group)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=9, dtype=torch.float32)
@@ -509,9 +513,12 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
         six_bit = cpu_isa() == "avx2" and book_dtype == torch.float16 and (group or in_f) % 16 == 0
         assert kernel == ("six_bit_planes" if six_bit else "float")
     elif seg == 1:
-        assert kernel == ("planes" if planes else "nibbles")
+        block = 32 if cpu_isa() == "avx512" else 16  # gemv_nibbles' blocks: two vectors
+        nibbles = in_f % block == 0 and group % block == 0
+        assert kernel == ("planes" if planes else "nibbles" if nibbles else "float")
     elif seg == 2:  # pairs of 5-8-bit codes
-        half_pairs = cpu_isa() == "avx2" and book_dtype == torch.float16 and (group or in_f) % 16 == 0
+        scalar_loads = cpu_isa() == "avx2" or k > 64  # AVX-512 permutes pairs of <= 64 codewords in registers
+        half_pairs = scalar_loads and book_dtype == torch.float16 and (group or in_f) % 16 == 0
         assert kernel == ("pair_planes" if k == 64 and planes else "half_pairs" if half_pairs else "float")
 
 

@@ -3,10 +3,10 @@
 // The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
 // channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
 // mask), looked up in the codebook (a register permute for tables of <= 16/32 floats; whole codeword loads for 4-
-// and 8-dim vectors; when the values are float16 exactly, on AVX-512 16-bit register permutes for pairs of <= 64
-// codewords and one gather of whole float16 pairs for larger ones, on AVX2 byte planes looked up by byte shuffles
-// and whole float16 pairs read by scalar loads; a gather from an L1-resident float table otherwise) and multiplied
-// into the activations.
+// and 8-dim vectors; when the values are float16 exactly, whole float16 pairs read by scalar loads for pairs of over
+// 64 codewords, on AVX-512 16-bit register permutes for smaller pairs, on AVX2 byte planes looked up by byte shuffles
+// and scalar loads for pairs of 32-64; a gather from an L1-resident float table otherwise) and multiplied into the
+// activations.
 // Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
@@ -432,7 +432,8 @@ struct Simd {
   // Look-up kinds: 0 = table in one register, 1 = in two, 2 = gather, 3 = whole codewords loaded one by one (AVX2
   // only, see kernel_isa), 4 = a 64-float table as two two-register permutes merged by index bit 5 (half the time
   // of a gather here; for 128 floats four permutes cost what the gather does), 5 = float16 pairs gathered whole
-  // (half_pairs), 6 = float16 pairs of <= 64 codewords permuted in registers (half_split).
+  // (half_pairs; plan_gemv gives pairs in whole 16 values to avx2::gemv_half_pairs' scalar loads instead), 6 =
+  // float16 pairs of <= 64 codewords permuted in registers (half_split).
   template <int KIND>
   ALWAYS_INLINE static V lookup(I idx, V lo, V hi, const float* table) {
     if constexpr (KIND == 0) return _mm512_permutexvar_ps(idx, lo);
@@ -838,6 +839,8 @@ void gemv_six_bit(const Operands& o, const uint8_t* planes, const float* x, int6
 // low half), 16 values in order, which F16C widens. On a Zen 3 EPYC an 8-lane gather of pairs took about 6.5 ns, and
 // the scalar loads ran the 256-pair GEMVs (most of the 4.25-bit preset's layers) about 2x faster than one gather of
 // the 8 pairs did, the 32- and 128-pair ones faster than the general decoder's gather of each value (docs/design.md).
+// AVX-512 CPUs run it for pairs of 7-8-bit codes: on a Zen 4 EPYC about 2x their 16-lane gather, and faster than
+// the same loads assembled into 512-bit registers; 5-6-bit pairs keep their 16-bit permutes there.
 constexpr int64_t kHalfPairStep = 16;  // values per step (8 codes)
 
 // Per codebook the 2^bits pairs as float16 bits (element 0 low), past n_clusters zero; empty unless the layout is
@@ -1424,8 +1427,11 @@ GemvPlan plan_gemv(const Operands& o) {
   if (isa == kAvx2) {
     std::vector<uint8_t> planes = avx2::six_bit_planes(o);
     if (!planes.empty()) return {GemvPlan::kSixBitPlanes, isa, std::move(planes)};
+  }
+  // AVX-512 CPUs read pairs of over 64 codewords by these scalar loads too (16-bit permutes cover <= 64).
+  if (isa == kAvx2 || (isa == kAvx512 && o.l.bits > 6)) {
     std::vector<uint32_t> pairs = avx2::half_pair_table(o);
-    if (!pairs.empty()) return {GemvPlan::kHalfPairs, isa, {}, {}, std::move(pairs)};
+    if (!pairs.empty()) return {GemvPlan::kHalfPairs, kAvx2, {}, {}, std::move(pairs)};
   }
   if (!nibble_layout(o.l, isa)) return {GemvPlan::kFloat, isa, {}};
   if (isa == kAvx2) {
@@ -1475,8 +1481,8 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 // The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
 // quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) for books on their 8-bit grid or when opted in,
 // "planes", "pair_planes" and "six_bit_planes" (AVX2, float16 byte planes of 4-bit scalar, 6-bit pair and 6-bit
-// scalar tables), "half_pairs" (AVX2, float16 pairs of 5-8-bit codes), "nibbles" (4-bit codes, float permutes),
-// "float" (the general decoder) or "portable".
+// scalar tables), "half_pairs" (float16 pairs of 5-8-bit codes, 7-8 on AVX-512), "nibbles" (4-bit codes, float
+// permutes), "float" (the general decoder) or "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
