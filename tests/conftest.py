@@ -90,6 +90,9 @@ KERNEL_LAYOUTS = [
     (50, 96, 32, 1, "output", 48, 0),     # 5-bit: two-register table
     (24, 64, 64, 1, "output", 64, 0),     # 6-bit: gather
     (24, 64, 200, 1, "output", 0, 0),     # 8-bit codes, K not a power of two, no scales
+    (38, 96, 256, 2, "output", 32, 0),    # 8-bit pairs: quads of channels and two left (VBMI byte planes)
+    (44, 64, 200, 2, "output", 0, 8),     # 8-bit pairs without scales, a codebook per 8 rows (quads share one)
+    (36, 64, 256, 2, "output", 32, 6),    # 8-bit pairs, a codebook per 6 rows (quads would straddle two)
     (29, 70, 16, 2, "output", 0, 0),      # channel length not a multiple of 16: masked tail
     (40, 40, 16, 4, "input", 0, 7),       # one codebook per 7 channels
     (64, 32, 128, 8, "output", 16, 16),   # 8-dim vectors, codebook per 16 rows

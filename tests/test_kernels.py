@@ -29,6 +29,7 @@ from swsc_hf.kernels import (
     cpu_isa,
     decode_attention,
     decode_attention_kernel,
+    integer_dot_available,
     limit_cpu_isa,
     load_cpu_kernels,
     reference_codebook_matmul,
@@ -119,6 +120,31 @@ def test_kernels_split_large_matrices_over_threads(dim):
     for y, grad in results:
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [0, 8])
+def test_pair_kernels_split_channels_over_threads(rows):
+    """8-bit pairs (VBMI byte planes in quads of channels where the CPU has them, else scalar loads) over threads
+    whose channel ranges split quads: each thread's first and last channels take the scalar loads."""
+    spec = LayerSpec(1030, 192, n_clusters=256, segment_length=2, scale_group_size=96, rows_per_codebook=rows)
+    codes, packed, codebook, scales = make_layer_tensors(spec, seed=7)
+    weight = oracle_weight(spec, codes, codebook, scales)
+    x = torch.randn(1, 192, generator=torch.Generator().manual_seed(8))
+    expected = (x.double() @ weight.t()).float()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                got = codebook_matmul(x, packed, codebook, scales, spec)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    finally:
+        torch.set_num_threads(threads)
+    kernel = cpu_gemv_kernel(packed, codebook, scales, spec)
+    if cpu_isa() == "avx512" and integer_dot_available():
+        assert kernel == "pair_byte_planes"
+    elif cpu_isa() != "portable":
+        assert kernel == "half_pairs"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -481,7 +507,8 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
                          ids=lambda t: "-".join(map(str, t)))
 def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     """Pairs and quadruples whose values are float16 exactly are read as float16 codewords.
-    - AVX-512: pairs of <= 64 codewords by 16-bit permutes, of more by scalar loads (below); 4-bit scalar tables by
+    - AVX-512: pairs of <= 64 codewords by 16-bit permutes, of more by scalar loads (below) or, 8-bit codes in
+      blocks of 32 values with VBMI, by byte permutes of the pairs' byte planes; 4-bit scalar tables by
       float permutes of two codes per byte where channels and groups are whole blocks of 32 values (48-value
       channels and 16-value groups take the general decoder).
     - AVX2: 4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are
@@ -519,7 +546,10 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     elif seg == 2:  # pairs of 5-8-bit codes
         scalar_loads = cpu_isa() == "avx2" or k > 64  # AVX-512 permutes pairs of <= 64 codewords in registers
         half_pairs = scalar_loads and book_dtype == torch.float16 and (group or in_f) % 16 == 0
-        assert kernel == ("pair_planes" if k == 64 and planes else "half_pairs" if half_pairs else "float")
+        byte_planes = (half_pairs and cpu_isa() == "avx512" and integer_dot_available() and k > 128
+                       and in_f % 32 == 0 and (group or in_f) % 32 == 0)
+        assert kernel == ("pair_planes" if k == 64 and planes else "pair_byte_planes" if byte_planes
+                          else "half_pairs" if half_pairs else "float")
 
 
 def test_cpu_gemv_kernel_names_the_transposed_and_reference_paths():

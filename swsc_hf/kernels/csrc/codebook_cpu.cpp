@@ -4,9 +4,9 @@
 // channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
 // mask), looked up in the codebook (a register permute for tables of <= 16/32 floats; whole codeword loads for 4-
 // and 8-dim vectors; when the values are float16 exactly, whole float16 pairs read by scalar loads for pairs of over
-// 64 codewords, on AVX-512 16-bit register permutes for smaller pairs, on AVX2 byte planes looked up by byte shuffles
-// and scalar loads for pairs of 32-64; a gather from an L1-resident float table otherwise) and multiplied into the
-// activations.
+// 64 codewords (on AVX-512 VBMI, for one token, byte planes of 256 pairs looked up by byte permutes), on AVX-512
+// 16-bit register permutes for smaller pairs, on AVX2 byte planes looked up by byte shuffles and scalar loads for
+// pairs of 32-64; a gather from an L1-resident float table otherwise) and multiplied into the activations.
 // Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
@@ -839,8 +839,9 @@ void gemv_six_bit(const Operands& o, const uint8_t* planes, const float* x, int6
 // low half), 16 values in order, which F16C widens. On a Zen 3 EPYC an 8-lane gather of pairs took about 6.5 ns, and
 // the scalar loads ran the 256-pair GEMVs (most of the 4.25-bit preset's layers) about 2x faster than one gather of
 // the 8 pairs did, the 32- and 128-pair ones faster than the general decoder's gather of each value (docs/design.md).
-// AVX-512 CPUs run it for pairs of 7-8-bit codes: on a Zen 4 EPYC about 2x their 16-lane gather, and faster than
-// the same loads assembled into 512-bit registers; 5-6-bit pairs keep their 16-bit permutes there.
+// AVX-512 CPUs run it for pairs of 7-8-bit codes (8-bit ones with VBMI for several tokens only; vbmi::
+// gemv_pair_planes): on a Zen 4 EPYC about 2x their 16-lane gather, and faster than the same loads assembled into
+// 512-bit registers; 5-6-bit pairs keep their 16-bit permutes there.
 constexpr int64_t kHalfPairStep = 16;  // values per step (8 codes)
 
 // Per codebook the 2^bits pairs as float16 bits (element 0 low), past n_clusters zero; empty unless the layout is
@@ -1195,6 +1196,117 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
   }
 }
 
+
+// Pairs of 8-bit codes (256 codewords; half_pair_table) on AVX-512 VBMI, one activation row, scale groups (or
+// channels) of whole 32 values: each 32-bit pair entry is split into four byte planes of 256 bytes (pair_byte_planes),
+// and four channels share a 512-bit register, 16 code bytes each in a 128-bit lane. A plane's look-up of those 64
+// codes is two byte permutes over 128 bytes merged on code bit 7; unpacking the planes' bytes in each lane gives
+// the channels' float16 values, element 0 of codes 0-7 and 8-15, then element 1, which F16C widens in halves of
+// two channels (x in pair_plane_order: each 8 activations twice). About 0.4 instructions a value, against about 2
+// for half_pairs' scalar loads: on a Zen 4 EPYC 14.3 against 8.1 G weights/s in a standalone loop (codes in L2),
+// 1.3x in the 4.25-bit preset's GEMVs, whose codes stream from memory (docs/design.md). Several tokens take
+// half_pairs (the look-ups here are per row).
+constexpr int64_t kPairPlaneStep = 32;  // values per step: 16 codes of each of four channels
+
+// Whether gemv_pair_planes reads a layout: a CPU with VBMI (int_dot_supported; every VBMI CPU has VNNI too),
+// pairs of 8-bit codes, channels and scale groups of whole steps.
+bool pair_plane_layout(const Layout& l) {
+  const int64_t group = l.group ? l.group : l.length;
+  return int_dot_supported() && l.seg == 2 && l.bits == 8 && l.length % kPairPlaneStep == 0 &&
+         group % kPairPlaneStep == 0;
+}
+
+// Per codebook four planes of 256 bytes: plane p holds byte p of each code's 32-bit pair entry.
+std::vector<uint8_t> pair_byte_planes(const std::vector<uint32_t>& pairs) {
+  std::vector<uint8_t> planes(pairs.size() * 4);
+  for (size_t book = 0; book < pairs.size() / 256; ++book)
+    for (int p = 0; p < 4; ++p)
+      for (int k = 0; k < 256; ++k) planes[book * 1024 + p * 256 + k] = uint8_t(pairs[book * 256 + k] >> (8 * p));
+  return planes;
+}
+
+// x (one row) in the order the kernel multiplies: per step of 32 values, the activations of element 0 of codes
+// 0-7, of codes 8-15, element 1 of codes 0-7, of codes 8-15, each 8 twice (two channels per F16C widening).
+std::vector<float> pair_plane_order(const float* x, int64_t length) {
+  std::vector<float> out(length * 2);
+  for (int64_t p = 0; p < length; p += kPairPlaneStep)
+    for (int k = 0; k < 4; ++k)
+      for (int twice = 0; twice < 2; ++twice)
+        for (int j = 0; j < 8; ++j) out[2 * p + 16 * k + 8 * twice + j] = x[p + 2 * (8 * (k & 1) + j) + (k >> 1)];
+  return out;
+}
+
+// The sum of the 8 floats of v.
+ALWAYS_INLINE float sum8(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+}
+
+// 16 floats: a in the low 8 lanes, b in the high 8.
+ALWAYS_INLINE __m512 two_scales(float a, float b) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)),
+                                             _mm256_castps_pd(_mm256_set1_ps(b)), 1));
+}
+
+// y[c .. c + 3] for one activation row (x in pair_plane_order); the four channels share a codebook.
+void pair_plane_rows(const Operands& o, const uint8_t* planes, const float* x, float* y, int64_t c) {
+  const Layout& l = o.l;
+  const int64_t group = l.group ? l.group : l.length;
+  const uint8_t* book = planes + (l.rows_per_book >= l.channels ? 0 : c / l.rows_per_book) * 1024;
+  __m512i t[4][4];  // plane q's codes 0-63, 64-127, 128-191, 192-255
+  for (int q = 0; q < 4; ++q)
+    for (int k = 0; k < 4; ++k) t[q][k] = _mm512_loadu_si512(book + q * 256 + k * 64);
+  const uint8_t* src = o.codes + c * l.segs;
+  __m512 total01 = _mm512_setzero_ps(), total23 = _mm512_setzero_ps();
+  for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
+    __m512 acc01 = _mm512_setzero_ps(), acc23 = _mm512_setzero_ps();
+    for (int64_t p = g0; p < g0 + group; p += kPairPlaneStep) {
+      const uint8_t* codes = src + p / 2;
+      __m512i idx = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+      for (int r = 1; r < 4; ++r) {
+        const __m128i lane = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * l.segs));
+        idx = r == 1 ? _mm512_inserti32x4(idx, lane, 1)
+            : r == 2 ? _mm512_inserti32x4(idx, lane, 2) : _mm512_inserti32x4(idx, lane, 3);
+      }
+      const __mmask64 high = _mm512_movepi8_mask(idx);
+      __m512i b[4];
+      for (int q = 0; q < 4; ++q)
+        b[q] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[q][0], idx, t[q][1]),
+                                      _mm512_permutex2var_epi8(t[q][2], idx, t[q][3]));
+      const __m512i h[4] = {_mm512_unpacklo_epi8(b[0], b[1]), _mm512_unpackhi_epi8(b[0], b[1]),
+                            _mm512_unpacklo_epi8(b[2], b[3]), _mm512_unpackhi_epi8(b[2], b[3])};
+      for (int k = 0; k < 4; ++k) {
+        const __m512 xv = _mm512_loadu_ps(x + 2 * p + 16 * k);
+        acc01 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h[k])), xv, acc01);
+        acc23 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h[k], 1)), xv, acc23);
+      }
+    }
+    total01 = _mm512_fmadd_ps(acc01, two_scales(avx512::group_scale(o, c, gi), avx512::group_scale(o, c + 1, gi)),
+                              total01);
+    total23 = _mm512_fmadd_ps(acc23, two_scales(avx512::group_scale(o, c + 2, gi),
+                                                avx512::group_scale(o, c + 3, gi)), total23);
+  }
+  const __m512 totals[2] = {total01, total23};
+  for (int r = 0; r < 4; ++r) {
+    const __m512d v = _mm512_castps_pd(totals[r / 2]);
+    y[c + r] = sum8(_mm256_castpd_ps(r % 2 ? _mm512_extractf64x4_pd(v, 1) : _mm512_castpd512_pd256(v)));
+  }
+}
+
+// gemv of one activation row for layouts with pair_byte_planes: whole quads of channels (from a multiple of 4) here,
+// the channels before and after them by avx2::gemv_half_pairs (x: plane_x in pair_plane_order, x in its own order).
+void gemv_pair_planes(const Operands& o, const uint8_t* planes, const uint32_t* pairs, const float* plane_x,
+                      const float* x, float* y, int64_t c0, int64_t c1) {
+  const int64_t q0 = std::min(c1, (c0 + 3) / 4 * 4), q1 = std::max(q0, c1 / 4 * 4);
+  if (c0 < q0) avx2::gemv_half_pairs(o, pairs, x, 1, y, c0, q0);
+  for (int64_t c = q0; c < q1; c += 4) {
+    prefetch_channels(o, c + kPrefetchPasses * 4, 4, q1);
+    pair_plane_rows(o, planes, plane_x, y, c);
+  }
+  if (q1 < c1) avx2::gemv_half_pairs(o, pairs, x, 1, y, q1, c1);
+}
+
 }  // namespace vbmi
 #pragma GCC pop_options
 
@@ -1409,11 +1521,14 @@ std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
 
 // The kernel gemv runs a layout's call on, and what that kernel needs from the codebooks.
 struct GemvPlan {
-  enum Kernel { kInteger, kIntegerNibbles, kPlanes, kSixBitPlanes, kHalfPairs, kNibbles, kFloat } kernel;
+  enum Kernel {
+    kInteger, kIntegerNibbles, kPlanes, kSixBitPlanes, kPairBytePlanes, kHalfPairs, kNibbles, kFloat
+  } kernel;
   int64_t isa;
-  std::vector<uint8_t> planes;       // kPlanes: avx2::half_planes; kSixBitPlanes: avx2::six_bit_planes
+  std::vector<uint8_t> planes;       // kPlanes: avx2::half_planes; kSixBitPlanes: avx2::six_bit_planes;
+                                     // kPairBytePlanes: vbmi::pair_byte_planes
   NibbleTables tables = {};          // kIntegerNibbles: nibble_tables
-  std::vector<uint32_t> pairs = {};  // kHalfPairs: avx2::half_pair_table
+  std::vector<uint32_t> pairs = {};  // kHalfPairs, kPairBytePlanes: avx2::half_pair_table
 };
 
 GemvPlan plan_gemv(const Operands& o) {
@@ -1428,9 +1543,15 @@ GemvPlan plan_gemv(const Operands& o) {
     std::vector<uint8_t> planes = avx2::six_bit_planes(o);
     if (!planes.empty()) return {GemvPlan::kSixBitPlanes, isa, std::move(planes)};
   }
-  // AVX-512 CPUs read pairs of over 64 codewords by these scalar loads too (16-bit permutes cover <= 64).
+  // AVX-512 CPUs read pairs of over 64 codewords by these scalar loads too (16-bit permutes cover <= 64), or 8-bit
+  // ones by byte permutes where they have VBMI (quads of channels share a codebook).
   if (isa == kAvx2 || (isa == kAvx512 && o.l.bits > 6)) {
     std::vector<uint32_t> pairs = avx2::half_pair_table(o);
+    const bool quads = o.l.rows_per_book >= o.l.channels || o.l.rows_per_book % 4 == 0;
+    if (!pairs.empty() && isa == kAvx512 && quads && vbmi::pair_plane_layout(o.l)) {
+      std::vector<uint8_t> planes = vbmi::pair_byte_planes(pairs);
+      return {GemvPlan::kPairBytePlanes, isa, std::move(planes), {}, std::move(pairs)};
+    }
     if (!pairs.empty()) return {GemvPlan::kHalfPairs, kAvx2, {}, {}, std::move(pairs)};
   }
   if (!nibble_layout(o.l, isa)) return {GemvPlan::kFloat, isa, {}};
@@ -1463,12 +1584,16 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const IntTables int_books = integer ? vbmi::int_tables(o) : IntTables{};
   const IntActivations int_x = integer ? vbmi::int_activations(xp, B, o.l.length) : IntActivations{};
   const NibbleActivations nibble_x = int_nibbles ? avx2::nibble_activations(xp, B, o.l) : NibbleActivations{};
+  const bool byte_planes = plan.kernel == GemvPlan::kPairBytePlanes && B == 1;
+  const std::vector<float> plane_x = byte_planes ? vbmi::pair_plane_order(xp, o.l.length) : std::vector<float>();
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-    if (integer) vbmi::int_dot(o, int_books, int_x, B, yp, c0, c1);
+    if (byte_planes) vbmi::gemv_pair_planes(o, plan.planes.data(), plan.pairs.data(), plane_x.data(), xp, yp, c0, c1);
+    else if (integer) vbmi::int_dot(o, int_books, int_x, B, yp, c0, c1);
     else if (int_nibbles) avx2::int_nibble_dot(o, plan.tables, nibble_x, B, yp, c0, c1);
     else if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (six_bit) avx2::gemv_six_bit(o, plan.planes.data(), xp, B, yp, c0, c1);
-    else if (plan.kernel == GemvPlan::kHalfPairs) avx2::gemv_half_pairs(o, plan.pairs.data(), xp, B, yp, c0, c1);
+    else if (plan.kernel == GemvPlan::kHalfPairs || plan.kernel == GemvPlan::kPairBytePlanes)
+      avx2::gemv_half_pairs(o, plan.pairs.data(), xp, B, yp, c0, c1);
     else if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (nibbles) avx2::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
@@ -1481,8 +1606,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 // The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
 // quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) for books on their 8-bit grid or when opted in,
 // "planes", "pair_planes" and "six_bit_planes" (AVX2, float16 byte planes of 4-bit scalar, 6-bit pair and 6-bit
-// scalar tables), "half_pairs" (float16 pairs of 5-8-bit codes, 7-8 on AVX-512), "nibbles" (4-bit codes, float
-// permutes), "float" (the general decoder) or "portable".
+// scalar tables), "pair_byte_planes" (AVX-512 VBMI, float16 pairs of 8-bit codes, one token), "half_pairs" (float16
+// pairs of 5-8-bit codes, 7-8 on AVX-512), "nibbles" (4-bit codes, float permutes), "float" (the general decoder) or
+// "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
@@ -1492,6 +1618,7 @@ std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, con
     case GemvPlan::kIntegerNibbles: return "integer_nibbles";
     case GemvPlan::kPlanes: return "planes";
     case GemvPlan::kSixBitPlanes: return o.l.seg == 2 ? "pair_planes" : "six_bit_planes";
+    case GemvPlan::kPairBytePlanes: return "pair_byte_planes";
     case GemvPlan::kHalfPairs: return "half_pairs";
     case GemvPlan::kNibbles: return "nibbles";
     default: return plan.isa == kPortable ? "portable" : "float";
