@@ -1209,11 +1209,13 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
 constexpr int64_t kPairPlaneStep = 32;  // values per step: 16 codes of each of four channels
 
 // Whether gemv_pair_planes reads a layout: a CPU with VBMI (int_dot_supported; every VBMI CPU has VNNI too),
-// pairs of 8-bit codes, channels and scale groups of whole steps.
+// pairs of 8-bit codes, channels and scale groups of whole steps, quads of channels (from multiples of 4) within
+// one codebook.
 bool pair_plane_layout(const Layout& l) {
   const int64_t group = l.group ? l.group : l.length;
+  const bool quads = l.rows_per_book >= l.channels || l.rows_per_book % 4 == 0;
   return int_dot_supported() && l.seg == 2 && l.bits == 8 && l.length % kPairPlaneStep == 0 &&
-         group % kPairPlaneStep == 0;
+         group % kPairPlaneStep == 0 && quads;
 }
 
 // Per codebook four planes of 256 bytes: plane p holds byte p of each code's 32-bit pair entry.
@@ -1236,13 +1238,6 @@ std::vector<float> pair_plane_order(const float* x, int64_t length) {
   return out;
 }
 
-// The sum of the 8 floats of v.
-ALWAYS_INLINE float sum8(__m256 v) {
-  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-  return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-}
-
 // 16 floats: a in the low 8 lanes, b in the high 8.
 ALWAYS_INLINE __m512 two_scales(float a, float b) {
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(a)),
@@ -1263,12 +1258,11 @@ void pair_plane_rows(const Operands& o, const uint8_t* planes, const float* x, f
     __m512 acc01 = _mm512_setzero_ps(), acc23 = _mm512_setzero_ps();
     for (int64_t p = g0; p < g0 + group; p += kPairPlaneStep) {
       const uint8_t* codes = src + p / 2;
-      __m512i idx = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-      for (int r = 1; r < 4; ++r) {
-        const __m128i lane = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * l.segs));
-        idx = r == 1 ? _mm512_inserti32x4(idx, lane, 1)
-            : r == 2 ? _mm512_inserti32x4(idx, lane, 2) : _mm512_inserti32x4(idx, lane, 3);
-      }
+      const auto lane = [&](int r) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * l.segs)); };
+      __m512i idx = _mm512_castsi128_si512(lane(0));
+      idx = _mm512_inserti32x4(idx, lane(1), 1);
+      idx = _mm512_inserti32x4(idx, lane(2), 2);
+      idx = _mm512_inserti32x4(idx, lane(3), 3);
       const __mmask64 high = _mm512_movepi8_mask(idx);
       __m512i b[4];
       for (int q = 0; q < 4; ++q)
@@ -1287,11 +1281,10 @@ void pair_plane_rows(const Operands& o, const uint8_t* planes, const float* x, f
     total23 = _mm512_fmadd_ps(acc23, two_scales(avx512::group_scale(o, c + 2, gi),
                                                 avx512::group_scale(o, c + 3, gi)), total23);
   }
-  const __m512 totals[2] = {total01, total23};
-  for (int r = 0; r < 4; ++r) {
-    const __m512d v = _mm512_castps_pd(totals[r / 2]);
-    y[c + r] = sum8(_mm256_castpd_ps(r % 2 ? _mm512_extractf64x4_pd(v, 1) : _mm512_castpd512_pd256(v)));
-  }
+  y[c] = _mm512_mask_reduce_add_ps(0x00FF, total01);  // the low 8 lanes hold channel c, the high 8 channel c + 1
+  y[c + 1] = _mm512_mask_reduce_add_ps(0xFF00, total01);
+  y[c + 2] = _mm512_mask_reduce_add_ps(0x00FF, total23);
+  y[c + 3] = _mm512_mask_reduce_add_ps(0xFF00, total23);
 }
 
 // gemv of one activation row for layouts with pair_byte_planes: whole quads of channels (from a multiple of 4) here,
@@ -1547,8 +1540,7 @@ GemvPlan plan_gemv(const Operands& o) {
   // ones by byte permutes where they have VBMI (quads of channels share a codebook).
   if (isa == kAvx2 || (isa == kAvx512 && o.l.bits > 6)) {
     std::vector<uint32_t> pairs = avx2::half_pair_table(o);
-    const bool quads = o.l.rows_per_book >= o.l.channels || o.l.rows_per_book % 4 == 0;
-    if (!pairs.empty() && isa == kAvx512 && quads && vbmi::pair_plane_layout(o.l)) {
+    if (!pairs.empty() && isa == kAvx512 && vbmi::pair_plane_layout(o.l)) {
       std::vector<uint8_t> planes = vbmi::pair_byte_planes(pairs);
       return {GemvPlan::kPairBytePlanes, isa, std::move(planes), {}, std::move(pairs)};
     }
