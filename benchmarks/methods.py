@@ -70,6 +70,9 @@ NOT_QK = ["lm_head", "embed_tokens", "v_proj", "o_proj", "gate_proj", "up_proj",
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense", {}),
     "dense-bf16": ("dense", dict(dtype="bfloat16")),
+    # Dense fp32 with every nn.Linear on swsc_hf's dense GEMV (`SWSCDenseLinear`, what compressed models run their
+    # dense head on): how fast the dense model decodes when its GEMVs read at memory speed (speed runs only).
+    "dense-gemv": ("dense", dict(dense_gemv=True)),
     **{f"rtn-{b}b-g{g}": ("rtn", dict(bits=b, group_size=g)) for b in (2, 3, 4, 6) for g in (64, 128)},
     **{f"hqq-{b}b-g64": ("hqq", dict(bits=b, group_size=64)) for b in (2, 3, 4)},
     **{f"gptq-{b}b-g64": ("gptq", dict(bits=b, group_size=64, **CALIBRATION)) for b in (2, 3, 4)},
@@ -306,6 +309,10 @@ def calibration_windows(tokenizer, n_samples: int, seq_len: int) -> list[torch.T
     return calibration_batches(config, tokenizer, torch.device("cpu"))
 
 
+# Methods that only speed runs time: their outputs are the dense model's, so quality runs leave them out.
+SPEED_ONLY = frozenset({"dense-gemv"})
+
+
 def setting(name: str, n_samples: int | None = None) -> dict[str, Any]:
     """The method's kwargs, with the number of calibration windows replaced by `n_samples` (smoke tests) if given."""
     kwargs = dict(METHODS[name][1])
@@ -354,6 +361,12 @@ def apply_method(
     if family == "dense":
         model = model.to(getattr(torch, kwargs.get("dtype", "float32")))
         bits = float(torch.finfo(model.dtype).bits)
+        if kwargs.get("dense_gemv"):
+            from swsc_hf import SWSCDenseLinear
+
+            for module in model.modules():
+                if type(module) is nn.Linear:
+                    module.__class__ = SWSCDenseLinear
     elif family == "rtn":
         bits = baselines.rtn_quantize_(model, kwargs["bits"], kwargs["group_size"], **(
             {"skip": kwargs["skip"]} if "skip" in kwargs else {}))

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     second_out = common.results_file("quality-shakespeare", args.model)
     second_text = common.shakespeare_text() if args.second_domain_windows else None
 
-    names = [name for name in methods.select(args.methods) if name != "dense"]
+    names = [name for name in methods.select(args.methods) if name != "dense" and name not in methods.SPEED_ONLY]
     names = names if args.no_dense else ["dense", *names]
     tokens = args.windows * (args.seq_len - 1)
     if args.resume:

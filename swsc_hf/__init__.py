@@ -21,7 +21,7 @@ from .hub import build_model_card, push_compressed
 from .kernels import cpu_isa, set_integer_dot, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
 from .model_ops import dequantize_model, round_codebooks_to_int8
-from .modules import SWSCEmbedding, SWSCLinear
+from .modules import SWSCDenseLinear, SWSCEmbedding, SWSCLinear
 from .openvino_export import OpenVINOCausalLM, export_openvino
 from .quantizer import SWSCQuantizer, compress_model
 from .report import CompressionReport, compression_report
@@ -40,6 +40,7 @@ __all__ = [
     "OpenVINOCausalLM",
     "PerplexityResult",
     "SWSCConfig",
+    "SWSCDenseLinear",
     "SWSCEmbedding",
     "SWSCLinear",
     "SWSCQuantizer",

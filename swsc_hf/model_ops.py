@@ -1,5 +1,6 @@
 """Every change swsc_hf makes to a model: which linears it targets, swapping modules, building `SWSCLinear` layers,
-the shared-basis holder and its links, recording layouts, marking a model compressed, and dequantizing.
+the shared-basis holder and its links, recording layouts, marking a model compressed, giving a dense head the dense
+GEMV, and dequantizing.
 
 The compression schedule, the load-time hook, LoRA and the CLI change models only through these functions.
 """
@@ -27,7 +28,7 @@ from .experts import (
     expert_shape,
     is_fused_experts,
 )
-from .modules import KeepsTableDtype, SWSCEmbedding, SWSCLinear
+from .modules import KeepsTableDtype, SWSCDenseLinear, SWSCEmbedding, SWSCLinear
 from .rotation import finish_loading, remove_rotation
 from .validation import check_finite, validate_codes
 
@@ -494,6 +495,7 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
     if config.embedding_from_head:
         read_embeddings_from_head(model, require_tie=True)
     untie_compressed(model)
+    use_dense_gemv(model)
     missed = {name: reason for name, (_, reason) in dense_matrices_left(model, config.modules_to_not_convert).items()
               if reason not in KEPT_DENSE_BY_DESIGN}
     if missed:
@@ -506,6 +508,16 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
         check_finite(f"{SHARED_BASES_ATTR}.bases", holder.bases)
     finish_loading(model)
     install_atomic_save(model)
+
+
+def use_dense_gemv(model: nn.Module) -> None:
+    """Where the output head stays a plain nn.Linear, run its decode steps on swsc_hf's dense GEMV: its class becomes
+    `SWSCDenseLinear` in place, so the module, its parameters (a tie to the input embeddings included), hooks and
+    state dict stay as they are."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if type(head) is nn.Linear:
+        head.__class__ = SWSCDenseLinear
 
 
 @torch.no_grad()
@@ -547,6 +559,9 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
             swap_module(model, name, dense_layer(module, dtype))
     if isinstance(embedding, SWSCEmbedding):
         model.set_input_embeddings(embedding.dense_embedding(model.get_output_embeddings().weight))
+    for module in model.modules():
+        if type(module) is SWSCDenseLinear:
+            module.__class__ = nn.Linear
     if hasattr(model, SHARED_BASES_ATTR):
         delattr(model, SHARED_BASES_ATTR)
     remove_rotation(model)

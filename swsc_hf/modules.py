@@ -1,4 +1,5 @@
-"""`SWSCLinear`: a linear layer stored as shared terms (codebook + bit-packed codes + scales + low-rank factors)."""
+"""`SWSCLinear`: a linear layer stored as shared terms (codebook + bit-packed codes + scales + low-rank factors);
+`SWSCEmbedding`, embeddings read from a compressed head; `SWSCDenseLinear`, a linear a compressed model keeps dense."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from torch import nn
 from .core.compress import CompressedWeight, int8_grid_codebook, to_weight
 from .core.packing import pack_codes
 from .core.spec import LayerSpec
-from .kernels import channel_tiles, codebook_matmul, dequantize_channels, dequantize_weight_rows, unpacked_codes
+from .kernels import (
+    channel_tiles,
+    codebook_matmul,
+    dense_linear,
+    dequantize_channels,
+    dequantize_weight_rows,
+    unpacked_codes,
+)
 
 
 class KeepsTableDtype:
@@ -219,3 +227,15 @@ class SWSCEmbedding(nn.Module):
     def extra_repr(self) -> str:
         scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
         return f"{self.num_embeddings}, {self.embedding_dim}, read from the compressed output head{scale}"
+
+
+class SWSCDenseLinear(nn.Linear):
+    """An nn.Linear that a compressed model keeps dense (its output head, unless `head_bits` compresses it), whose
+    decode-sized float32 CPU calls run swsc_hf's dense GEMV (`swsc_hf.kernels.dense_linear`): it reads the weight at
+    memory speed, where torch's sgemv read SmolLM2's 113 MB head at 11 GB/s of the 27-33 a Zen 4 EPYC gives
+    (docs/design.md). Same parameters, state dict and results (within float32 rounding) as nn.Linear; other calls
+    (prompts, training, other dtypes and devices) run `F.linear`. `model_ops.use_dense_gemv` makes a model's head one
+    in place."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dense_linear(input, self.weight, self.bias)

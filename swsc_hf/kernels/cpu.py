@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (csrc/codebook_cpu.cpp, the compressed matmul; csrc/decode_attention.cpp): built on
-first use with the system compiler and cached.
+"""The compiled CPU kernels (csrc/codebook_cpu.cpp, the compressed matmul; csrc/decode_attention.cpp;
+csrc/dense_gemv.cpp, the dense GEMV of decode steps): built on first use with the system compiler and cached.
 
 `torch.utils.cpp_extension.load` compiles the source once per source hash and torch version into
 `$TORCH_EXTENSIONS_DIR` (default `~/.cache/torch_extensions`) and later imports reuse it (about 10 s the first time).
@@ -27,9 +27,10 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 # the compiled files first; the rest are included by them and count in the build's digest
-SOURCES = tuple(_CSRC / name for name in ("codebook_cpu.cpp", "decode_attention.cpp", "codebook_simd.inc",
-                                           "decode_attention_simd.inc", "cpu_isa.h"))
-COMPILED = SOURCES[:2]
+SOURCES = tuple(_CSRC / name for name in ("codebook_cpu.cpp", "decode_attention.cpp", "dense_gemv.cpp",
+                                           "codebook_simd.inc", "decode_attention_simd.inc", "dense_gemv_simd.inc",
+                                           "float_vec.h", "cpu_isa.h"))
+COMPILED = SOURCES[:3]
 ISA_NAMES = ("portable", "avx2", "avx512")
 
 _lock = threading.Lock()
@@ -125,8 +126,8 @@ def exclusive_build(directory: Path) -> Iterator[None]:
 
 
 def _register_fakes() -> None:
-    """Shapes of the C++ ops for torch.compile, which calls the GEMV straight from compiled decode graphs: (..., n)
-    activations give (..., channels) (gemv) or (..., length) (gemv_t) in their dtype."""
+    """Shapes of the C++ ops for torch.compile, which calls the GEMVs straight from compiled decode graphs: (..., n)
+    activations give (..., channels) (gemv) or (..., length) (gemv_t) in their dtype, (..., out) (dense_gemv)."""
     if _state.get("fakes"):
         return
     _state["fakes"] = True
@@ -138,6 +139,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("swsc_hf_cpu::decode_attention")
     def _(q, k, v, mask, scale):
         return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+    @torch.library.register_fake("swsc_hf_cpu::dense_gemv")
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def cpu_isa() -> str:
