@@ -54,8 +54,8 @@ $PY benchmarks/speed.py --model gemma3-270m --threads 2 --repeats 3 \
     --methods dense,dense-bf16,swsc-4bit,$GEMMA_ROWS \
     --compile dense,$GEMMA_ROWS   # writes docs/results/speed-gemma3-270m.jsonl
 CAL_ROWS=swsc-4bit-head,swsc-4.25b-cal,swsc-4.25b-cal-head6-tied
-$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,$CAL_ROWS \
-    --compile dense,$CAL_ROWS --out docs/results/speed-calibrated.jsonl
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-gemv,$CAL_ROWS \
+    --compile dense,dense-gemv,$CAL_ROWS --out docs/results/speed-calibrated.jsonl
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
 python benchmarks/gpu_speed.py --out docs/results/gpu_speed.jsonl   # on a CUDA GPU with triton
@@ -533,11 +533,15 @@ SECOND_MODEL_SPEED_NOTE = (
 CALIBRATED_SPEED_NOTE = (
     "The calibrated 4.25-bit preset (`swsc-4.25b-cal`, the best measured quality at <= 4.25 bits; its compression, "
     "about half an hour on 2 cores, is part of the run) beside `swsc-4bit` with its head and dense. The preset keeps "
-    "the tied output head dense (float32 here: 113 MB read per token, more than all its compressed layers), and its "
+    "the tied output head dense (float32 here: 113 MB read per token, more than all its compressed layers; in runs "
+    "with a `dense-gemv` row it is read by swsc_hf's dense GEMV, `SWSCDenseLinear`, in earlier ones by torch's "
+    "sgemv), and its "
     "`bits=` allocation gives most layers 256 pairs of 8-bit codes and 5- or 6-bit scalar tables, which decode slower "
     "than `swsc-4bit`'s 4-bit tables (docs/design.md, Forward). `-head6-tied` serves the same preset with its "
     "head on a 6-bit scalar table that the tied input embeddings read (`head_bits=6, embedding_from_head=True`): "
-    "the tied matrix is stored once, compressed (the bits column counts the head).")
+    "the tied matrix is stored once, compressed (the bits column counts the head). `dense-gemv` is dense fp32 with "
+    "every linear on that dense GEMV: the dense model when its GEMVs read at memory speed as well (torch's sgemv "
+    "read SmolLM2's head at 11 GB/s on the Zen 4 EPYC, the GEMV at 28-30).")
 
 
 def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "",

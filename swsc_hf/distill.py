@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import TUNE_DTYPES
 from .model_ops import swap_module
+from .modules import SWSCDenseLinear
 from .table_training import finish_training, prepare_for_training, scale_step_groups, set_cosine_step_sizes
 
 logger = logging.getLogger(__name__)
@@ -129,8 +130,8 @@ def _frozen_heads_in(models: list, dtype: torch.dtype):
         for model in models:
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             weight = getattr(head, "weight", None)
-            if (type(head) is nn.Linear and weight.dtype == torch.float32 and not weight.requires_grad
-                    and weight.device.type != "meta" and not hasattr(head, "_hf_hook")):
+            if (type(head) in (nn.Linear, SWSCDenseLinear) and weight.dtype == torch.float32
+                    and not weight.requires_grad and weight.device.type != "meta" and not hasattr(head, "_hf_hook")):
                 heads[id(head)] = head, weight
     try:
         for head, weight in heads.values():

@@ -65,6 +65,18 @@ def test_kernel_equals_the_oracle(shape, tokens, bias, isa, threads):
     torch.testing.assert_close(y.double(), oracle(x, weight, b), rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
 
 
+@pytest.mark.parametrize("shape", [(37, 100), (6, 17), (5000, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_bfloat16_operands_sum_in_float32_and_round_once(shape, isa):
+    dtype = torch.bfloat16
+    x, weight, b = (t.to(dtype) for t in operands(3, *shape, True))
+    assert dense_gemv_kernel(x, weight, b) == "cpu"
+    y = dense_linear(x, weight, b)
+    assert y.dtype == dtype and y.shape == (3, shape[0])
+    exact = oracle(x, weight, b)  # the rounded operands' exact result: the kernel adds one rounding to `dtype`
+    torch.testing.assert_close(y.double(), exact.to(dtype).double(), rtol=2 * torch.finfo(dtype).eps,
+                               atol=1e-5 * shape[1] ** 0.5)
+
+
 def test_leading_dimensions_and_strided_activations_are_kept(isa):
     x, weight, b = operands(6, 40, 48, True)
     x3 = x.view(2, 3, 48)
@@ -74,12 +86,15 @@ def test_leading_dimensions_and_strided_activations_are_kept(isa):
     torch.testing.assert_close(dense_linear(strided, weight, b), F.linear(strided, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_calls_outside_the_kernel_go_to_f_linear():
     x, weight, b = operands(1, 8, 16, True)
     assert dense_gemv_kernel(x, weight, b) == "cpu"
     prompt = torch.randn(GEMV_MAX_TOKENS + 1, 16)
     assert dense_gemv_kernel(prompt, weight, b) == "torch"
-    assert dense_gemv_kernel(x.bfloat16(), weight.bfloat16(), b.bfloat16()) == "torch"
+    assert dense_gemv_kernel(x.bfloat16(), weight, b) == "torch"  # mixed dtypes
+    assert dense_gemv_kernel(x.double(), weight.double(), b.double()) == "torch"
+    assert dense_gemv_kernel(x.half(), weight.half(), b.half()) == "torch"  # torch's float16 GEMV measured faster
     assert dense_gemv_kernel(x, weight.t().contiguous().t(), b) == "torch"  # a transposed (non-contiguous) weight
     assert dense_gemv_kernel(x, weight, b.double()) == "torch"
     assert dense_gemv_kernel(torch.randn(1, 15), weight, b) == "torch"  # F.linear says what is wrong
@@ -97,6 +112,9 @@ def test_calls_outside_the_kernel_go_to_f_linear():
     assert trained.grad is not None
     with pytest.raises(RuntimeError):
         dense_linear(torch.randn(1, 15), weight, b)
+    traced = torch.jit.trace(lambda x: dense_linear(x, weight, b), x)  # a TorchScript trace records F.linear
+    assert "swsc_hf_cpu" not in str(traced.graph) and "linear" in str(traced.graph)
+    torch.testing.assert_close(traced(x), F.linear(x, weight, b))
 
 
 def test_the_op_traces_whole_into_a_compiled_graph():
@@ -119,11 +137,13 @@ def test_the_op_traces_whole_into_a_compiled_graph():
 def test_bad_operands_name_the_problem():
     x, weight, b = operands(1, 8, 16, True)
     op = torch.ops.swsc_hf_cpu.dense_gemv
-    with pytest.raises(RuntimeError, match="weight must be a contiguous 2-dim float32 CPU tensor"):
-        op(x, weight.double(), b)
-    with pytest.raises(RuntimeError, match="x must be a float32 CPU tensor of 16 features"):
+    with pytest.raises(RuntimeError, match="weight must be a contiguous 2-dim float32 or bfloat16 CPU tensor"):
+        op(x, weight.half(), b)
+    with pytest.raises(RuntimeError, match=r"x must be a Float CPU tensor \(the weight's dtype\) of 16 features"):
         op(torch.randn(1, 15), weight, b)
-    with pytest.raises(RuntimeError, match="bias must be a float32 CPU tensor of 8 values"):
+    with pytest.raises(RuntimeError, match="x must be a Float CPU tensor"):
+        op(x.bfloat16(), weight, b)
+    with pytest.raises(RuntimeError, match=r"bias must be a Float CPU tensor \(the weight's dtype\) of 8 values"):
         op(x, weight, torch.randn(7))
 
 

@@ -1,4 +1,4 @@
-// The dense GEMV of decode steps on CPU: y = x W^T + b for a few tokens and a float32 weight, read once.
+// The dense GEMV of decode steps on CPU: y = x W^T + b for a few tokens, the weight read once.
 //
 // A compressed model keeps some linears dense, its output head by default: SmolLM2's tied 49152 x 576 head is 113 MB
 // of float32 read in full for every generated token. torch runs such calls as a BLAS sgemv, which read 11 GB/s on a
@@ -6,7 +6,10 @@
 // are split over torch's threads and each thread streams four of them at a time, so the call runs at memory speed.
 //
 // Op (namespace swsc_hf_cpu):
-//   dense_gemv(x[B, n], weight[out, n], bias[out]?) -> [B, out]   float32, x and weight contiguous
+//   dense_gemv(x[..., n], weight[out, n], bias[out]?) -> [..., out]
+// x, weight and bias of one dtype (float32 or bfloat16), the weight contiguous; sums in float32, rounded once to that
+// dtype as torch's linear rounds them. (torch's float16 GEMV read SmolLM2's head faster than this kernel, 33 against
+// 25 GB/s, so float16 is left to it.)
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,7 +25,9 @@
 namespace {
 
 struct DenseGemv {
-  const float *x, *weight, *bias;  // bias: nullptr without one
+  const float* x;            // float32
+  const void* weight;        // the weight's dtype
+  const float* bias;         // float32; nullptr without one
   float* y;
   int64_t tokens, in, out;
 };
@@ -57,41 +62,49 @@ namespace {
 
 using namespace swsc_hf_isa;
 
+// Rows [r0, r1) with the weight's element type T, on the kernels of instruction set `isa`.
+template <typename T>
+void rows_on(int64_t isa, const DenseGemv& g, int64_t r0, int64_t r1) {
+  if (isa == kAvx512) avx512::dense_rows<T>(g, r0, r1);
+  else if (isa == kAvx2) avx2::dense_rows<T>(g, r0, r1);
+  else portable::dense_rows<T>(g, r0, r1);
+}
+
 // Weight bytes a thread's share of rows spans at least, so that splitting a small matrix costs less than it gains.
 constexpr int64_t kMinBytesPerTask = 64 * 1024;
 
 at::Tensor dense_gemv(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
+  const auto dtype = weight.scalar_type();
+  TORCH_CHECK(weight.device().is_cpu() && (dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 2 &&
                   weight.is_contiguous(),
-              "swsc_hf_cpu.dense_gemv: weight must be a contiguous 2-dim float32 CPU tensor, got ",
-              weight.scalar_type(), " ", weight.sizes(), " on ", weight.device());
+              "swsc_hf_cpu.dense_gemv: weight must be a contiguous 2-dim float32 or bfloat16 CPU tensor, got ", dtype,
+              " ", weight.sizes(), " on ", weight.device());
   const int64_t out = weight.size(0), in = weight.size(1);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == in,
-              "swsc_hf_cpu.dense_gemv: x must be a float32 CPU tensor of ", in, " features in its last dimension, "
-              "got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.dim() >= 1 && x.size(-1) == in,
+              "swsc_hf_cpu.dense_gemv: x must be a ", dtype, " CPU tensor (the weight's dtype) of ", in,
+              " features in its last dimension, got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
   if (bias) {
-    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == out,
-                "swsc_hf_cpu.dense_gemv: bias must be a float32 CPU tensor of ", out, " values, got ",
-                bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == dtype && bias->dim() == 1 && bias->size(0) == out,
+                "swsc_hf_cpu.dense_gemv: bias must be a ", dtype, " CPU tensor (the weight's dtype) of ", out,
+                " values, got ", bias->scalar_type(), " ", bias->sizes(), " on ", bias->device());
   }
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor bf = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out;
-  if (in == 0) return bias ? bc.expand(shape).clone() : at::zeros(shape, x.options());
-  at::Tensor y = at::empty(shape, x.options());
-  const DenseGemv g{xc.data_ptr<float>(), weight.data_ptr<float>(), bias ? bc.data_ptr<float>() : nullptr,
+  if (in == 0) return bias ? bias->expand(shape).clone() : at::zeros(shape, x.options());
+  at::Tensor y = at::empty(shape, xf.options());
+  const DenseGemv g{xf.data_ptr<float>(), weight.data_ptr(), bias ? bf.data_ptr<float>() : nullptr,
                     y.data_ptr<float>(), x.numel() / in, in, out};
-  if (g.tokens == 0 || out == 0) return y;
-  const int64_t grain = std::max<int64_t>(4, (kMinBytesPerTask / std::max<int64_t>(1, in * 4) + 3) / 4 * 4);
+  if (g.tokens == 0 || out == 0) return y.to(dtype);
+  const int64_t grain = std::max<int64_t>(
+      4, (kMinBytesPerTask / std::max<int64_t>(1, in * weight.element_size()) + 3) / 4 * 4);
   const int64_t isa = active_isa();
   at::parallel_for(0, out, grain, [&](int64_t r0, int64_t r1) {
-    if (isa == kAvx512) avx512::dense_rows(g, r0, r1);
-    else if (isa == kAvx2) avx2::dense_rows(g, r0, r1);
-    else portable::dense_rows(g, r0, r1);
+    if (dtype == at::kFloat) rows_on<float>(isa, g, r0, r1);
+    else rows_on<c10::BFloat16>(isa, g, r0, r1);
   });
-  return y;
+  return dtype == at::kFloat ? y : y.to(dtype);
 }
 
 }  // namespace

@@ -1,9 +1,12 @@
 // Float vectors for the kernels written once for any instruction set (decode_attention_simd.inc,
 // dense_gemv_simd.inc): `Vec` in namespaces avx512, avx2 and portable, each compiled for its instruction set, with
-// W floats per vector and the loads, stores, arithmetic, sums and 2^n those kernels use.
+// W floats per vector and the loads (float32, and bfloat16 widened), stores, arithmetic, sums and 2^n those kernels
+// use.
 #pragma once
 
 #include <immintrin.h>
+
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +25,9 @@ struct Vec {
   ALWAYS_INLINE static V zero() { return _mm512_setzero_ps(); }
   ALWAYS_INLINE static V set1(float x) { return _mm512_set1_ps(x); }
   ALWAYS_INLINE static V load(const float* p) { return _mm512_loadu_ps(p); }
+  ALWAYS_INLINE static V load(const c10::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  }
   ALWAYS_INLINE static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   ALWAYS_INLINE static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   ALWAYS_INLINE static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -54,6 +60,9 @@ struct Vec {
   ALWAYS_INLINE static V zero() { return _mm256_setzero_ps(); }
   ALWAYS_INLINE static V set1(float x) { return _mm256_set1_ps(x); }
   ALWAYS_INLINE static V load(const float* p) { return _mm256_loadu_ps(p); }
+  ALWAYS_INLINE static V load(const c10::BFloat16* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+  }
   ALWAYS_INLINE static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
   ALWAYS_INLINE static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   ALWAYS_INLINE static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -86,6 +95,7 @@ struct Vec {
   static V zero() { return 0.0f; }
   static V set1(float x) { return x; }
   static V load(const float* p) { return *p; }
+  static V load(const c10::BFloat16* p) { return static_cast<float>(*p); }
   static void store(float* p, V x) { *p = x; }
   static V fmadd(V a, V b, V c) { return a * b + c; }
   static V add(V a, V b) { return a + b; }
