@@ -51,8 +51,8 @@ $PY benchmarks/quality.py --model gemma3-270m --windows 4 --seq-len 512 \
     --methods dense,swsc-4bit-head,swsc-4bit-head-tied,swsc-4bit-head6,swsc-4bit-head6-tied
 GEMMA_ROWS=swsc-4bit-head,swsc-4bit-head-int8,swsc-4bit-head-tied,swsc-4bit-head-int8-tied
 $PY benchmarks/speed.py --model gemma3-270m --threads 2 --repeats 3 \
-    --methods dense,dense-bf16,swsc-4bit,$GEMMA_ROWS \
-    --compile dense,$GEMMA_ROWS   # writes docs/results/speed-gemma3-270m.jsonl
+    --methods dense,dense-bf16,dense-gemv,swsc-4bit,$GEMMA_ROWS \
+    --compile dense,dense-gemv,swsc-4bit,$GEMMA_ROWS   # writes docs/results/speed-gemma3-270m.jsonl
 CAL_ROWS=swsc-4bit-head,swsc-4.25b-cal,swsc-4.25b-cal-head6-tied
 $PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-gemv,$CAL_ROWS \
     --compile dense,dense-gemv,$CAL_ROWS --out docs/results/speed-calibrated.jsonl
@@ -527,7 +527,9 @@ MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M 
 SECOND_MODEL_SPEED_NOTE = (
     "`speed.py --model gemma3-270m`: the same measurement on Gemma-3-270M (Gemma terms of use), whose tied "
     "262144 x 640 embedding is 62% of its weights, so the output head is most of the bytes a dense decode step "
-    "reads; llama.cpp runs the Q4_K_M GGUF file the dense model was dequantized from.")
+    "reads; llama.cpp runs the Q4_K_M GGUF file the dense model was dequantized from. `swsc-4bit` keeps that head "
+    "dense: in runs with a `dense-gemv` row (dense fp32 with every linear on swsc_hf's dense GEMV) it is read by that "
+    "GEMV (`SWSCDenseLinear`), in earlier ones by torch's sgemv.")
 
 
 CALIBRATED_SPEED_NOTE = (

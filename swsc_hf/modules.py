@@ -13,7 +13,7 @@ from .core.spec import LayerSpec
 from .kernels import (
     channel_tiles,
     codebook_matmul,
-    dense_linear,
+    dense_matmul,
     dequantize_channels,
     dequantize_weight_rows,
     unpacked_codes,
@@ -231,11 +231,11 @@ class SWSCEmbedding(nn.Module):
 
 class SWSCDenseLinear(nn.Linear):
     """An nn.Linear that a compressed model keeps dense (its output head, unless `head_bits` compresses it), whose
-    decode-sized CPU calls (float32 or bfloat16) run swsc_hf's dense GEMV (`swsc_hf.kernels.dense_linear`):
+    decode-sized CPU calls (float32 or bfloat16) run swsc_hf's dense GEMV (`swsc_hf.kernels.dense_matmul`):
     it reads the weight at memory speed, where torch's sgemv read SmolLM2's 113 MB head at 11 GB/s of the 27-33 a
     Zen 4 EPYC gives (docs/design.md). Same parameters, state dict and results (within rounding) as nn.Linear; other
     calls (prompts, training, other dtypes and devices) run `F.linear`. `model_ops.use_dense_gemv` makes a model's
     head one in place."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return dense_linear(input, self.weight, self.bias)
+        return dense_matmul(input, self.weight, self.bias)

@@ -1,4 +1,4 @@
-"""The dense GEMV of decode steps (swsc_hf.kernels.dense_linear, csrc/dense_gemv.cpp) against a float64 oracle and
+"""The dense GEMV of decode steps (swsc_hf.kernels.dense_matmul, csrc/dense_gemv.cpp) against a float64 oracle and
 F.linear, and the dense output head of compressed models that runs it (`SWSCDenseLinear`)."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from swsc_hf import SWSCConfig, SWSCDenseLinear, SWSCLinear, compress_model, dequantize_model
 from swsc_hf.kernels import (
     GEMV_MAX_TOKENS,
-    dense_gemv_kernel,
-    dense_linear,
+    dense_matmul,
+    dense_matmul_kernel,
     limit_cpu_isa,
     load_cpu_kernels,
     set_kernels_enabled,
@@ -59,8 +59,8 @@ SHAPES = [(64, 64), (37, 100), (6, 17), (3, 1), (5000, 64), (1, 576)]
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_kernel_equals_the_oracle(shape, tokens, bias, isa, threads):
     x, weight, b = operands(tokens, *shape, bias)
-    assert dense_gemv_kernel(x, weight, b) == "cpu"
-    y = dense_linear(x, weight, b)
+    assert dense_matmul_kernel(x, weight, b) == "cpu"
+    y = dense_matmul(x, weight, b)
     assert y.dtype == torch.float32 and y.shape == (tokens, shape[0])
     torch.testing.assert_close(y.double(), oracle(x, weight, b), rtol=1e-5, atol=1e-5 * shape[1] ** 0.5)
 
@@ -69,8 +69,8 @@ def test_kernel_equals_the_oracle(shape, tokens, bias, isa, threads):
 def test_bfloat16_operands_sum_in_float32_and_round_once(shape, isa):
     dtype = torch.bfloat16
     x, weight, b = (t.to(dtype) for t in operands(3, *shape, True))
-    assert dense_gemv_kernel(x, weight, b) == "cpu"
-    y = dense_linear(x, weight, b)
+    assert dense_matmul_kernel(x, weight, b) == "cpu"
+    y = dense_matmul(x, weight, b)
     assert y.dtype == dtype and y.shape == (3, shape[0])
     exact = oracle(x, weight, b)  # the rounded operands' exact result: the kernel adds one rounding to `dtype`
     torch.testing.assert_close(y.double(), exact.to(dtype).double(), rtol=2 * torch.finfo(dtype).eps,
@@ -80,39 +80,39 @@ def test_bfloat16_operands_sum_in_float32_and_round_once(shape, isa):
 def test_leading_dimensions_and_strided_activations_are_kept(isa):
     x, weight, b = operands(6, 40, 48, True)
     x3 = x.view(2, 3, 48)
-    torch.testing.assert_close(dense_linear(x3, weight, b), F.linear(x3, weight, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_matmul(x3, weight, b), F.linear(x3, weight, b), rtol=1e-5, atol=1e-5)
     strided = torch.randn(2, 96)[:, ::2]  # a view whose features are not contiguous
-    assert dense_gemv_kernel(strided, weight, b) == "cpu"
-    torch.testing.assert_close(dense_linear(strided, weight, b), F.linear(strided, weight, b), rtol=1e-5, atol=1e-5)
+    assert dense_matmul_kernel(strided, weight, b) == "cpu"
+    torch.testing.assert_close(dense_matmul(strided, weight, b), F.linear(strided, weight, b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_calls_outside_the_kernel_go_to_f_linear():
     x, weight, b = operands(1, 8, 16, True)
-    assert dense_gemv_kernel(x, weight, b) == "cpu"
+    assert dense_matmul_kernel(x, weight, b) == "cpu"
     prompt = torch.randn(GEMV_MAX_TOKENS + 1, 16)
-    assert dense_gemv_kernel(prompt, weight, b) == "torch"
-    assert dense_gemv_kernel(x.bfloat16(), weight, b) == "torch"  # mixed dtypes
-    assert dense_gemv_kernel(x.double(), weight.double(), b.double()) == "torch"
-    assert dense_gemv_kernel(x.half(), weight.half(), b.half()) == "torch"  # torch's float16 GEMV measured faster
-    assert dense_gemv_kernel(x, weight.t().contiguous().t(), b) == "torch"  # a transposed (non-contiguous) weight
-    assert dense_gemv_kernel(x, weight, b.double()) == "torch"
-    assert dense_gemv_kernel(torch.randn(1, 15), weight, b) == "torch"  # F.linear says what is wrong
+    assert dense_matmul_kernel(prompt, weight, b) == "torch"
+    assert dense_matmul_kernel(x.bfloat16(), weight, b) == "torch"  # mixed dtypes
+    assert dense_matmul_kernel(x.double(), weight.double(), b.double()) == "torch"
+    assert dense_matmul_kernel(x.half(), weight.half(), b.half()) == "torch"  # torch's float16 GEMV measured faster
+    assert dense_matmul_kernel(x, weight.t().contiguous().t(), b) == "torch"  # a transposed (non-contiguous) weight
+    assert dense_matmul_kernel(x, weight, b.double()) == "torch"
+    assert dense_matmul_kernel(torch.randn(1, 15), weight, b) == "torch"  # F.linear says what is wrong
     trained = weight.clone().requires_grad_()
-    assert dense_gemv_kernel(x, trained, b) == "torch"
+    assert dense_matmul_kernel(x, trained, b) == "torch"
     with torch.no_grad():
-        assert dense_gemv_kernel(x, trained, b) == "cpu"
+        assert dense_matmul_kernel(x, trained, b) == "cpu"
     previous = set_kernels_enabled(False)
     try:
-        assert dense_gemv_kernel(x, weight, b) == "torch"
+        assert dense_matmul_kernel(x, weight, b) == "torch"
     finally:
         set_kernels_enabled(previous)
-    torch.testing.assert_close(dense_linear(prompt, weight, b), F.linear(prompt, weight, b))
-    dense_linear(x, trained, b).sum().backward()  # F.linear's autograd
+    torch.testing.assert_close(dense_matmul(prompt, weight, b), F.linear(prompt, weight, b))
+    dense_matmul(x, trained, b).sum().backward()  # F.linear's autograd
     assert trained.grad is not None
     with pytest.raises(RuntimeError):
-        dense_linear(torch.randn(1, 15), weight, b)
-    traced = torch.jit.trace(lambda x: dense_linear(x, weight, b), x)  # a TorchScript trace records F.linear
+        dense_matmul(torch.randn(1, 15), weight, b)
+    traced = torch.jit.trace(lambda x: dense_matmul(x, weight, b), x)  # a TorchScript trace records F.linear
     assert "swsc_hf_cpu" not in str(traced.graph) and "linear" in str(traced.graph)
     torch.testing.assert_close(traced(x), F.linear(x, weight, b))
 
@@ -125,8 +125,8 @@ def test_the_op_traces_whole_into_a_compiled_graph():
         graphs.append(graph)
         return graph.forward
 
-    compiled = torch.compile(lambda x, w, b: dense_linear(x, w, b), backend=backend, fullgraph=True)
-    torch.testing.assert_close(compiled(x, weight, b), dense_linear(x, weight, b))
+    compiled = torch.compile(lambda x, w, b: dense_matmul(x, w, b), backend=backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x, weight, b), dense_matmul(x, weight, b))
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert any("swsc_hf_cpu.dense_gemv" in target for target in targets), targets
     with torch._subclasses.fake_tensor.FakeTensorMode():
@@ -159,7 +159,7 @@ def test_a_compressed_models_dense_head_runs_the_kernel_and_round_trips(tied, tm
     step = input_ids[:, -1:]
     with torch.no_grad():
         hidden = model.model(step).last_hidden_state
-        assert dense_gemv_kernel(hidden, head.weight, head.bias) == "cpu"
+        assert dense_matmul_kernel(hidden, head.weight, head.bias) == "cpu"
         torch.testing.assert_close(head(hidden), F.linear(hidden, head.weight), rtol=1e-5, atol=1e-5)
         logits = model(input_ids).logits
     model.save_pretrained(tmp_path)

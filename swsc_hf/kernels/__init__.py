@@ -1,10 +1,10 @@
 """Compressed matmul kernels: one dispatch point (`codebook_matmul`), a reference implementation, CPU kernels; and
-for the dense parts of decode steps, `decode_attention` (the compiled CPU attention) and `dense_linear` (the compiled
+for the dense parts of decode steps, `decode_attention` (the compiled CPU attention) and `dense_matmul` (the compiled
 CPU GEMV of the linears a compressed model keeps dense)."""
 
 from .attention import DECODE_MAX_ROWS, decode_attention, decode_attention_kernel
 from .cpu import cpu_isa, integer_dot_available, limit_cpu_isa, load_cpu_kernels, set_integer_dot
-from .dense import dense_gemv_kernel, dense_linear
+from .dense import dense_matmul, dense_matmul_kernel
 from .dispatch import (
     GEMV_MAX_TOKENS,
     choose_kernel,
@@ -34,8 +34,8 @@ __all__ = [
     "cpu_isa",
     "decode_attention",
     "decode_attention_kernel",
-    "dense_gemv_kernel",
-    "dense_linear",
+    "dense_matmul",
+    "dense_matmul_kernel",
     "dequantize_channels",
     "dequantize_weight_rows",
     "integer_dot_available",

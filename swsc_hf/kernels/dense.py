@@ -3,7 +3,7 @@
 A compressed model keeps some linears dense, its output head by default, and a decode step reads such a weight in
 full for every token: SmolLM2's tied 49152 x 576 head is 113 MB of float32, more than all its compressed layers. torch
 runs a decode-sized call as a BLAS sgemv, which read it at 11 GB/s on a 2-core Zen 4 EPYC at any thread count, where
-the machine reads 27-33 GB/s. `dense_linear` runs csrc/dense_gemv.cpp instead where it can: CPU operands of one dtype
+the machine reads 27-33 GB/s. `dense_matmul` runs csrc/dense_gemv.cpp instead where it can: CPU operands of one dtype
 (float32 or bfloat16), a contiguous weight, up to `GEMV_MAX_TOKENS` tokens, no gradient wanted, outside
 TorchScript traces. The kernel splits the rows over torch's threads and streams them at memory speed
 (docs/design.md). It is the custom op `swsc_hf_cpu::dense_gemv` with a fake implementation, so compiled decode graphs
@@ -23,8 +23,8 @@ from .dispatch import GEMV_MAX_TOKENS, kernels_enabled
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def dense_gemv_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-    """"cpu" where `dense_linear` runs the compiled kernel on these operands, else "torch"."""
+def dense_matmul_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """"cpu" where `dense_matmul` runs the compiled kernel on these operands, else "torch"."""
     if torch.jit.is_tracing():
         return "torch"  # TorchScript traces (ONNX, OpenVINO) record F.linear, which their converters know
     tensors = (x, weight) if bias is None else (x, weight, bias)
@@ -43,9 +43,9 @@ def dense_gemv_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return "cpu"
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def dense_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x W^T + b, as `torch.nn.functional.linear`; decode-sized CPU calls run the compiled dense GEMV (the same result
     within rounding: the float32 sums are taken in another order)."""
-    if dense_gemv_kernel(x, weight, bias) == "torch":
+    if dense_matmul_kernel(x, weight, bias) == "torch":
         return F.linear(x, weight, bias)
     return torch.ops.swsc_hf_cpu.dense_gemv(x, weight, bias)
