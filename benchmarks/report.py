@@ -528,8 +528,8 @@ SECOND_MODEL_SPEED_NOTE = (
     "`speed.py --model gemma3-270m`: the same measurement on Gemma-3-270M (Gemma terms of use), whose tied "
     "262144 x 640 embedding is 62% of its weights, so the output head is most of the bytes a dense decode step "
     "reads; llama.cpp runs the Q4_K_M GGUF file the dense model was dequantized from. `swsc-4bit` keeps that head "
-    "dense: in runs with a `dense-gemv` row (dense fp32 with every linear on swsc_hf's dense GEMV) it is read by that "
-    "GEMV (`SWSCDenseLinear`), in earlier ones by torch's sgemv.")
+    "dense: in runs with a `dense-gemv` row (dense fp32 with every linear on swsc_hf's dense GEMV) it is read by "
+    "that GEMV (`SWSCDenseLinear`), in earlier ones by torch's sgemv.")
 
 
 CALIBRATED_SPEED_NOTE = (

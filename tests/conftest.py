@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama saved as a dense checkpoint (alone and with a small tokenizer)."""
+"""Shared fixtures: a tiny random Llama saved as a dense checkpoint (alone and with a small tokenizer); the CPU
+kernels' instruction sets and thread counts, one test per value."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import shutil
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from swsc_hf.kernels import limit_cpu_isa
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
@@ -49,6 +52,25 @@ def tiny_with_tokenizer(tiny_dense_dir, tmp_path_factory):
     shutil.copytree(tiny_dense_dir, path, dirs_exist_ok=True)
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
     return path
+
+
+# The instruction sets the CPU kernels dispatch to (each test caps them at one; a cap above the CPU's runs its best).
+ISAS = ["avx512", "avx2", "portable"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = limit_cpu_isa(request.param)
+    yield request.param
+    limit_cpu_isa(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -16,27 +16,11 @@ from swsc_hf.kernels import (
     DECODE_MAX_ROWS,
     decode_attention,
     decode_attention_kernel,
-    limit_cpu_isa,
     load_cpu_kernels,
     set_kernels_enabled,
 )
 
 pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels could not be built here")
-
-
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def isa(request):
-    previous = limit_cpu_isa(request.param)
-    yield request.param
-    limit_cpu_isa(previous)
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def oracle(q, k, v, mask, scale) -> torch.Tensor:

@@ -15,27 +15,11 @@ from swsc_hf.kernels import (
     GEMV_MAX_TOKENS,
     dense_matmul,
     dense_matmul_kernel,
-    limit_cpu_isa,
     load_cpu_kernels,
     set_kernels_enabled,
 )
 
 pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels could not be built here")
-
-
-@pytest.fixture(params=["avx512", "avx2", "portable"])
-def isa(request):
-    previous = limit_cpu_isa(request.param)
-    yield request.param
-    limit_cpu_isa(previous)
-
-
-@pytest.fixture(params=[1, 3])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 def operands(tokens: int, out: int, n: int, bias: bool, seed: int = 0):

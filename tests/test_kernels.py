@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import KERNEL_LAYOUTS, tiny_llama_config
+from conftest import ISAS, KERNEL_LAYOUTS, tiny_llama_config
 from transformers import LlamaForCausalLM
 
 import swsc_hf
@@ -41,7 +41,6 @@ from swsc_hf.kernels.dispatch import kernel_layout
 
 pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels could not be built here")
 
-ISAS = ["avx512", "avx2", "portable"]
 
 
 def make_layer_tensors(spec: LayerSpec, seed: int = 0, dtype: torch.dtype = torch.float16):
@@ -65,13 +64,6 @@ def oracle_weight(spec: LayerSpec, codes, codebook, scales) -> torch.Tensor:
                 value *= float(scales[c, p // spec.scale_group_size])
             m[c, p] = value
     return m if spec.cluster_dim == "output" else m.t()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = limit_cpu_isa(request.param)
-    yield request.param
-    limit_cpu_isa(previous)
 
 
 @pytest.mark.parametrize("layout", KERNEL_LAYOUTS, ids=lambda t: "-".join(map(str, t)))
