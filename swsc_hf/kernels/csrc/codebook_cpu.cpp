@@ -1524,7 +1524,9 @@ struct GemvPlan {
   std::vector<uint32_t> pairs = {};  // kHalfPairs, kPairBytePlanes: avx2::half_pair_table
 };
 
-GemvPlan plan_gemv(const Operands& o) {
+// The plan of a call with `tokens` rows of x: the byte planes serve one token, so calls of several build only the pair
+// table.
+GemvPlan plan_gemv(const Operands& o, int64_t tokens) {
   const int64_t isa = kernel_isa(o.l);
   const bool grid_only = !integer_dot.load();
   if (int_layout(o.l) && (!grid_only || books_on_int_grid(o, o.l.n_clusters * 4))) return {GemvPlan::kInteger, isa, {}};
@@ -1540,7 +1542,7 @@ GemvPlan plan_gemv(const Operands& o) {
   // ones by byte permutes where they have VBMI (quads of channels share a codebook).
   if (isa == kAvx2 || (isa == kAvx512 && o.l.bits > 6)) {
     std::vector<uint32_t> pairs = avx2::half_pair_table(o);
-    if (!pairs.empty() && isa == kAvx512 && vbmi::pair_plane_layout(o.l)) {
+    if (!pairs.empty() && isa == kAvx512 && tokens == 1 && vbmi::pair_plane_layout(o.l)) {
       std::vector<uint8_t> planes = vbmi::pair_byte_planes(pairs);
       return {GemvPlan::kPairBytePlanes, isa, std::move(planes), {}, std::move(pairs)};
     }
@@ -1557,11 +1559,11 @@ GemvPlan plan_gemv(const Operands& o) {
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                 const c10::optional<at::Tensor>& scales, at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
-  const GemvPlan plan = plan_gemv(o);
-  const int64_t isa = plan.isa;
   const at::Tensor xf = float_rows(x, o.l.length, "x");
   at::Tensor y = float_result(x, o.l.channels);
   const int64_t B = xf.numel() / o.l.length;
+  const GemvPlan plan = plan_gemv(o, B);
+  const int64_t isa = plan.isa;
   float* yp = y.data_ptr<float>();
   const bool integer = plan.kernel == GemvPlan::kInteger, int_nibbles = plan.kernel == GemvPlan::kIntegerNibbles;
   const bool planes = plan.kernel == GemvPlan::kPlanes, six_bit = plan.kernel == GemvPlan::kSixBitPlanes;
@@ -1576,7 +1578,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const IntTables int_books = integer ? vbmi::int_tables(o) : IntTables{};
   const IntActivations int_x = integer ? vbmi::int_activations(xp, B, o.l.length) : IntActivations{};
   const NibbleActivations nibble_x = int_nibbles ? avx2::nibble_activations(xp, B, o.l) : NibbleActivations{};
-  const bool byte_planes = plan.kernel == GemvPlan::kPairBytePlanes && B == 1;
+  const bool byte_planes = plan.kernel == GemvPlan::kPairBytePlanes;
   const std::vector<float> plane_x = byte_planes ? vbmi::pair_plane_order(xp, o.l.length) : std::vector<float>();
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
     if (byte_planes) vbmi::gemv_pair_planes(o, plan.planes.data(), plan.pairs.data(), plane_x.data(), xp, yp, c0, c1);
@@ -1584,8 +1586,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
     else if (int_nibbles) avx2::int_nibble_dot(o, plan.tables, nibble_x, B, yp, c0, c1);
     else if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
     else if (six_bit) avx2::gemv_six_bit(o, plan.planes.data(), xp, B, yp, c0, c1);
-    else if (plan.kernel == GemvPlan::kHalfPairs || plan.kernel == GemvPlan::kPairBytePlanes)
-      avx2::gemv_half_pairs(o, plan.pairs.data(), xp, B, yp, c0, c1);
+    else if (plan.kernel == GemvPlan::kHalfPairs) avx2::gemv_half_pairs(o, plan.pairs.data(), xp, B, yp, c0, c1);
     else if (nibbles && isa == kAvx512) avx512::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (nibbles) avx2::gemv_nibbles(o, xp, B, yp, c0, c1);
     else if (isa == kAvx512) avx512::gemv(o, xp, B, yp, c0, c1);
@@ -1604,7 +1605,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
-  const GemvPlan plan = plan_gemv(o);
+  const GemvPlan plan = plan_gemv(o, 1);
   switch (plan.kernel) {
     case GemvPlan::kInteger: return "integer";
     case GemvPlan::kIntegerNibbles: return "integer_nibbles";
