@@ -42,7 +42,6 @@ from swsc_hf.kernels.dispatch import kernel_layout
 pytestmark = pytest.mark.skipif(not load_cpu_kernels(), reason="the CPU kernels could not be built here")
 
 
-
 def make_layer_tensors(spec: LayerSpec, seed: int = 0, dtype: torch.dtype = torch.float16):
     g = torch.Generator().manual_seed(seed)
     codebook = torch.randn(spec.n_codebooks, spec.n_clusters, spec.segment_length, generator=g).to(dtype)

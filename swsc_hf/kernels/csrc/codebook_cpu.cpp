@@ -1196,7 +1196,6 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
   }
 }
 
-
 // Pairs of 8-bit codes (256 codewords; half_pair_table) on AVX-512 VBMI, one activation row, scale groups (or
 // channels) of whole 32 values: each 32-bit pair entry is split into four byte planes of 256 bytes (pair_byte_planes),
 // and four channels share a 512-bit register, 16 code bytes each in a 128-bit lane. A plane's look-up of those 64
