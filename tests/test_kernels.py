@@ -114,10 +114,12 @@ def test_kernels_split_large_matrices_over_threads(dim):
 
 
 @pytest.mark.parametrize("rows", [0, 8])
-def test_pair_kernels_split_channels_over_threads(rows):
-    """8-bit pairs (VBMI byte planes in quads of channels where the CPU has them, else scalar loads) over threads
-    whose channel ranges split quads: each thread's first and last channels take the scalar loads."""
-    spec = LayerSpec(1030, 192, n_clusters=256, segment_length=2, scale_group_size=96, rows_per_codebook=rows)
+@pytest.mark.parametrize("clusters, seg", [(256, 2), (32, 2), (40, 1), (128, 1)])
+def test_byte_plane_kernels_split_channels_over_threads(rows, clusters, seg):
+    """Pairs of 5- and 8-bit codes and scalars of 6- and 7-bit codes (VBMI byte planes in quads of channels where
+    the CPU has them, else scalar loads, planes or the general decoder) over threads whose channel ranges split
+    quads: each thread's first and last channels take the general decoder."""
+    spec = LayerSpec(1030, 192, n_clusters=clusters, segment_length=seg, scale_group_size=96, rows_per_codebook=rows)
     codes, packed, codebook, scales = make_layer_tensors(spec, seed=7)
     weight = oracle_weight(spec, codes, codebook, scales)
     x = torch.randn(1, 192, generator=torch.Generator().manual_seed(8))
@@ -133,8 +135,8 @@ def test_pair_kernels_split_channels_over_threads(rows):
         torch.set_num_threads(threads)
     kernel = cpu_gemv_kernel(packed, codebook, scales, spec)
     if cpu_isa() == "avx512" and integer_dot_available():
-        assert kernel == "pair_byte_planes"
-    elif cpu_isa() != "portable":
+        assert kernel == "byte_planes"
+    elif cpu_isa() != "portable" and seg == 2:
         assert kernel == "half_pairs"
 
 
@@ -494,12 +496,14 @@ def test_kernels_read_scales_of_any_float_dtype_and_layout(scale_dtype, isa):
                                     (40, 64, 256, 2, 16), (24, 96, 200, 2, 32), (20, 40, 256, 2, 0),
                                     (40, 96, 64, 1, 32), (24, 192, 50, 1, 96), (40, 48, 64, 1, 16),
                                     (24, 40, 64, 1, 0), (40, 96, 32, 2, 32), (22, 80, 128, 2, 16),
-                                    (24, 48, 64, 2, 16), (20, 40, 100, 2, 0)],
+                                    (24, 48, 64, 2, 16), (20, 40, 100, 2, 0), (40, 96, 32, 1, 32),
+                                    (24, 96, 20, 1, 48), (24, 96, 100, 1, 32), (40, 64, 256, 1, 16)],
                          ids=lambda t: "-".join(map(str, t)))
 def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     """Pairs and quadruples whose values are float16 exactly are read as float16 codewords.
-    - AVX-512: pairs of <= 64 codewords by 16-bit permutes, of more by scalar loads (below) or, 8-bit codes in
-      blocks of 32 values with VBMI, by byte permutes of the pairs' byte planes; 4-bit scalar tables by
+    - AVX-512 with VBMI, one token: scalars of 6-8-bit codes and pairs of 5-8-bit codes in steps of 16 codes by
+      byte permutes of their byte planes.
+    - AVX-512: pairs of <= 64 codewords by 16-bit permutes, of more by scalar loads (below); 4-bit scalar tables by
       float permutes of two codes per byte where channels and groups are whole blocks of 32 values (48-value
       channels and 16-value groups take the general decoder).
     - AVX2: 4-bit scalar tables and 64 pairs in blocks of 32 values, and 6-bit scalar tables in blocks of 16, are
@@ -524,11 +528,16 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
         expected = (xt.double() @ weight.t()).float()
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     planes = cpu_isa() == "avx2" and book_dtype == torch.float16 and in_f % 32 == 0 and (group or in_f) % 32 == 0
+    bits = (k - 1).bit_length()
+    vbmi_planes = (cpu_isa() == "avx512" and integer_dot_available() and book_dtype == torch.float16
+                   and seg <= 2 and bits >= 7 - seg and in_f % (16 * seg) == 0 and (group or in_f) % (16 * seg) == 0)
     kernel = cpu_gemv_kernel(packed, codebook, scales, spec)
     if cpu_isa() == "portable":
         assert kernel == "portable"
-    elif seg == 1 and k > 32:  # 6-bit codes
-        six_bit = cpu_isa() == "avx2" and book_dtype == torch.float16 and (group or in_f) % 16 == 0
+    elif vbmi_planes:
+        assert kernel == "byte_planes"
+    elif seg == 1 and k > 16:  # 5-8-bit codes
+        six_bit = cpu_isa() == "avx2" and bits == 6 and book_dtype == torch.float16 and (group or in_f) % 16 == 0
         assert kernel == ("six_bit_planes" if six_bit else "float")
     elif seg == 1:
         block = 32 if cpu_isa() == "avx512" else 16  # gemv_nibbles' blocks: two vectors
@@ -537,10 +546,7 @@ def test_codebooks_of_any_dtype_take_exact_paths(layout, book_dtype, isa):
     elif seg == 2:  # pairs of 5-8-bit codes
         scalar_loads = cpu_isa() == "avx2" or k > 64  # AVX-512 permutes pairs of <= 64 codewords in registers
         half_pairs = scalar_loads and book_dtype == torch.float16 and (group or in_f) % 16 == 0
-        byte_planes = (half_pairs and cpu_isa() == "avx512" and integer_dot_available() and k > 128
-                       and in_f % 32 == 0 and (group or in_f) % 32 == 0)
-        assert kernel == ("pair_planes" if k == 64 and planes else "pair_byte_planes" if byte_planes
-                          else "half_pairs" if half_pairs else "float")
+        assert kernel == ("pair_planes" if k == 64 and planes else "half_pairs" if half_pairs else "float")
 
 
 def test_cpu_gemv_kernel_names_the_transposed_and_reference_paths():

@@ -3,10 +3,11 @@
 // The weights are never materialised for few-token inputs: each 16 (AVX-512) or 8 (AVX2) consecutive values of a
 // channel are decoded in registers straight from the bit-packed code stream (a byte shuffle, per-lane shifts, a
 // mask), looked up in the codebook (a register permute for tables of <= 16/32 floats; whole codeword loads for 4-
-// and 8-dim vectors; when the values are float16 exactly, whole float16 pairs read by scalar loads for pairs of over
-// 64 codewords (on AVX-512 VBMI, for one token, byte planes of 256 pairs looked up by byte permutes), on AVX-512
-// 16-bit register permutes for smaller pairs, on AVX2 byte planes looked up by byte shuffles and scalar loads for
-// pairs of 32-64; a gather from an L1-resident float table otherwise) and multiplied into the activations.
+// and 8-dim vectors; when the values are float16 exactly, on AVX-512 VBMI for one token byte planes looked up by byte
+// permutes for scalars of 6-8-bit codes and pairs of 5-8-bit codes, else whole float16 pairs read by scalar loads for
+// pairs of over 64 codewords, on AVX-512 16-bit register permutes for smaller pairs, on AVX2 byte planes looked up
+// by byte shuffles and scalar loads for pairs of 32-64; a gather from an L1-resident float table otherwise) and
+// multiplied into the activations.
 // Scales are applied once per group. Many tokens take dequant (float32 tiles) and a BLAS GEMM instead.
 //
 // Layout (see swsc_hf.core.spec.LayerSpec): the channel matrix M (channels x length) is W for cluster_dim="output"
@@ -187,6 +188,7 @@ struct Operands {
   // codebook kSplitBook float16 values, the codewords' first elements (64, zero-padded) then their second elements,
   // so a pair is two 16-bit register permutes (AVX-512 BW) instead of a gather. Empty otherwise.
   std::vector<uint16_t> half_split;
+  const uint16_t* half_books = nullptr;  // the codebooks' float16 bits when they are stored as float16
   at::Tensor scales_held;     // the scales, contiguous (a copy only when they were not)
   FloatView scales;           // (channels, n_groups) in their stored dtype, or data == nullptr without groups
   int64_t n_groups;
@@ -195,6 +197,15 @@ struct Operands {
   ALWAYS_INLINE const uint16_t* half_table(int64_t c) const {  // nullptr without a float16 copy
     if (!half_split.empty()) return half_split.data() + (c / l.rows_per_book) * kSplitBook;
     return half_tables.empty() ? nullptr : half_tables.data() + (c / l.rows_per_book) * l.book_stride;
+  }
+  // Value i of codebook b as float16 bits; false when it is not a float16 exactly (the float32 path keeps the
+  // numbers). Tables stored as float16 (the default table_dtype) are read as stored, without a check.
+  ALWAYS_INLINE bool half_value(int64_t b, int64_t i, uint16_t& bits) const {
+    if (half_books) {
+      bits = half_books[b * l.n_clusters * l.seg + i];
+      return true;
+    }
+    return exact_half(tables[b * l.book_stride + i], bits);
   }
   ALWAYS_INLINE float group_scale(int64_t c, int64_t g) const {
     return scales.data ? scales[c * n_groups + g] : 1.0f;
@@ -206,7 +217,7 @@ struct Operands {
 
 Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                        at::IntArrayRef layout) {
-  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, {}, {}, 0};
+  Operands o{parse_layout(layout), nullptr, 0, {}, {}, {}, nullptr, {}, {}, 0};
   const Layout& l = o.l;
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(),
               "swsc_hf_cpu: codes must be a contiguous 1-D uint8 tensor");
@@ -220,6 +231,7 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
   const FloatView books = float_view(codebook, "codebook");
   o.tables.assign(n_books * l.book_stride, 0.0f);
   const int64_t book_size = l.n_clusters * l.seg;
+  if (books.type == at::kHalf) o.half_books = static_cast<const uint16_t*>(books.data);
   for (int64_t b = 0; b < n_books; ++b) {
     if (books.type == at::kHalf && active_isa() != kPortable) {
       halves_to_floats(static_cast<const uint16_t*>(books.data) + b * book_size, o.tables.data() + b * l.book_stride,
@@ -235,7 +247,7 @@ Operands make_operands(const at::Tensor& codes, const at::Tensor& codebook, cons
     for (int64_t b = 0; b < n_books; ++b)
       for (int64_t i = 0; i < l.n_clusters * 2; ++i) {
         uint16_t h;
-        if (!exact_half(o.tables[b * l.book_stride + i], h)) {  // the float32 path keeps the numbers
+        if (!o.half_value(b, i, h)) {  // the float32 path keeps the numbers
           half.clear();
           b = n_books;
           break;
@@ -478,6 +490,28 @@ struct Simd {
 }  // namespace avx512
 #pragma GCC pop_options
 
+// The codebooks as float16 byte planes of plane_bytes (>= 2^bits) each: per book and element of a codeword, the
+// low bytes of its values, then the high bytes; entry k holds code k & (2^bits - 1), so a look-up that reads more
+// index bits than the code has finds the same value (entries past n_clusters zero). Empty when a value is not a
+// float16 exactly.
+std::vector<uint8_t> byte_planes(const Operands& o, int64_t plane_bytes) {
+  const Layout& l = o.l;
+  const int64_t entries = int64_t(1) << l.bits, book_bytes = 2 * l.seg * plane_bytes;
+  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
+  std::vector<uint8_t> planes(n_books * book_bytes, 0);
+  for (int64_t b = 0; b < n_books; ++b)
+    for (int64_t i = 0; i < l.n_clusters * l.seg; ++i) {
+      uint16_t h;
+      if (!o.half_value(b, i, h)) return {};
+      uint8_t* low = planes.data() + b * book_bytes + (i % l.seg) * 2 * plane_bytes;
+      for (int64_t k = i / l.seg; k < plane_bytes; k += entries) {
+        low[k] = uint8_t(h & 0xFF);
+        low[plane_bytes + k] = uint8_t(h >> 8);
+      }
+    }
+  return planes;
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
@@ -567,27 +601,9 @@ struct Simd {
 constexpr int64_t kPlaneBlock = 32;  // values per block
 constexpr int64_t kPlaneBytes = 32;  // per codebook: 16 low bytes, then 16 high bytes
 
-// The codebooks as float16 byte planes: per book and element of a codeword, the low bytes of the 2^bits entries'
-// float16 values, then their high bytes (entries past n_clusters zero); empty when a value is not a float16 exactly.
-std::vector<uint8_t> byte_planes(const Operands& o) {
-  const Layout& l = o.l;
-  const int64_t entries = int64_t(1) << l.bits, book_bytes = 2 * l.seg * entries;
-  const int64_t n_books = (l.channels + l.rows_per_book - 1) / l.rows_per_book;
-  std::vector<uint8_t> planes(n_books * book_bytes, 0);
-  for (int64_t b = 0; b < n_books; ++b)
-    for (int64_t i = 0; i < l.n_clusters * l.seg; ++i) {
-      uint16_t h;
-      if (!exact_half(o.tables[b * l.book_stride + i], h)) return {};
-      uint8_t* entry = planes.data() + b * book_bytes + (i % l.seg) * 2 * entries + i / l.seg;
-      entry[0] = uint8_t(h & 0xFF);
-      entry[entries] = uint8_t(h >> 8);
-    }
-  return planes;
-}
-
 // byte_planes of 4-bit scalar tables in blocks of whole kPlaneBlock values (kPlaneBytes per book), or empty.
 std::vector<uint8_t> half_planes(const Operands& o) {
-  return whole_nibble_blocks(o.l, kPlaneBlock) ? byte_planes(o) : std::vector<uint8_t>();
+  return whole_nibble_blocks(o.l, kPlaneBlock) ? byte_planes(o, 16) : std::vector<uint8_t>();
 }
 
 // y[b, c] for R channels from c and NB activation rows from b0 (x in nibble_order of 16 lanes).
@@ -659,7 +675,7 @@ std::vector<uint8_t> six_bit_planes(const Operands& o) {
   const Layout& l = o.l;
   const int64_t group = l.group ? l.group : l.length, step = 16 * l.seg;
   if ((l.seg != 1 && l.seg != 2) || l.bits != 6 || l.length % step || group % step) return {};
-  return byte_planes(o);
+  return byte_planes(o, 64);
 }
 
 // Steps of a scale group of `size` values from its start: 32 codes while at least 32 remain, then 16.
@@ -839,9 +855,9 @@ void gemv_six_bit(const Operands& o, const uint8_t* planes, const float* x, int6
 // low half), 16 values in order, which F16C widens. On a Zen 3 EPYC an 8-lane gather of pairs took about 6.5 ns, and
 // the scalar loads ran the 256-pair GEMVs (most of the 4.25-bit preset's layers) about 2x faster than one gather of
 // the 8 pairs did, the 32- and 128-pair ones faster than the general decoder's gather of each value (docs/design.md).
-// AVX-512 CPUs run it for pairs of 7-8-bit codes (8-bit ones with VBMI for several tokens only; vbmi::
-// gemv_pair_planes): on a Zen 4 EPYC about 2x their 16-lane gather, and faster than the same loads assembled into
-// 512-bit registers; 5-6-bit pairs keep their 16-bit permutes there.
+// AVX-512 CPUs run it for pairs of 7-8-bit codes (with VBMI for several tokens only; vbmi::gemv_byte_planes): on a
+// Zen 4 EPYC about 2x their 16-lane gather, and faster than the same loads assembled into 512-bit registers; 5-6-bit
+// pairs keep their 16-bit permutes there.
 constexpr int64_t kHalfPairStep = 16;  // values per step (8 codes)
 
 // Per codebook the 2^bits pairs as float16 bits (element 0 low), past n_clusters zero; empty unless the layout is
@@ -855,8 +871,7 @@ std::vector<uint32_t> half_pair_table(const Operands& o) {
   for (int64_t b = 0; b < n_books; ++b)
     for (int64_t k = 0; k < l.n_clusters; ++k) {
       uint16_t e0, e1;
-      const float* pair = o.tables.data() + b * l.book_stride + 2 * k;
-      if (!exact_half(pair[0], e0) || !exact_half(pair[1], e1)) return {};
+      if (!o.half_value(b, 2 * k, e0) || !o.half_value(b, 2 * k + 1, e1)) return {};
       table[b * entries + k] = uint32_t(e0) | uint32_t(e1) << 16;
     }
   return table;
@@ -954,7 +969,8 @@ bool int_dot_supported() {
   static const bool supported = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512vnni");
   }();
   return supported;
 }
@@ -1018,7 +1034,7 @@ struct IntActivations {
 };
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vbmi,avx512vnni,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")
 namespace vbmi {
 
 // Rounds 16 floats to integers in [-limit, limit] (to nearest, ties to even: what lrint does) into q.
@@ -1196,44 +1212,46 @@ void int_dot(const Operands& o, const IntTables& t, const IntActivations& a, int
   }
 }
 
-// Pairs of 8-bit codes (256 codewords; half_pair_table) on AVX-512 VBMI, one activation row, scale groups (or
-// channels) of whole 32 values: each 32-bit pair entry is split into four byte planes of 256 bytes (pair_byte_planes),
-// and four channels share a 512-bit register, 16 code bytes each in a 128-bit lane. A plane's look-up of those 64
-// codes is two byte permutes over 128 bytes merged on code bit 7; unpacking the planes' bytes in each lane gives
-// the channels' float16 values, element 0 of codes 0-7 and 8-15, then element 1, which F16C widens in halves of
-// two channels (x in pair_plane_order: each 8 activations twice). About 0.4 instructions a value, against about 2
-// for half_pairs' scalar loads: on a Zen 4 EPYC 14.3 against 8.1 G weights/s in a standalone loop (codes in L2),
-// 1.3x in the 4.25-bit preset's GEMVs, whose codes stream from memory (docs/design.md). Several tokens take
-// half_pairs (the look-ups here are per row).
-constexpr int64_t kPairPlaneStep = 32;  // values per step: 16 codes of each of four channels
+// Scalars of 6-8-bit codes and pairs of 5-8-bit codes whose values are float16 exactly, on AVX-512 VBMI, one
+// activation row, scale groups (or channels) of whole 16-code steps. Each value's float16 bits are split into byte
+// planes (byte_planes: two per element, plane_bytes each), and four channels share a 512-bit register, a step's 16
+// codes of each in a 128-bit lane. Codes under 8 bits come out of their 2 x BITS bytes by one byte permute (each 64-bit
+// lane gets the BITS bytes of 8 codes) and one multishift (each byte gets its code in its low bits). A plane's
+// look-up of the 64 codes is one byte permute over 64 bytes for <= 6 bits (5-bit tables are repeated, so the byte's
+// sixth bit need not be cleared), one over 128 bytes for 7, and two merged on bit 7 for 8. Unpacking the planes'
+// bytes in each lane gives the channels' float16 values, element 0 of codes 0-7 and 8-15 (then element 1 of pairs),
+// which F16C widens in halves of two channels (x in byte_plane_order: each 8 activations twice). For 256 pairs
+// about 0.4 instructions a value, against about 2 for half_pairs' scalar loads (14.3 against 8.1 G weights/s in a
+// standalone loop on a Zen 4 EPYC, codes in L2). Against the kernels these layouts took before (the same EPYC, one
+// thread, SmolLM2's shapes): 6-bit scalars 1.25x the general decoder, 7-8-bit scalars 3.8x its gather, 32 and 64
+// pairs 1.2x the 16-bit permutes, 128 pairs 1.4x the scalar loads (docs/design.md). Several tokens take those
+// kernels (the look-ups here are per row).
+constexpr int64_t kPlaneStepCodes = 16;  // codes per step of each of four channels
 
-// Whether gemv_pair_planes reads a layout: a CPU with VBMI (int_dot_supported; every VBMI CPU has VNNI too),
-// pairs of 8-bit codes, channels and scale groups of whole steps, quads of channels (from multiples of 4) within
-// one codebook.
-bool pair_plane_layout(const Layout& l) {
-  const int64_t group = l.group ? l.group : l.length;
+// Bytes per plane: the 64 a byte permute reads (<= 6 bits; 5-bit tables twice), else the 2^bits entries.
+int64_t plane_bytes(const Layout& l) { return std::max<int64_t>(64, int64_t(1) << l.bits); }
+
+// Whether gemv_byte_planes reads a layout: a CPU with VBMI (int_dot_supported), scalars of 6-8-bit codes or pairs of
+// 5-8-bit ones, channels and scale groups of whole steps, quads of channels (from multiples of 4) within one
+// codebook. 5-bit scalars keep the float kernel's two 16-float permutes, which measured faster (11.7 against 9.7 G
+// weights/s, one thread, 1536 x 576).
+bool byte_plane_layout(const Layout& l) {
+  const int64_t group = l.group ? l.group : l.length, step = kPlaneStepCodes * l.seg;
   const bool quads = l.rows_per_book >= l.channels || l.rows_per_book % 4 == 0;
-  return int_dot_supported() && l.seg == 2 && l.bits == 8 && l.length % kPairPlaneStep == 0 &&
-         group % kPairPlaneStep == 0 && quads;
+  return int_dot_supported() && ((l.seg == 1 && l.bits >= 6) || (l.seg == 2 && l.bits >= 5)) && l.bits <= 8 &&
+         l.length % step == 0 && group % step == 0 && quads;
 }
 
-// Per codebook four planes of 256 bytes: plane p holds byte p of each code's 32-bit pair entry.
-std::vector<uint8_t> pair_byte_planes(const std::vector<uint32_t>& pairs) {
-  std::vector<uint8_t> planes(pairs.size() * 4);
-  for (size_t book = 0; book < pairs.size() / 256; ++book)
-    for (int p = 0; p < 4; ++p)
-      for (int k = 0; k < 256; ++k) planes[book * 1024 + p * 256 + k] = uint8_t(pairs[book * 256 + k] >> (8 * p));
-  return planes;
-}
-
-// x (one row) in the order the kernel multiplies: per step of 32 values, the activations of element 0 of codes
-// 0-7, of codes 8-15, element 1 of codes 0-7, of codes 8-15, each 8 twice (two channels per F16C widening).
-std::vector<float> pair_plane_order(const float* x, int64_t length) {
+// x (one row of `length`) in the order the kernel multiplies: per step of 16 codes, for each element (one for
+// scalars, two for pairs) the activations of codes 0-7 and of codes 8-15, each 8 twice (two channels per F16C
+// widening).
+std::vector<float> byte_plane_order(const float* x, int64_t length, int64_t seg) {
   std::vector<float> out(length * 2);
-  for (int64_t p = 0; p < length; p += kPairPlaneStep)
-    for (int k = 0; k < 4; ++k)
+  const int64_t step = kPlaneStepCodes * seg;
+  for (int64_t p = 0; p < length; p += step)
+    for (int64_t k = 0; k < 2 * seg; ++k)
       for (int twice = 0; twice < 2; ++twice)
-        for (int j = 0; j < 8; ++j) out[2 * p + 16 * k + 8 * twice + j] = x[p + 2 * (8 * (k & 1) + j) + (k >> 1)];
+        for (int j = 0; j < 8; ++j) out[2 * p + 16 * k + 8 * twice + j] = x[p + seg * (8 * (k & 1) + j) + (k >> 1)];
   return out;
 }
 
@@ -1243,36 +1261,77 @@ ALWAYS_INLINE __m512 two_scales(float a, float b) {
                                              _mm256_castps_pd(_mm256_set1_ps(b)), 1));
 }
 
-// y[c .. c + 3] for one activation row (x in pair_plane_order); the four channels share a codebook.
-void pair_plane_rows(const Operands& o, const uint8_t* planes, const float* x, float* y, int64_t c) {
+// The 16 codes of a step of four channels (one per 128-bit lane) as bytes, each code in its low BITS bits (the bits
+// above: neighbours' bits, which the look-ups ignore or the repeated tables absorb). lanes[r] points at channel r's
+// 2 x BITS bytes; under 8 bits the load is masked, so a stream's last step reads nothing past its end.
+template <int BITS>
+ALWAYS_INLINE __m512i step_codes(const uint8_t* const lanes[4]) {
+  constexpr __mmask16 kBytes = BITS == 8 ? 0xFFFF : (1u << (2 * BITS)) - 1;
+  const auto lane = [&](int r) { return _mm_maskz_loadu_epi8(kBytes, lanes[r]); };
+  __m512i bytes = _mm512_castsi128_si512(lane(0));
+  bytes = _mm512_inserti32x4(bytes, lane(1), 1);
+  bytes = _mm512_inserti32x4(bytes, lane(2), 2);
+  bytes = _mm512_inserti32x4(bytes, lane(3), 3);
+  if constexpr (BITS == 8) {
+    return bytes;
+  } else {
+    // 64-bit lane q of each 128-bit lane: the BITS bytes of codes 8q .. 8q + 7; byte i then takes bits i x BITS on
+    static const __m512i kSpread = [] {
+      alignas(64) uint8_t index[64];
+      for (int d = 0; d < 64; ++d) index[d] = uint8_t(d / 16 * 16 + (d % 16) / 8 * BITS + d % 8);
+      return _mm512_load_si512(index);
+    }();
+    static const __m512i kShifts = [] {
+      alignas(64) uint8_t shift[64];
+      for (int d = 0; d < 64; ++d) shift[d] = uint8_t(d % 8 * BITS);
+      return _mm512_load_si512(shift);
+    }();
+    return _mm512_multishift_epi64_epi8(kShifts, _mm512_permutexvar_epi8(kSpread, bytes));
+  }
+}
+
+// The plane's bytes of 64 codes: t holds the plane's first 64 (<= 6 bits), 128 (7) or 256 (8) bytes.
+template <int BITS>
+ALWAYS_INLINE __m512i plane_lookup(const __m512i* t, __m512i codes) {
+  if constexpr (BITS <= 6) {
+    return _mm512_permutexvar_epi8(codes, t[0]);
+  } else if constexpr (BITS == 7) {
+    return _mm512_permutex2var_epi8(t[0], codes, t[1]);
+  } else {
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), _mm512_permutex2var_epi8(t[0], codes, t[1]),
+                                  _mm512_permutex2var_epi8(t[2], codes, t[3]));
+  }
+}
+
+// y[c .. c + 3] for one activation row (x in byte_plane_order); the four channels share a codebook.
+template <int BITS, int SEG>
+void byte_plane_rows(const Operands& o, const uint8_t* planes, const float* x, float* y, int64_t c) {
+  constexpr int kPlanes = 2 * SEG, kRegs = BITS <= 6 ? 1 : BITS == 7 ? 2 : 4, kBytes = 64 * kRegs;
+  constexpr int64_t kStep = kPlaneStepCodes * SEG;  // values per step of a channel
   const Layout& l = o.l;
-  const int64_t group = l.group ? l.group : l.length;
-  const uint8_t* book = planes + (l.rows_per_book >= l.channels ? 0 : c / l.rows_per_book) * 1024;
-  __m512i t[4][4];  // plane q's codes 0-63, 64-127, 128-191, 192-255
-  for (int q = 0; q < 4; ++q)
-    for (int k = 0; k < 4; ++k) t[q][k] = _mm512_loadu_si512(book + q * 256 + k * 64);
-  const uint8_t* src = o.codes + c * l.segs;
+  const int64_t group = l.group ? l.group : l.length, channel_bytes = l.segs * BITS / 8;
+  const uint8_t* book = planes + (l.rows_per_book >= l.channels ? 0 : c / l.rows_per_book) * kPlanes * kBytes;
+  __m512i t[kPlanes][kRegs];
+  for (int q = 0; q < kPlanes; ++q)
+    for (int k = 0; k < kRegs; ++k) t[q][k] = _mm512_loadu_si512(book + q * kBytes + k * 64);
+  const uint8_t* src = o.codes + c * channel_bytes;
   __m512 total01 = _mm512_setzero_ps(), total23 = _mm512_setzero_ps();
   for (int64_t g0 = 0, gi = 0; g0 < l.length; g0 += group, ++gi) {
     __m512 acc01 = _mm512_setzero_ps(), acc23 = _mm512_setzero_ps();
-    for (int64_t p = g0; p < g0 + group; p += kPairPlaneStep) {
-      const uint8_t* codes = src + p / 2;
-      const auto lane = [&](int r) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * l.segs)); };
-      __m512i idx = _mm512_castsi128_si512(lane(0));
-      idx = _mm512_inserti32x4(idx, lane(1), 1);
-      idx = _mm512_inserti32x4(idx, lane(2), 2);
-      idx = _mm512_inserti32x4(idx, lane(3), 3);
-      const __mmask64 high = _mm512_movepi8_mask(idx);
-      __m512i b[4];
-      for (int q = 0; q < 4; ++q)
-        b[q] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(t[q][0], idx, t[q][1]),
-                                      _mm512_permutex2var_epi8(t[q][2], idx, t[q][3]));
-      const __m512i h[4] = {_mm512_unpacklo_epi8(b[0], b[1]), _mm512_unpackhi_epi8(b[0], b[1]),
-                            _mm512_unpacklo_epi8(b[2], b[3]), _mm512_unpackhi_epi8(b[2], b[3])};
-      for (int k = 0; k < 4; ++k) {
-        const __m512 xv = _mm512_loadu_ps(x + 2 * p + 16 * k);
-        acc01 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h[k])), xv, acc01);
-        acc23 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h[k], 1)), xv, acc23);
+    for (int64_t p = g0; p < g0 + group; p += kStep) {
+      const uint8_t* step = src + p / SEG * BITS / 8;
+      const uint8_t* const lanes[4] = {step, step + channel_bytes, step + 2 * channel_bytes, step + 3 * channel_bytes};
+      const __m512i codes = step_codes<BITS>(lanes);
+      __m512i b[kPlanes];
+      for (int q = 0; q < kPlanes; ++q) b[q] = plane_lookup<BITS>(t[q], codes);
+      for (int e = 0; e < SEG; ++e) {
+        const __m512i h[2] = {_mm512_unpacklo_epi8(b[2 * e], b[2 * e + 1]),
+                              _mm512_unpackhi_epi8(b[2 * e], b[2 * e + 1])};
+        for (int half = 0; half < 2; ++half) {
+          const __m512 xv = _mm512_loadu_ps(x + 2 * p + 16 * (2 * e + half));
+          acc01 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h[half])), xv, acc01);
+          acc23 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h[half], 1)), xv, acc23);
+        }
       }
     }
     total01 = _mm512_fmadd_ps(acc01, two_scales(avx512::group_scale(o, c, gi), avx512::group_scale(o, c + 1, gi)),
@@ -1286,17 +1345,32 @@ void pair_plane_rows(const Operands& o, const uint8_t* planes, const float* x, f
   y[c + 3] = _mm512_mask_reduce_add_ps(0xFF00, total23);
 }
 
-// gemv of one activation row for layouts with pair_byte_planes: whole quads of channels (from a multiple of 4) here,
-// the channels before and after them by avx2::gemv_half_pairs (x: plane_x in pair_plane_order, x in its own order).
-void gemv_pair_planes(const Operands& o, const uint8_t* planes, const uint32_t* pairs, const float* plane_x,
-                      const float* x, float* y, int64_t c0, int64_t c1) {
-  const int64_t q0 = std::min(c1, (c0 + 3) / 4 * 4), q1 = std::max(q0, c1 / 4 * 4);
-  if (c0 < q0) avx2::gemv_half_pairs(o, pairs, x, 1, y, c0, q0);
+template <int BITS, int SEG>
+void byte_plane_quads(const Operands& o, const uint8_t* planes, const float* x, float* y, int64_t q0, int64_t q1) {
   for (int64_t c = q0; c < q1; c += 4) {
     prefetch_channels(o, c + kPrefetchPasses * 4, 4, q1);
-    pair_plane_rows(o, planes, plane_x, y, c);
+    byte_plane_rows<BITS, SEG>(o, planes, x, y, c);
   }
-  if (q1 < c1) avx2::gemv_half_pairs(o, pairs, x, 1, y, q1, c1);
+}
+
+// gemv of one activation row for layouts with byte_planes: whole quads of channels (from a multiple of 4) here, the
+// channels before and after them by the general decoder (plane_x: x in byte_plane_order, x in its own order).
+void gemv_byte_planes(const Operands& o, const uint8_t* planes, const float* plane_x, const float* x, float* y,
+                      int64_t c0, int64_t c1) {
+  const int64_t q0 = std::min(c1, (c0 + 3) / 4 * 4), q1 = std::max(q0, c1 / 4 * 4);
+  if (c0 < q0) avx512::gemv(o, x, 1, y, c0, q0);
+  const auto run = [&](auto bits) {
+    constexpr int B = decltype(bits)::value;
+    if (o.l.seg == 1) byte_plane_quads<B, 1>(o, planes, plane_x, y, q0, q1);
+    else byte_plane_quads<B, 2>(o, planes, plane_x, y, q0, q1);
+  };
+  switch (o.l.bits) {
+    case 5: run(std::integral_constant<int, 5>{}); break;
+    case 6: run(std::integral_constant<int, 6>{}); break;
+    case 7: run(std::integral_constant<int, 7>{}); break;
+    default: run(std::integral_constant<int, 8>{}); break;
+  }
+  if (q1 < c1) avx512::gemv(o, x, 1, y, q1, c1);
 }
 
 }  // namespace vbmi
@@ -1514,21 +1588,24 @@ std::vector<float> nibble_order(const float* x, int64_t n, int64_t lanes) {
 // The kernel gemv runs a layout's call on, and what that kernel needs from the codebooks.
 struct GemvPlan {
   enum Kernel {
-    kInteger, kIntegerNibbles, kPlanes, kSixBitPlanes, kPairBytePlanes, kHalfPairs, kNibbles, kFloat
+    kInteger, kIntegerNibbles, kPlanes, kSixBitPlanes, kBytePlanes, kHalfPairs, kNibbles, kFloat
   } kernel;
   int64_t isa;
   std::vector<uint8_t> planes;       // kPlanes: avx2::half_planes; kSixBitPlanes: avx2::six_bit_planes;
-                                     // kPairBytePlanes: vbmi::pair_byte_planes
+                                     // kBytePlanes: vbmi::byte_planes
   NibbleTables tables = {};          // kIntegerNibbles: nibble_tables
-  std::vector<uint32_t> pairs = {};  // kHalfPairs, kPairBytePlanes: avx2::half_pair_table
+  std::vector<uint32_t> pairs = {};  // kHalfPairs: avx2::half_pair_table
 };
 
-// The plan of a call with `tokens` rows of x: the byte planes serve one token, so calls of several build only the pair
-// table.
+// The plan of a call with `tokens` rows of x: the VBMI byte planes serve one token (their look-ups are per row).
 GemvPlan plan_gemv(const Operands& o, int64_t tokens) {
   const int64_t isa = kernel_isa(o.l);
   const bool grid_only = !integer_dot.load();
   if (int_layout(o.l) && (!grid_only || books_on_int_grid(o, o.l.n_clusters * 4))) return {GemvPlan::kInteger, isa, {}};
+  if (isa == kAvx512 && tokens == 1 && vbmi::byte_plane_layout(o.l)) {
+    std::vector<uint8_t> planes = byte_planes(o, vbmi::plane_bytes(o.l));
+    if (!planes.empty()) return {GemvPlan::kBytePlanes, isa, std::move(planes)};
+  }
   if (nibble_int_layout(o.l)) {
     NibbleTables tables = nibble_tables(o, grid_only);
     if (!tables.bytes.empty()) return {GemvPlan::kIntegerNibbles, isa, {}, std::move(tables)};
@@ -1537,14 +1614,9 @@ GemvPlan plan_gemv(const Operands& o, int64_t tokens) {
     std::vector<uint8_t> planes = avx2::six_bit_planes(o);
     if (!planes.empty()) return {GemvPlan::kSixBitPlanes, isa, std::move(planes)};
   }
-  // AVX-512 CPUs read pairs of over 64 codewords by these scalar loads too (16-bit permutes cover <= 64), or 8-bit
-  // ones by byte permutes where they have VBMI (quads of channels share a codebook).
+  // AVX-512 CPUs read pairs of over 64 codewords by these scalar loads too (16-bit permutes cover <= 64).
   if (isa == kAvx2 || (isa == kAvx512 && o.l.bits > 6)) {
     std::vector<uint32_t> pairs = avx2::half_pair_table(o);
-    if (!pairs.empty() && isa == kAvx512 && tokens == 1 && vbmi::pair_plane_layout(o.l)) {
-      std::vector<uint8_t> planes = vbmi::pair_byte_planes(pairs);
-      return {GemvPlan::kPairBytePlanes, isa, std::move(planes), {}, std::move(pairs)};
-    }
     if (!pairs.empty()) return {GemvPlan::kHalfPairs, kAvx2, {}, {}, std::move(pairs)};
   }
   if (!nibble_layout(o.l, isa)) return {GemvPlan::kFloat, isa, {}};
@@ -1577,10 +1649,11 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
   const IntTables int_books = integer ? vbmi::int_tables(o) : IntTables{};
   const IntActivations int_x = integer ? vbmi::int_activations(xp, B, o.l.length) : IntActivations{};
   const NibbleActivations nibble_x = int_nibbles ? avx2::nibble_activations(xp, B, o.l) : NibbleActivations{};
-  const bool byte_planes = plan.kernel == GemvPlan::kPairBytePlanes;
-  const std::vector<float> plane_x = byte_planes ? vbmi::pair_plane_order(xp, o.l.length) : std::vector<float>();
+  const bool byte_planes = plan.kernel == GemvPlan::kBytePlanes;
+  const std::vector<float> plane_x =
+      byte_planes ? vbmi::byte_plane_order(xp, o.l.length, o.l.seg) : std::vector<float>();
   at::parallel_for(0, o.l.channels, row_grain(o.l.length), [&](int64_t c0, int64_t c1) {
-    if (byte_planes) vbmi::gemv_pair_planes(o, plan.planes.data(), plan.pairs.data(), plane_x.data(), xp, yp, c0, c1);
+    if (byte_planes) vbmi::gemv_byte_planes(o, plan.planes.data(), plane_x.data(), xp, yp, c0, c1);
     else if (integer) vbmi::int_dot(o, int_books, int_x, B, yp, c0, c1);
     else if (int_nibbles) avx2::int_nibble_dot(o, plan.tables, nibble_x, B, yp, c0, c1);
     else if (planes) avx2::gemv_planes(o, plan.planes.data(), xp, B, yp, c0, c1);
@@ -1610,7 +1683,7 @@ std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, con
     case GemvPlan::kIntegerNibbles: return "integer_nibbles";
     case GemvPlan::kPlanes: return "planes";
     case GemvPlan::kSixBitPlanes: return o.l.seg == 2 ? "pair_planes" : "six_bit_planes";
-    case GemvPlan::kPairBytePlanes: return "pair_byte_planes";
+    case GemvPlan::kBytePlanes: return "byte_planes";
     case GemvPlan::kHalfPairs: return "half_pairs";
     case GemvPlan::kNibbles: return "nibbles";
     default: return plan.isa == kPortable ? "portable" : "float";
