@@ -226,7 +226,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # `embedding_from_head=True`): the tied matrix stored once, compressed, beside the budget
     "swsc-4.25b-cal-head6-tied": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", head_bits=6,
                                                   embedding_from_head=True)),
-    # The same on an 8-bit table (`head_bits=8`): a quarter of the float32 head's bytes, read by the VBMI byte-plane GEMV
+    # The same on an 8-bit table (`head_bits=8`): a quarter of the float32 head's bytes, read by the byte-plane GEMV
     "swsc-4.25b-cal-head8-tied": ("swsc_hf", dict(preset="swsc-4.25b-cal", dataset="wikitext2", head_bits=8,
                                                   embedding_from_head=True)),
     # `bits=2.2` calibrated and tuned as the presets are (measured worse than the 2.2-bit preset's quadruples)
