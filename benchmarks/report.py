@@ -53,8 +53,8 @@ GEMMA_ROWS=swsc-4bit-head,swsc-4bit-head-int8,swsc-4bit-head-tied,swsc-4bit-head
 $PY benchmarks/speed.py --model gemma3-270m --threads 2 --repeats 3 \
     --methods dense,dense-bf16,dense-gemv,swsc-4bit,$GEMMA_ROWS \
     --compile dense,dense-gemv,swsc-4bit,$GEMMA_ROWS   # writes docs/results/speed-gemma3-270m.jsonl
-CAL_ROWS=swsc-4bit-head,swsc-4.25b-cal,swsc-4.25b-cal-head6-tied
-$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-gemv,$CAL_ROWS \
+CAL_ROWS=swsc-4bit-head,swsc-4.25b-cal,swsc-4.25b-cal-head8-tied
+$PY benchmarks/speed.py --threads 2 --repeats 3 --methods dense,dense-bf16,dense-gemv,swsc-2bit-head,$CAL_ROWS \
     --compile dense,dense-gemv,$CAL_ROWS --out docs/results/speed-calibrated.jsonl
 $PY benchmarks/compression_time.py --out docs/results/compression_time.jsonl
 $PY benchmarks/tuning_screen.py --preset swsc-2.2b-cal --steps 320 --settings '[{"lr": 1e-3, ...}, ...]'
@@ -539,9 +539,11 @@ CALIBRATED_SPEED_NOTE = (
     "with a `dense-gemv` row it is read by swsc_hf's dense GEMV, `SWSCDenseLinear`, in earlier ones by torch's "
     "sgemv), and its "
     "`bits=` allocation gives most layers 256 pairs of 8-bit codes and 5- or 6-bit scalar tables, which decode slower "
-    "than `swsc-4bit`'s 4-bit tables (docs/design.md, Forward). `-head6-tied` serves the same preset with its "
-    "head on a 6-bit scalar table that the tied input embeddings read (`head_bits=6, embedding_from_head=True`): "
-    "the tied matrix is stored once, compressed (the bits column counts the head). `dense-gemv` is dense fp32 with "
+    "than `swsc-4bit`'s 4-bit tables (docs/design.md, Forward). `-head8-tied` (`-head6-tied` in earlier runs) "
+    "serves the same preset with its head on an 8-bit (6-bit) scalar table that the tied input embeddings read "
+    "(`head_bits=8, embedding_from_head=True`): the tied matrix is stored once, compressed (the bits column counts "
+    "the head), and on CPUs with AVX-512 VBMI its GEMV reads the table's byte planes by byte permutes. "
+    "`dense-gemv` is dense fp32 with "
     "every linear on that dense GEMV: the dense model when its GEMVs read at memory speed as well (torch's sgemv "
     "read SmolLM2's head at 11 GB/s on the Zen 4 EPYC, the GEMV at 28-30).")
 

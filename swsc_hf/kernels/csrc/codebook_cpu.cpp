@@ -1671,9 +1671,9 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& 
 // The name of the kernel gemv runs these operands on here (within set_max_isa's cap): "integer" (AVX-512 VBMI,
 // quadruples) and "integer_nibbles" (AVX2, 4-bit scalar tables) for books on their 8-bit grid or when opted in,
 // "planes", "pair_planes" and "six_bit_planes" (AVX2, float16 byte planes of 4-bit scalar, 6-bit pair and 6-bit
-// scalar tables), "pair_byte_planes" (AVX-512 VBMI, float16 pairs of 8-bit codes, one token), "half_pairs" (float16
-// pairs of 5-8-bit codes, 7-8 on AVX-512), "nibbles" (4-bit codes, float permutes), "float" (the general decoder) or
-// "portable".
+// scalar tables), "byte_planes" (AVX-512 VBMI, one token, float16 scalars of 6-8-bit codes and pairs of 5-8-bit
+// codes), "half_pairs" (float16 pairs of 5-8-bit codes, 7-8 on AVX-512), "nibbles" (4-bit codes, float permutes),
+// "float" (the general decoder) or "portable".
 std::string gemv_kernel(const at::Tensor& codes, const at::Tensor& codebook, const c10::optional<at::Tensor>& scales,
                         at::IntArrayRef layout) {
   const Operands o = make_operands(codes, codebook, scales, layout);
