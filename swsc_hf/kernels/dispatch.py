@@ -169,8 +169,8 @@ def cpu_gemv_kernel(codes: torch.Tensor, codebook: torch.Tensor, scales: torch.T
     scalar tables / 64 pairs / 33-64 scalars), "byte_planes" (AVX-512 VBMI, one token: float16 scalars of 6-8-bit
     codes and pairs of 5-8-bit codes looked up by byte permutes), "half_pairs" (float16 pairs of 5-8-bit codes,
     7-8-bit on AVX-512, read whole by scalar loads), "nibbles", "float", "portable", "transposed" (input-dim
-    channels: `gemv_t`, the
-    general decoder) or "reference" where the compiled kernels do not run it (SWSC's whole-channel layout included).
+    channels: `gemv_t`, the general decoder) or "reference" where the compiled kernels do not run it (SWSC's
+    whole-channel layout included).
     Some kernels depend on the values (float16 exactly, the 8-bit grid) as well as the layout, hence the tensors."""
     plan = _plan(spec)
     if plan.whole_channel or not _cpu_kernels_cover(plan.reason, codes.device):
