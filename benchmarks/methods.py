@@ -71,7 +71,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("dense", {}),
     "dense-bf16": ("dense", dict(dtype="bfloat16")),
     # Dense fp32 with every nn.Linear on swsc_hf's dense GEMV (`SWSCDenseLinear`, what compressed models run their
-    # dense head on): how fast the dense model decodes when its GEMVs read at memory speed (speed runs only).
+    # dense head on) and its attention on swsc_hf's decode attention, as compressed models have both: how fast the
+    # dense model decodes on swsc_hf's kernels (speed runs only).
     "dense-gemv": ("dense", dict(dense_gemv=True)),
     **{f"rtn-{b}b-g{g}": ("rtn", dict(bits=b, group_size=g)) for b in (2, 3, 4, 6) for g in (64, 128)},
     **{f"hqq-{b}b-g64": ("hqq", dict(bits=b, group_size=64)) for b in (2, 3, 4)},
@@ -365,11 +366,12 @@ def apply_method(
         model = model.to(getattr(torch, kwargs.get("dtype", "float32")))
         bits = float(torch.finfo(model.dtype).bits)
         if kwargs.get("dense_gemv"):
-            from swsc_hf import SWSCDenseLinear
+            from swsc_hf import SWSCDenseLinear, use_decode_attention
 
             for module in model.modules():
                 if type(module) is nn.Linear:
                     module.__class__ = SWSCDenseLinear
+            use_decode_attention(model)
     elif family == "rtn":
         bits = baselines.rtn_quantize_(model, kwargs["bits"], kwargs["group_size"], **(
             {"skip": kwargs["skip"]} if "skip" in kwargs else {}))

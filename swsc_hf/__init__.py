@@ -16,7 +16,7 @@ from .core.spec import LayerSpec
 from .data import join_rows, wikitext2_calibration_rows, wikitext2_test_text
 from .distill import distill_tables
 from .evaluation import PerplexityResult, perplexity
-from .generation import compile_decoding
+from .generation import compile_decoding, use_decode_attention
 from .hub import build_model_card, push_compressed
 from .kernels import cpu_isa, set_integer_dot, set_kernels_enabled
 from .lora import merge_and_unload, register_with_peft, sync_compressed_layers
@@ -68,6 +68,7 @@ __all__ = [
     "set_integer_dot",
     "set_kernels_enabled",
     "sync_compressed_layers",
+    "use_decode_attention",
     "verify_checksums",
     "wikitext2_calibration_rows",
     "wikitext2_test_text",

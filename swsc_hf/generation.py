@@ -13,7 +13,8 @@ query heads of each group as rows of one query block against the shared key/valu
 so nothing is copied) and runs `swsc_hf.kernels.decode_attention`, which on CPU splits the cache over the threads and
 skips the unfilled tail of the static cache. Each had been about a third of a compiled SmolLM2 step: the copies at 1
 thread, torch's SDPA on the packed heads at 2 threads on an AVX2 CPU (docs/design.md). Prompts, training and
-everything else take transformers' SDPA attention unchanged.
+everything else take transformers' SDPA attention unchanged. `use_decode_attention` makes that switch alone, for
+eager decoding: compressed models get it when they are compressed or loaded.
 """
 
 from __future__ import annotations
@@ -64,6 +65,26 @@ AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_forward)
 AttentionMaskInterface.register(PACKED_GQA_SDPA, sdpa_mask)
 
 
+def use_decode_attention(model: nn.Module) -> bool:
+    """Switch a model on "sdpa" to `PACKED_GQA_SDPA`, so its single-token steps, eager or compiled, attend through
+    `decode_attention`; returns whether it switched. Other implementations are left alone.
+
+    Compressed models get it when they are compressed or loaded (eager SmolLM2 decoding 1.08x faster on 2 threads,
+    docs/design.md). Prompts and training still run transformers' SDPA attention, and the setting is not saved
+    (transformers does not serialise the attention implementation). Undo with `model.set_attn_implementation("sdpa")`.
+    """
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation(PACKED_GQA_SDPA)
+    return True
+
+
+def use_sdpa_attention(model: nn.Module) -> None:
+    """Undo `use_decode_attention`: a model on `PACKED_GQA_SDPA` goes back to transformers' "sdpa"."""
+    if getattr(model.config, "_attn_implementation", None) == PACKED_GQA_SDPA:
+        model.set_attn_implementation("sdpa")
+
+
 def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = True,
                      cpp_wrapper: bool = False) -> nn.Module:
     """Make `model.generate` decode with a static KV cache and a compiled step on any device; returns the model.
@@ -89,8 +110,7 @@ def compile_decoding(model: nn.Module, *, backend: str = "inductor", fullgraph: 
     config._compile_all_devices = True  # transformers' documented switch for compiling off-GPU
     model.generation_config.cache_implementation = "static"
     model.generation_config.compile_config = config
-    if getattr(model.config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(PACKED_GQA_SDPA)
+    use_decode_attention(model)
     # built (or found) now: the first compiled step must not trace the kernels' one-time loading and its lock
     load_cpu_kernels()
     logger.info("swsc_hf: generate will decode with a static cache and a %s-compiled step", backend)

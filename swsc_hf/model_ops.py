@@ -28,6 +28,7 @@ from .experts import (
     expert_shape,
     is_fused_experts,
 )
+from .generation import use_decode_attention, use_sdpa_attention
 from .modules import KeepsTableDtype, SWSCDenseLinear, SWSCEmbedding, SWSCLinear
 from .rotation import finish_loading, remove_rotation
 from .validation import check_finite, validate_codes
@@ -476,7 +477,7 @@ def round_codebooks_to_int8(model: nn.Module) -> None:
 
 def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
     """After loading or compressing: record layouts, freeze compressed tensors, link shared bases, check codes and
-    values, and make `save_pretrained` atomic."""
+    values, decode through swsc_hf's dense GEMV and decode attention, and make `save_pretrained` atomic."""
     for name, module in model.named_modules():
         if isinstance(module, SWSCExperts):
             waiting = [p for p in module.projections if p in module._parameters]
@@ -496,6 +497,7 @@ def finalize_compressed_model(model: nn.Module, config: SWSCConfig) -> None:
         read_embeddings_from_head(model, require_tie=True)
     untie_compressed(model)
     use_dense_gemv(model)
+    use_decode_attention(model)
     missed = {name: reason for name, (_, reason) in dense_matrices_left(model, config.modules_to_not_convert).items()
               if reason not in KEPT_DENSE_BY_DESIGN}
     if missed:
@@ -547,7 +549,8 @@ def dense_layer(layer: SWSCLinear, dtype: torch.dtype | None = None) -> nn.Modul
 @torch.no_grad()
 def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
     """Replace every `SWSCLinear` with an nn.Linear holding its dense weight (for `model.dequantize()`); a rotated
-    residual stream is rotated back, so the result is a plain model of its architecture."""
+    residual stream is rotated back and the attention goes back to "sdpa", so the result is a plain model of its
+    architecture."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     for name, module in list(model.named_modules()):
@@ -565,4 +568,5 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -
     if hasattr(model, SHARED_BASES_ATTR):
         delattr(model, SHARED_BASES_ATTR)
     remove_rotation(model)
+    use_sdpa_attention(model)
     return model

@@ -217,3 +217,44 @@ def test_compile_decoding_works_in_a_process_that_has_not_loaded_the_kernels():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def decode_attention_calls(run) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return sum(event.count for event in profile.key_averages() if event.key == "swsc_hf_cpu::decode_attention")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compressed_models_decode_eagerly_through_the_kernel_until_dequantized(arch, tmp_path):
+    """compress_model and from_pretrained leave the model on the packed decode attention (eager generate calls the
+    kernel at every step and gives SDPA's tokens); the choice is not saved, and dequantize_model undoes it."""
+    from test_architectures import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    import swsc_hf
+    from swsc_hf.generation import PACKED_GQA_SDPA
+
+    model = tiny_model(arch)
+    assert model.config._attn_implementation == "sdpa"
+    swsc_hf.compress_model(model, swsc_hf.SWSCConfig(preset="swsc-4bit"))
+    assert model.config._attn_implementation == PACKED_GQA_SDPA
+    prompt = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(6))
+    packed = []
+    calls = decode_attention_calls(lambda: packed.append(model.generate(prompt, max_new_tokens=6, do_sample=False)))
+    assert calls >= 5 * model.config.num_hidden_layers  # every single-token step; the prompt goes to SDPA
+    model.set_attn_implementation("sdpa")
+    assert decode_attention_calls(lambda: packed.append(model.generate(prompt, max_new_tokens=6,
+                                                                       do_sample=False))) == 0
+    assert torch.equal(packed[0], packed[1])
+
+    model.save_pretrained(tmp_path)
+    assert PACKED_GQA_SDPA not in (tmp_path / "config.json").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config._attn_implementation == PACKED_GQA_SDPA
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False), packed[0])
+    swsc_hf.dequantize_model(loaded)
+    assert loaded.config._attn_implementation == "sdpa"
+    eager = tiny_model(arch)
+    eager.set_attn_implementation("eager")
+    assert not swsc_hf.use_decode_attention(eager) and eager.config._attn_implementation == "eager"
