@@ -548,6 +548,21 @@ CALIBRATED_SPEED_NOTE = (
     "read SmolLM2's head at 11 GB/s on the Zen 4 EPYC, the GEMV at 28-30).")
 
 
+# The first run whose eager rows of compressed models and `dense-gemv` attend with swsc_hf's decode attention
+# (compressed models switch to it when compressed: swsc_hf.use_decode_attention); dense fp32 and bf16 keep SDPA.
+EAGER_DECODE_ATTENTION_SINCE = "20261208T013150Z"
+
+
+def calibrated_run_notes(records: list[dict], run: str) -> list[str]:
+    """Which attention the eager rows of speed run `run` of the calibrated section ran."""
+    if run >= EAGER_DECODE_ATTENTION_SINCE:
+        return ["Eager rows of compressed models and `dense-gemv` in this run attend with swsc_hf's decode attention "
+                "on the key/value heads, as `compress_model` and `from_pretrained` leave a compressed model "
+                "(`use_decode_attention`; 1.08x eager decoding of the saved 4.25-bit model in an A/B, "
+                "docs/design.md); dense fp32 and bf16 keep transformers' SDPA.", ""]
+    return ["Eager rows of this run attend with transformers' SDPA (it is older than `use_decode_attention`).", ""]
+
+
 def speed_section(records: list[dict], title: str = "## Speed and memory", note: str = "",
                   per_run: Callable[[list[dict], str], list[str]] | None = None) -> list[str]:
     """The generation-speed runs of benchmarks/speed.py (tokens/s of greedy decode after a prompt) in `records`: the
@@ -909,7 +924,7 @@ def main(argv: list[str] | None = None) -> None:
                                SECOND_MODEL_SPEED_NOTE)
     if speed_calibrated:
         lines += speed_section(speed_calibrated, "## Speed, calibrated 4.25-bit preset (latest run on each CPU)",
-                               CALIBRATED_SPEED_NOTE)
+                               CALIBRATED_SPEED_NOTE, per_run=calibrated_run_notes)
     lines += tuning_screen_section(screens)
     lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
