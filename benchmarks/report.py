@@ -553,12 +553,12 @@ CALIBRATED_SPEED_NOTE = (
 EAGER_DECODE_ATTENTION_SINCE = "20261208T013150Z"
 
 
-def calibrated_run_notes(records: list[dict], run: str) -> list[str]:
-    """Which attention the eager rows of speed run `run` of the calibrated section ran."""
+def eager_attention_notes(records: list[dict], run: str) -> list[str]:
+    """Which attention the eager rows of speed run `run` ran (the calibrated and second-model sections)."""
     if run >= EAGER_DECODE_ATTENTION_SINCE:
         return ["Eager rows of compressed models and `dense-gemv` in this run attend with swsc_hf's decode attention "
                 "on the key/value heads, as `compress_model` and `from_pretrained` leave a compressed model "
-                "(`use_decode_attention`; 1.08x eager decoding of the saved 4.25-bit model in an A/B, "
+                "(`use_decode_attention`; 1.08x eager decoding of the saved 4.25-bit SmolLM2 in an A/B, "
                 "docs/design.md); dense fp32 and bf16 keep transformers' SDPA.", ""]
     return ["Eager rows of this run attend with transformers' SDPA (it is older than `use_decode_attention`).", ""]
 
@@ -921,10 +921,10 @@ def main(argv: list[str] | None = None) -> None:
                                INTEGER_RUN_NOTE, per_run=integer_agreement)
     if speed_gemma:
         lines += speed_section(speed_gemma, "## Speed, second model: Gemma-3-270M (latest run on each CPU)",
-                               SECOND_MODEL_SPEED_NOTE)
+                               SECOND_MODEL_SPEED_NOTE, per_run=eager_attention_notes)
     if speed_calibrated:
         lines += speed_section(speed_calibrated, "## Speed, calibrated 4.25-bit preset (latest run on each CPU)",
-                               CALIBRATED_SPEED_NOTE, per_run=calibrated_run_notes)
+                               CALIBRATED_SPEED_NOTE, per_run=eager_attention_notes)
     lines += tuning_screen_section(screens)
     lines += gpu_section(gpu) + compression_section(compression) + scale_section(scale)
     lines += environment_section(quality + speed + compression + [r for rs in others.values() for r in rs] + scale
