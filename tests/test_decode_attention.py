@@ -165,6 +165,13 @@ def test_bad_operands_name_the_problem():
         op(q, k, v, torch.tensor(0.0), 1.0)
 
 
+def decode_attention_calls(run) -> int:
+    """How many times the CPU decode attention kernel ran during `run()`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return sum(event.count for event in profile.key_averages() if event.key == "swsc_hf_cpu::decode_attention")
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
 def test_compiled_decoding_attends_through_the_kernel_and_generates_the_eager_tokens(arch):
     """Grouped queries (all three), head_dim 16, and Gemma-3's sliding-window layers (window 16, a longer prompt):
@@ -177,11 +184,10 @@ def test_compiled_decoding_attends_through_the_kernel_and_generates_the_eager_to
     prompt = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(4))
     eager = model.generate(prompt, max_new_tokens=8, do_sample=False)
     swsc_hf.compile_decoding(model, backend="eager")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        compiled = model.generate(prompt, max_new_tokens=8, do_sample=False)
-    calls = sum(event.count for event in profile.key_averages() if event.key == "swsc_hf_cpu::decode_attention")
+    compiled = []
+    calls = decode_attention_calls(lambda: compiled.append(model.generate(prompt, max_new_tokens=8, do_sample=False)))
     assert calls >= 7 * model.config.num_hidden_layers  # every decode step after the first compiled one
-    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled[0], eager)
 
 
 def test_compiled_decoding_of_sliding_window_layers_runs_past_the_recompile_limit():
@@ -217,12 +223,6 @@ def test_compile_decoding_works_in_a_process_that_has_not_loaded_the_kernels():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-def decode_attention_calls(run) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        run()
-    return sum(event.count for event in profile.key_averages() if event.key == "swsc_hf_cpu::decode_attention")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

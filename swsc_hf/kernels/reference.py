@@ -17,8 +17,8 @@ from ..core.packing import unpack_codes, unpack_codes_at
 from ..core.spec import LayerSpec
 
 # Channels are rebuilt in tiles of at most this many weights, so no call holds a whole dense matrix. 2^21 rather than
-# 2^22: a 512-token GEMM through a large output head ran 5-27% faster in smaller tiles (their weights and product
-# stay in cache), and every SmolLM2 and Gemma-3 layer but the head still fits in one tile (docs/design.md).
+# 2^22: a 512-token GEMM through a large output head ran 5-15% faster in 2M-weight tiles than in 4M (their weights
+# and product stay in cache), and every SmolLM2 and Gemma-3 layer but the head still fits in one tile (docs/design.md).
 TILE_ELEMENTS = 1 << 21
 
 
